@@ -1,0 +1,5 @@
+import sys
+
+from seqtrain.run import main
+
+sys.exit(main())

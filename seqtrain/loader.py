@@ -1,0 +1,128 @@
+"""Streaming loader for cached features: bounded memory, shuffled every epoch, the next shard prefetched.
+
+Each epoch the shard order is permuted, shards are read whole (one contiguous read each, DESIGN.md
+"Reading"), `mix` of them are pooled into a buffer whose samples are shuffled together, and a background
+thread reads the next shard meanwhile. At most `resident_shards` shards are in memory at once: `mix`
+in the buffer, one waiting in the queue and one being read. float16 becomes float32 in torch, per batch.
+
+With DataLoader worker processes each worker streams a disjoint subset of the shards; HDF5 files are only
+ever opened inside the process that reads them (h5py handles cannot cross fork or spawn).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from seqtrain.cache import read_shard
+
+
+class ShardStream(IterableDataset):
+    """Yields CPU batches (x float32, y, ids) from one split's shards; picklable (holds only paths)."""
+
+    def __init__(self, paths: list[Path], batch_size: int, *, shuffle: bool, seed: int, resident_shards: int,
+                 drop_last: bool):
+        self.paths, self.batch_size, self.shuffle, self.seed = [str(p) for p in paths], batch_size, shuffle, seed
+        self.mix = max(1, resident_shards - 2)
+        self.drop_last, self.epoch = drop_last, 0
+
+    def __iter__(self):
+        worker = get_worker_info()
+        seed = self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
+        order = self.paths
+        if self.shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
+        if worker is not None:
+            order = order[worker.id::worker.num_workers]
+        g = torch.Generator().manual_seed(seed * 101 + (worker.id if worker else 0))
+        carry: list[tuple[torch.Tensor, ...]] = []
+        for group in grouped(prefetched(order), self.mix):
+            x, y, ids = (torch.cat(parts) for parts in zip(*carry, *group))
+            del group, carry  # only the pooled buffer stays resident
+            n = len(y)
+            perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+            full = n // self.batch_size * self.batch_size
+            for i in range(0, full, self.batch_size):
+                idx = perm[i:i + self.batch_size]
+                yield x[idx].float(), y[idx], ids[idx]
+            rest = perm[full:]
+            carry = [(x[rest], y[rest], ids[rest])] if len(rest) else []
+            del x, y, ids
+        if carry and not self.drop_last:
+            x, y, ids = carry[0]
+            yield x.float(), y, ids
+
+
+def prefetched(paths: list[str]):
+    """Read shards in a background thread, one ahead of the consumer (h5py releases the GIL while reading)."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read_all():
+        try:
+            for p in paths:
+                item = read_shard(Path(p))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as e:  # handed to the consumer, which re-raises it where it is seen
+            q.put(e)
+
+    thread = threading.Thread(target=read_all, daemon=True, name="shard-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def grouped(items, size: int):
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+class CachedBatches:
+    """(x, y, ids) batches of one split of a stage cache, on `device`; the same interface as ImageBatches."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, resident_shards: int = 4, workers: int = 0,
+                 device: str = "cpu"):
+        shards = manifest["splits"][split]["shards"]
+        self.count, self.batch_size, self.drop_last = manifest["splits"][split]["count"], batch_size, drop_last
+        self.workers, self.device = workers, torch.device(device)
+        self.stream = ShardStream([cache_dir / s["file"] for s in shards], batch_size, shuffle=shuffle,
+                                  seed=seed, resident_shards=resident_shards, drop_last=drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
+
+    def __iter__(self):
+        pin = self.device.type == "cuda"
+        if self.workers:
+            batches = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=pin)
+        else:
+            batches = (tuple(t.pin_memory() for t in b) if pin else b for b in self.stream)
+        for x, y, ids in batches:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), ids

@@ -1,0 +1,217 @@
+"""Networks as ordered lists of blocks, the auxiliary heads that train them, and the composed final network.
+
+A network is described by a list of `BlockSpec`s (cheap plain data); a stage builds only the blocks it
+trains, so stage k never constructs, let alone loads, blocks 0..k-1. The same specs compose the final
+network and the end-to-end baseline, so all three share one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from seqtrain.files import load_torch
+
+CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # n = (d-2)/6
+IMAGENET_STYLE_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+VGGS = {  # channel multipliers of the first width; "M" = 2x2 max-pool after the previous conv
+    "vgg11": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),
+    "vgg16": (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"),
+}
+ARCHS = (*CIFAR_RESNETS, *IMAGENET_STYLE_RESNETS, *VGGS)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str  # "stem" (conv-BN-ReLU), "basic" (ResNet basic block) or "conv" (VGG conv-BN-ReLU [+ pool])
+    in_ch: int
+    out_ch: int
+    stride: int = 1  # spatial reduction by the block's first convolution
+    pool: bool = False  # VGG: 2x2 max-pool after the convolution
+
+    @property
+    def reduction(self) -> int:
+        return self.stride * (2 if self.pool else 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+
+
+class BasicBlock(nn.Module):
+    """He et al. 2016 basic block; a 1x1 projection shortcut when the shape changes (option B)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def build_block(spec: BlockSpec) -> nn.Module:
+    if spec.kind == "basic":
+        return BasicBlock(spec.in_ch, spec.out_ch, spec.stride)
+    layers = conv_bn_relu(spec.in_ch, spec.out_ch, spec.stride)
+    if spec.pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def block_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSpec]:
+    """The ordered blocks of a network; `width` 0 means the architecture's standard first width."""
+    if arch in CIFAR_RESNETS:
+        n, w = CIFAR_RESNETS[arch], width or 16
+        specs = [BlockSpec("stem", in_channels, w)]
+        for group, mult in enumerate((1, 2, 4)):
+            for i in range(n):
+                stride = 2 if group > 0 and i == 0 else 1
+                specs.append(BlockSpec("basic", specs[-1].out_ch, w * mult, stride))
+        return specs
+    if arch in IMAGENET_STYLE_RESNETS:
+        w = width or 64  # 3x3 stem without max-pool, as is usual for 32x32 inputs
+        specs = [BlockSpec("stem", in_channels, w)]
+        for group, count in enumerate(IMAGENET_STYLE_RESNETS[arch]):
+            for i in range(count):
+                stride = 2 if group > 0 and i == 0 else 1
+                specs.append(BlockSpec("basic", specs[-1].out_ch, w * 2**group, stride))
+        return specs
+    if arch in VGGS:
+        w, specs, ch = width or 64, [], in_channels
+        for item in VGGS[arch]:
+            if item == "M":
+                specs[-1] = BlockSpec("conv", specs[-1].in_ch, specs[-1].out_ch, pool=True)
+            else:
+                specs.append(BlockSpec("conv", ch, w * item))
+                ch = w * item
+        return specs
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def num_blocks(cfg) -> int:
+    return len(block_specs(cfg.arch, cfg.width))
+
+
+def stage_specs(cfg, in_channels: int = 3) -> list[list[BlockSpec]]:
+    """The network's blocks grouped into the configured trainable stages."""
+    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels), [], 0
+    for size in cfg.stage_sizes():
+        out.append(specs[start:start + size])
+        start += size
+    return out
+
+
+def build_stage_block(specs: list[BlockSpec]) -> nn.Sequential:
+    return nn.Sequential(*[build_block(s) for s in specs])
+
+
+def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Output shape (C, H, W) of `specs` applied to inputs of `in_shape`, without building anything."""
+    c, h, w = in_shape
+    for s in specs:
+        c, h, w = s.out_ch, h // s.reduction, w // s.reduction
+    return c, h, w
+
+
+# --------------------------------------------------------------------------------------------------------
+# Heads
+
+
+class AuxHead(nn.Module):
+    """Auxiliary classifier on a stage's output: n x conv3x3-BN-ReLU, adaptive average pool, linear.
+
+    n = 0 with pool 1 is the plain global-average-pool + linear head; n >= 1 with pool 2 is the head of
+    Belilovsky, Eickenberg, Oyallon 2019 ("Greedy Layerwise Learning Can Scale to ImageNet").
+    """
+
+    def __init__(self, in_ch: int, num_classes: int, convs: int = 0, width: int = 0, pool: int = 1):
+        super().__init__()
+        layers, ch = [], in_ch
+        for _ in range(convs):
+            layers += conv_bn_relu(ch, width or in_ch)
+            ch = width or in_ch
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.fc = nn.Linear(ch * pool * pool, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.convs(x)), 1))
+
+
+def build_head(cfg, in_ch: int, num_classes: int) -> AuxHead:
+    if cfg.head == "linear":
+        return AuxHead(in_ch, num_classes)
+    return AuxHead(in_ch, num_classes, convs=cfg.head_convs, width=cfg.head_width, pool=2)
+
+
+class StageModel(nn.Module):
+    """What one stage trains: its block(s) and its auxiliary head."""
+
+    def __init__(self, block: nn.Module, head: nn.Module):
+        super().__init__()
+        self.block, self.head = block, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The composed network
+
+
+class SequentialNet(nn.Module):
+    """All stages' blocks in order, then the last stage's head: the final network, or the e2e baseline.
+
+    Takes images normalised with the training split's per-channel mean and std (saved in model.pt).
+    """
+
+    def __init__(self, stages: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The features at every stage boundary (what the stage caches hold), for probing."""
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+def build_network(cfg, in_channels: int, num_classes: int) -> SequentialNet:
+    groups = stage_specs(cfg, in_channels)
+    head = build_head(cfg, groups[-1][-1].out_ch, num_classes)
+    return SequentialNet([build_stage_block(g) for g in groups], head)
+
+
+def load_model(path: str | Path) -> SequentialNet:
+    """Rebuild a saved network (final/model.pt or e2e/model.pt) in eval mode; its dict has config and stats."""
+    from seqtrain.config import Config
+
+    saved = load_torch(Path(path))
+    cfg = Config(**saved["config"])
+    net = build_network(cfg, saved["in_channels"], saved["num_classes"])
+    net.load_state_dict(saved["model"])
+    net.mean, net.std = saved["mean"], saved["std"]  # per-channel input normalisation, as lists
+    return net.eval()

@@ -1,0 +1,325 @@
+"""The order of stages: what is complete, what to skip, what to resume, and the final assembly.
+
+Stage k is complete exactly when `stage_kk/cache/manifest.json` is valid, was made with this run's
+configuration, and from the input that exists now: stage 0's input is the dataset, stage k's the cache
+of stage k-1 (identified by its manifest's fingerprint). Re-training a stage therefore makes every later
+stage stale whenever its features changed, without any bookkeeping beyond the manifests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from seqtrain.cache import (
+    CorruptCache,
+    cache_bytes,
+    clear_cache,
+    publish_manifest,
+    read_manifest,
+    verify_shards,
+    write_shards,
+)
+from seqtrain.config import Config, config_hash
+from seqtrain.data import ImageBatches, RawData
+from seqtrain.errors import UserError
+from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha256_state_dict, write_json
+from seqtrain.loader import CachedBatches
+from seqtrain.log import log
+from seqtrain.memory import PeakMemory
+from seqtrain.models import StageModel, build_head, build_network, build_stage_block, stage_specs
+from seqtrain.train import autocast_for, evaluate, fit
+
+
+class RunDir:
+    """The paths of the run-directory contract (DESIGN.md)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.final = self.root / "final"
+        self.e2e = self.root / "e2e"
+
+    def stage(self, k: int) -> Path:
+        return self.root / f"stage_{k:02d}"
+
+    def cache(self, k: int) -> Path:
+        return self.stage(k) / "cache"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def dataset_fingerprint(cfg: Config) -> str:
+    """Identifies stage 0's input: the dataset and its validation split."""
+    keys = ("dataset", "n_train", "n_test", "data_seed", "val_fraction")
+    return sha256_json({k: getattr(cfg, k) for k in keys})[:16]
+
+
+def rebuild_hint(run: RunDir, k: int) -> str:
+    return f"python -m seqtrain.run --stage {k} --run-dir {run.root}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage state
+
+
+def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
+    """(manifest, "") when stage k is complete and current, else (None, why not) in words for the user."""
+    try:
+        manifest = read_manifest(run.cache(k))
+    except CorruptCache as e:
+        raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
+    if manifest is None:
+        return None, f"stage {k} has no complete cache"
+    if manifest["config_hash"] != config_hash(cfg):
+        return None, f"stage {k}'s cache was made with another configuration"
+    if k == 0:
+        expected = dataset_fingerprint(cfg)
+    else:
+        previous, why = stage_manifest(cfg, run, k - 1)
+        if previous is None:
+            return None, why
+        expected = previous["fingerprint"]
+    if manifest["input_fingerprint"] != expected:
+        return None, f"stage {k}'s cache is stale: it was made from an earlier version of its input"
+    return manifest, ""
+
+
+def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True) -> dict:
+    """The complete (and checksum-verified) cache of stage k-1, or a UserError naming the stage to run first."""
+    manifest, why = stage_manifest(cfg, run, k - 1)
+    if manifest is None:
+        raise UserError(f"stage {k} reads the cache of stage {k - 1}, but {why} in {run.root}: "
+                        f"run --stage {k - 1} first (or --stage all)")
+    try:
+        verify_shards(run.cache(k - 1), manifest, checksums)
+    except CorruptCache as e:
+        raise UserError(f"{e}; rebuild it with: {rebuild_hint(run, k - 1)}") from None
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------
+# One stage
+
+
+def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: torch.device) -> dict:
+    """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output."""
+    stage_dir, cache_dir = run.stage(k), run.cache(k)
+    clear_cache(cache_dir)  # stage k is incomplete from here until its new manifest is published
+    (stage_dir / "block.pt").unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    if k == 0:
+        assert raw is not None, "stage 0 reads the raw dataset"
+        in_shape, num_classes, input_fp = raw.in_shape, raw.num_classes, dataset_fingerprint(cfg)
+        batches = {s: image_batches(cfg, raw, s, device, train=s == "train") for s in ("train", "val", "test")}
+        frozen = {s: image_batches(cfg, raw, s, device, train=False) for s in ("train", "val", "test")}
+    else:
+        prev = require_input_cache(cfg, run, k)
+        in_shape, num_classes, input_fp = tuple(prev["feature_shape"]), prev["num_classes"], prev["fingerprint"]
+        batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train")
+                   for s in ("train", "val", "test")}
+        frozen = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=False)
+                  for s in ("train", "val", "test")}
+    if len(batches["train"]) == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                        f"({batches['train'].count if k else len(raw.train)} samples); lower it")
+
+    # Only this stage's block and head are built: the process never sees blocks 0..k-1.
+    torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
+    specs = stage_specs(cfg, in_shape[0])[k]
+    block = build_stage_block(specs)
+    head = build_head(cfg, specs[-1].out_ch, num_classes)
+    model = StageModel(block, head).to(device)
+    identity = {"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k}
+    desc = f"stage {k}/{cfg.num_stages - 1}"
+    log(f"{desc}: {len(specs)} block(s), {sum(p.numel() for p in block.parameters()):,} parameters, "
+        f"input {tuple(in_shape)}")
+
+    with PeakMemory(device) as train_mem:
+        trained = fit(model, batches["train"], batches["val"], cfg, workdir=stage_dir, identity=identity,
+                      device=device, desc=desc)
+        autocast = autocast_for(device, cfg.bf16)
+        _, test_acc = evaluate(model, batches["test"], autocast)
+    save_torch(stage_dir / "block.pt", {"block": block.state_dict(), "head": head.state_dict(),
+                                        "identity": identity, "config": cfg.to_dict()})
+
+    t0 = time.perf_counter()
+    with PeakMemory(device) as cache_mem:
+        table = write_shards(block, frozen, cache_dir, dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
+                             compression=cfg.compression, autocast=autocast)
+    result = {
+        "val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
+        "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
+        "cache_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": train_mem.rss_mb,
+        "peak_cuda_mb": train_mem.cuda_mb, "cache_peak_rss_mb": cache_mem.rss_mb,
+        "parameters": sum(p.numel() for p in block.parameters()),
+    }
+    manifest = publish_manifest(cache_dir, {
+        **identity, "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": num_classes,
+        **table, "result": result,
+    })
+    (stage_dir / "checkpoint.pt").unlink(missing_ok=True)  # the stage is complete: block.pt supersedes it
+    log(f"{desc}: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f} | "
+        f"cache {cache_bytes(manifest) / 2**20:.1f} MB")
+    return manifest
+
+
+def image_batches(cfg: Config, raw: RawData, split: str, device, train: bool) -> ImageBatches:
+    return ImageBatches(getattr(raw, split), raw.mean, raw.std, cfg.batch_size, shuffle=train, seed=cfg.seed,
+                        drop_last=train, device=device)
+
+
+def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device, train: bool) -> CachedBatches:
+    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=train,
+                         seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=train,
+                         resident_shards=cfg.resident_shards, workers=cfg.workers, device=device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Final network and e2e baseline
+
+
+def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData, device) -> dict:
+    """Compose frozen blocks 0..K-1 and the last head, evaluate on raw test images, save final/model.pt."""
+    net = build_network(cfg, raw.in_shape[0], raw.num_classes)
+    for k, manifest in enumerate(manifests):
+        path = run.stage(k) / "block.pt"
+        if not path.exists():
+            raise UserError(f"{path} is missing, so the final network cannot be assembled: "
+                            f"rebuild the stage with {rebuild_hint(run, k)}")
+        saved = load_torch(path)
+        if sha256_state_dict(saved["block"]) != manifest["weights_hash"]:
+            raise UserError(f"{path} does not hold the weights that made stage {k}'s cache: "
+                            f"rebuild the stage with {rebuild_hint(run, k)}")
+        net.stages[k].load_state_dict(saved["block"])
+    net.head.load_state_dict(saved["head"])
+    net.to(device)
+    _, acc = evaluate(net, image_batches(cfg, raw, "test", device, train=False), autocast_for(device, cfg.bf16))
+    cached_acc = manifests[-1]["result"]["test_acc"]
+    save_model(run.final / "model.pt", net, cfg, raw)
+    final = {"test_acc": acc, "cached_path_test_acc": cached_acc, "fingerprint": manifests[-1]["fingerprint"]}
+    note = "" if abs(acc - cached_acc) <= 0.005 else f" (differs by more than {cfg.cache_dtype} rounding explains)"
+    log(f"final: composed network test acc {acc:.4f} on raw images, {cached_acc:.4f} on cached features{note}")
+    return final
+
+
+def save_model(path: Path, net, cfg: Config, raw: RawData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch(path, {"model": {k: v.cpu() for k, v in net.state_dict().items()}, "config": cfg.to_dict(),
+                      "in_channels": raw.in_shape[0], "num_classes": raw.num_classes,
+                      "mean": raw.mean, "std": raw.std})
+
+
+def run_e2e(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
+    """The same network trained end to end by back-propagation, same data and convergence rule."""
+    (run.e2e / "results.json").unlink(missing_ok=True)
+    run.e2e.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg, raw.in_shape[0], raw.num_classes).to(device)
+    identity = {"config_hash": config_hash(cfg), "input_fingerprint": dataset_fingerprint(cfg), "stage": "e2e"}
+    train, val = image_batches(cfg, raw, "train", device, True), image_batches(cfg, raw, "val", device, False)
+    with PeakMemory(device) as mem:
+        trained = fit(net, train, val, cfg, workdir=run.e2e, identity=identity, device=device, desc="e2e")
+    _, test_acc = evaluate(net, image_batches(cfg, raw, "test", device, False), autocast_for(device, cfg.bf16))
+    save_model(run.e2e / "model.pt", net, cfg, raw)
+    result = {"val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
+              "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
+              "parameters": sum(p.numel() for p in net.parameters()), **mem.as_dict(),
+              "config_hash": config_hash(cfg)}
+    write_json(run.e2e / "results.json", result)
+    (run.e2e / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"e2e: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def prepare_run_dir(cfg: Config) -> RunDir:
+    run = RunDir(cfg.run_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"--run-dir {run.root} is a file; give a directory")
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --run-dir {run.root}: {e.strerror}") from None
+    if not os.access(run.root, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {run.root} is not writable; choose another directory")
+    return run
+
+
+class RunLock:
+    """One process per run directory: an exclusive flock, released by the kernel when the holder dies."""
+
+    def __init__(self, run: RunDir):
+        self.path = run.root / ".lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.path.parent} is in use by another seqtrain process (pid {holder}); "
+                            "wait for it to finish or use another --run-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def collect_results(cfg: Config, run: RunDir) -> dict:
+    """Every figure of the summary table, from the manifests and result files on disk."""
+    stages = []
+    for k in range(cfg.num_stages):
+        manifest, _ = stage_manifest(cfg, run, k)
+        if manifest is not None:
+            stages.append({"stage": k, **manifest["result"], "cache_mb": round(cache_bytes(manifest) / 2**20, 2),
+                           "feature_shape": manifest["feature_shape"]})
+    final = read_json(run.final / "results.json").get("final") if (run.final / "results.json").exists() else None
+    e2e = read_json(run.e2e / "results.json") if (run.e2e / "results.json").exists() else None
+    if e2e and e2e.get("config_hash") != config_hash(cfg):
+        e2e = None
+    return {"stages": stages, "final": final, "e2e": e2e, "config_hash": config_hash(cfg),
+            "torch": torch.__version__}
+
+
+def run_all(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
+    """Every stage in order (skipping complete ones, resuming interrupted ones), then the final network."""
+    manifests = []
+    for k in range(cfg.num_stages):
+        manifest, why = stage_manifest(cfg, run, k)
+        if manifest is not None:
+            try:
+                verify_shards(run.cache(k), manifest, checksums=False)  # sizes now; checksums when read
+            except CorruptCache as e:
+                raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
+            log(f"stage {k}/{cfg.num_stages - 1}: complete, skipped")
+        else:
+            log(f"stage {k}/{cfg.num_stages - 1}: {why}; training it")
+            manifest = run_stage(cfg, run, k, raw, device)
+        manifests.append(manifest)
+
+    saved = read_json(run.final / "results.json") if (run.final / "results.json").exists() else None
+    if saved and saved["final"]["fingerprint"] == manifests[-1]["fingerprint"]:
+        log("final: complete, skipped")
+    else:
+        final = assemble_final(cfg, run, manifests, raw, device)
+        write_json(run.final / "results.json", {**collect_results(cfg, run), "final": final})
+    return collect_results(cfg, run)

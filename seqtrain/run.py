@@ -1,0 +1,173 @@
+"""The command line: `python -m seqtrain.run --stage all|K|e2e [flags]`.
+
+  python -m seqtrain.run --stage all                 # every stage, then the final network (default data)
+  python -m seqtrain.run --stage 2 --run-dir DIR     # (re)train stage 2 from stage 1's cache in DIR
+  python -m seqtrain.run --stage e2e --run-dir DIR   # the end-to-end back-propagation baseline
+
+Only this module parses arguments. A user mistake prints one line `seqtrain: error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from seqtrain.config import FIELD_TYPES, Config, config_hash, field_help, read_toml, resolve
+from seqtrain.errors import UserError
+from seqtrain.files import read_json, write_json
+from seqtrain.log import log
+
+GROUPS = {
+    "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction"),
+    "network": ("arch", "width", "stages", "head", "head_convs", "head_width"),
+    "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
+                                       "batch_size", "max_epochs", "patience", "min_delta", "seed"),
+    "feature cache": ("cache_dtype", "shard_mb", "resident_shards", "compression"),
+    "device": ("device", "bf16", "channels_last", "workers"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, no usage block: the message names the flag, --help has the rest.
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m seqtrain.run", description="Train a network one block at a time, caching each "
+               "frozen block's features to HDF5 shards; or train it end to end for comparison.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    helps, defaults = field_help(), Config().to_dict()
+    run = p.add_argument_group("what to run")
+    run.add_argument("--stage", default="all", help="'all': every stage then the final network, skipping "
+                     "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
+                     "K-1's cache; 'e2e': the end-to-end baseline")
+    run.add_argument("--run-dir", help=f"{helps['run_dir']} (default: {defaults['run_dir']})")
+    run.add_argument("--config", metavar="FILE.toml", help="defaults from a TOML file (keys: long flag names); "
+                     "flags given here override it")
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            kind = FIELD_TYPES[name]
+            text = f"{helps[name]} (default: {defaults[name]})"
+            if kind == "bool":
+                group.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text)
+            else:
+                group.add_argument("--" + name.replace("_", "-"), type={"int": int, "float": float, "str": str}[kind],
+                                   metavar=name.upper(), help=text)
+    return p
+
+
+def parse_stage(text: str, num_stages: int) -> int | str:
+    if text in ("all", "e2e"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise UserError(f"--stage {text!r} is not 'all', 'e2e' or a stage number") from None
+    if not 0 <= k < num_stages:
+        raise UserError(f"--stage {k} is out of range: this run has {num_stages} stages, 0 to {num_stages - 1}")
+    return k
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
+    from_file = read_toml(args.config) if getattr(args, "config", None) else {}
+    run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
+    saved = None
+    try:
+        saved = read_json(f"{run_dir}/config.json")
+    except FileNotFoundError:
+        pass
+    except (ValueError, OSError):
+        raise UserError(f"{run_dir}/config.json is damaged; delete it to start this run afresh") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
+    return resolve(saved, from_file, {**flags, "run_dir": run_dir})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summary_table(results: dict) -> str:
+    rows = [("stage", "val acc", "test acc", "epochs", "peak MB", "cache MB", "time s")]
+    for s in results["stages"]:
+        peak = s["peak_cuda_mb"] if s.get("peak_cuda_mb") is not None else max(s["peak_rss_mb"], s["cache_peak_rss_mb"])
+        rows.append((str(s["stage"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}",
+                     f"{s['epochs']} (best {s['best_epoch']})", f"{peak:.0f}", f"{s['cache_mb']:.1f}",
+                     f"{s['train_seconds'] + s['cache_seconds']:.1f}"))
+    e2e = results.get("e2e")
+    if e2e:
+        peak = e2e["peak_cuda_mb"] if e2e.get("peak_cuda_mb") is not None else e2e["peak_rss_mb"]
+        rows.append(("e2e", f"{e2e['val_acc']:.4f}", f"{e2e['test_acc']:.4f}",
+                     f"{e2e['epochs']} (best {e2e['best_epoch']})", f"{peak:.0f}", "-", f"{e2e['train_seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    final = results.get("final")
+    if final:
+        lines.append(f"final network: test acc {final['test_acc']:.4f} on raw images "
+                     f"({final['cached_path_test_acc']:.4f} through the cached features)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = load_config(args)
+        stage = parse_stage(args.stage, cfg.num_stages)
+        return run(cfg, stage)
+    except UserError as e:
+        print(f"seqtrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("seqtrain: interrupted; the last finished epoch is checkpointed: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def run(cfg: Config, stage: int | str) -> int:
+    # Imported here so that --help and argument errors answer without loading torch.
+    from seqtrain.data import load_raw
+    from seqtrain.pipeline import (
+        RunDir,
+        RunLock,
+        collect_results,
+        prepare_run_dir,
+        require_input_cache,
+        resolve_device,
+        run_all,
+        run_e2e,
+        run_stage,
+    )
+
+    # Every input is checked before anything is written to the run directory.
+    device = resolve_device(cfg.device)
+    raw = load_raw(cfg) if stage in ("all", "e2e", 0) else None
+    if isinstance(stage, int) and stage > 0:
+        require_input_cache(cfg, RunDir(cfg.run_dir), stage, checksums=False)
+    run_dir = prepare_run_dir(cfg)
+    with RunLock(run_dir):
+        write_json(run_dir.config, dataclasses.asdict(cfg))
+        log(f"seqtrain: {cfg.arch} in {cfg.num_stages} stages {cfg.stage_sizes()} on {cfg.dataset}, device {device}, "
+            f"run dir {run_dir.root} (config {config_hash(cfg)})")
+        if stage == "all":
+            results = run_all(cfg, run_dir, raw, device)
+        elif stage == "e2e":
+            run_e2e(cfg, run_dir, raw, device)
+            results = collect_results(cfg, run_dir)
+        else:
+            run_stage(cfg, run_dir, stage, raw, device)
+            results = collect_results(cfg, run_dir)
+    log("\n" + summary_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
