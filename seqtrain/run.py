@@ -78,8 +78,8 @@ def load_config(args: argparse.Namespace) -> Config:
     saved = None
     try:
         saved = read_json(f"{run_dir}/config.json")
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a new run directory
     except (ValueError, OSError):
         raise UserError(f"{run_dir}/config.json is damaged; delete it to start this run afresh") from None
     if saved is not None and not isinstance(saved, dict):

@@ -1,0 +1,40 @@
+"""Tiny configurations: two stages of a 4-channel ResNet-20 on a few hundred synthetic images, ~1 s a stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seqtrain.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--n-train", "400",
+            "--n-test", "100", "--width", "4", "--head-width", "8", "--stages", "2", "--max-epochs", "3",
+            "--batch-size", "32", "--shard-mb", "1", *extra]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Run the CLI in-process on the tiny configuration; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> int:
+        return main(tiny_flags(tmp_path, *args))
+
+    run.run_dir = tmp_path / "run"
+    run.data_dir = tmp_path / "data"
+    run.flags = lambda *extra: tiny_flags(tmp_path, *extra)
+    return run
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """The real command line in a fresh process, as a user types it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "seqtrain.run", *args], capture_output=True, text=True, env=env,
+                          cwd=kw.pop("cwd", ROOT), **kw)

@@ -1,0 +1,91 @@
+"""User mistakes: a one-line message naming the problem and the fix, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_flags
+from seqtrain.run import main
+
+MISTAKES = {
+    "unknown dataset": (["--dataset", "imagenet22k"], "--dataset 'imagenet22k' is not known"),
+    "unknown network": (["--arch", "resnet7"], "--arch 'resnet7' is not known"),
+    "unknown head": (["--head", "mlp"], "--head 'mlp' is not known"),
+    "too many stages": (["--stages", "11"], "--stages 11 is out of range: resnet20 has 10 blocks"),
+    "split not adding up": (["--stages", "3,3"], "must list positive block counts adding up to 10"),
+    "stage out of range": (["--stage", "2"], "--stage 2 is out of range"),
+    "stage not a number": (["--stage", "last"], "--stage 'last' is not"),
+    "missing input cache": (["--stage", "1"], "stage 0 has no complete cache"),
+    "bad number": (["--lr", "fast"], "argument --lr: invalid float value"),
+    "negative size": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs"),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES, ids=list(MISTAKES))
+def test_mistake_gets_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    args, message = MISTAKES[case]
+    assert main(tiny_flags(tmp_path, *args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("seqtrain: error: ") and message in err, err
+    assert "run --stage 0 first" in err or case != "missing input cache"
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_command_line_prints_no_traceback(tmp_path):
+    result = run_cli(tiny_flags(tmp_path, "--arch", "resnet7"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("seqtrain: error:") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "occupied"
+    target.write_text("not a directory")
+    flags = tiny_flags(tmp_path)
+    flags[flags.index("--run-dir") + 1] = str(target / "run")
+    assert main(flags) == 2
+    assert "cannot create --run-dir" in capsys.readouterr().err
+    assert target.read_text() == "not a directory"
+
+
+def test_corrupt_manifest_names_the_file_and_the_rebuild_command(tiny, capsys):
+    assert tiny("--stage", "0") == 0
+    manifest = tiny.run_dir / "stage_00" / "cache" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    capsys.readouterr()
+    assert tiny("--stage", "1") == 2
+    err = capsys.readouterr().err
+    assert str(manifest) in err and "--stage 0" in err and err.count("\n") == 1
+    assert not (tiny.run_dir / "stage_01").exists()
+
+
+def test_corrupt_shard_is_caught_by_its_checksum(tiny, capsys):
+    assert tiny("--stage", "0") == 0
+    shard = sorted((tiny.run_dir / "stage_00" / "cache").glob("train-*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # same size, one flipped byte in the features
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert tiny("--stage", "1") == 2
+    err = capsys.readouterr().err
+    assert str(shard) in err and "checksum" in err and "--stage 0" in err
+
+
+def test_config_file_with_unknown_key(tiny, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text("epochs = 3\n")
+    assert tiny("--config", str(toml)) == 2
+    assert "unknown key 'epochs'" in capsys.readouterr().err
+    assert not tiny.run_dir.exists()
+
+
+def test_changing_a_finished_runs_configuration_is_refused(tiny, capsys):
+    assert tiny("--stage", "0") == 0
+    before = json.loads((tiny.run_dir / "config.json").read_text())
+    capsys.readouterr()
+    assert tiny("--stage", "1", "--lr", "0.2") == 2
+    assert "was made with --lr 0.05, not 0.2" in capsys.readouterr().err
+    assert json.loads((tiny.run_dir / "config.json").read_text()) == before
