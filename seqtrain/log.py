@@ -23,3 +23,9 @@ def bar(iterable, desc: str, total: int | None = None):
     """A transient tqdm bar on a terminal (disable=None hides it when stderr is not a tty), rank 0 only."""
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
                 disable=None if is_main_process() else True)
+
+
+def counter(desc: str, total: int, initial: int = 0):
+    """A bar advanced by hand (`.update(1)`), e.g. over epochs when early stopping may end the loop."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", leave=False, dynamic_ncols=True,
+                disable=None if is_main_process() else True)

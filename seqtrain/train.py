@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, save_torch, write_bytes
-from seqtrain.log import bar, log
+from seqtrain.log import bar, counter, log
 
 CHECKPOINT_FORMAT = 1
 
@@ -146,6 +146,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
 
     t0 = time.perf_counter()
     epoch = start
+    epochs_bar = counter(desc, cfg.max_epochs, start)
     while epoch < cfg.max_epochs and bad_epochs < cfg.patience:
         e0 = time.perf_counter()
         train_batches.set_epoch(epoch)
@@ -171,6 +172,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
         log(f"{desc} epoch {epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
             f"val acc {val_acc:.4f} | best {best_acc:.4f} @ {best_epoch} | lr {lr:.4g} | {seconds:.1f}s"
             + (" | converged" if bad_epochs >= cfg.patience else ""))
+        epochs_bar.update(1)
+    epochs_bar.close()
     assert best_state is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
     model.load_state_dict(best_state)
     return TrainResult(best_acc, best_epoch, epoch, time.perf_counter() - t0)

@@ -139,9 +139,9 @@ def test_e2e_baseline_is_recorded_beside_the_sequential_result(tiny, capsys):
 
 def test_config_file_sets_defaults_and_flags_override(tiny, tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('max-epochs = 2\nhead = "linear"\nlr = 0.1\n')
+    toml.write_text('patience = 7\nhead = "linear"\nlr = 0.1\n')
     assert tiny("--stage", "0", "--config", str(toml), "--lr", "0.02") == 0
     saved = json.loads((tiny.run_dir / "config.json").read_text())
-    assert saved["max_epochs"] == 2 and saved["head"] == "linear" and saved["lr"] == 0.02
+    assert saved["patience"] == 7 and saved["head"] == "linear" and saved["lr"] == 0.02
     # The run directory remembers its configuration: --stage 1 needs no other flag.
     assert main(["--stage", "1", "--run-dir", str(tiny.run_dir)]) == 0

@@ -1,0 +1,188 @@
+"""Embedded default dataset: CIFAR-shaped generated images of ten shape classes.
+
+Every image is 3x32x32 uint8 and shows one foreground shape on a cluttered background; the class is the
+shape, never its colour, size or place. Shapes are drawn from signed-distance fields in the shape's own
+frame (u, v), where the unit is the shape's radius, and anti-aliased over one pixel.
+
+Classes (index: name, what is drawn inside the radius-1 box):
+  0 disc      filled circle                     5 cross     diagonal X, bars 0.44 wide
+  1 ring      circle outline, 0.44 thick        6 hstripes  three horizontal bars in the box
+  2 frame     square outline, 0.4 thick         7 vstripes  three vertical bars in the box
+  3 triangle  filled, pointing up               8 checker   4x4 checkerboard in the box
+  4 plus      upright +, bars 0.44 wide         9 dots      3x3 grid of small discs
+
+Nuisance factors, drawn independently of the class:
+  - radius 6..12 px; centre uniform over the positions that keep the radius-1 box inside the image
+    (so every class has the same mean image);
+  - rotation of at most ~17 degrees either way (tan uniform in +-0.3): enough to break pixel templates,
+    small enough that plus and cross, or horizontal and vertical stripes, never swap;
+  - background colour uniform in [0, 1]^3; foreground colour = background + an offset in [0.3, 0.7] per
+    channel, wrapped mod 1, so it is also uniform, always contrasts, and mean colour says nothing of class;
+  - low-frequency background shading (a 4x4 grid of +-0.2 per channel, bilinearly upsampled);
+  - a distractor: a line segment 8..20 px long, 1..2.5 px wide, random colour and place, in 60% of images;
+  - per-pixel noise, triangular in +-0.12.
+
+Determinism: only numpy's Generator (`random`, `integers`, `permutation`) and elementwise IEEE
+operations (+ - * / sqrt, abs, min, max, floor, mod) are used on float32 arrays; no transcendental
+functions, no reductions and no BLAS, whose results may differ by the last bit between machines. The
+same (n, seed) therefore gives byte-identical arrays everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_CLASSES = 10
+CLASS_NAMES: tuple[str, ...] = (
+    "disc", "ring", "frame", "triangle", "plus", "cross", "hstripes", "vstripes", "checker", "dots",
+)
+
+SIZE = 32
+_CHUNK = 2048  # samples rendered at once: keeps temporaries ~10 MB, in cache, and peak memory flat
+_F = np.float32
+_YY, _XX = np.meshgrid(*2 * [np.arange(SIZE, dtype=_F) + _F(0.5)], indexing="ij")  # pixel centres
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes: signed distance in radius units (negative inside), u to the right, v down.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _box(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    return np.maximum(np.abs(u), np.abs(v)) - _F(r)
+
+
+def _bar_union(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    """Two perpendicular bars of half-width w along the a and b axes, each of half-length 1."""
+    aa, bb = np.abs(a), np.abs(b)
+    return np.minimum(np.maximum(aa - _F(w), bb - 1), np.maximum(bb - _F(w), aa - 1))
+
+
+def _periodic(x: np.ndarray, period: float) -> np.ndarray:
+    """Offset of x from the centre of its cell, for cells of `period` starting at -1."""
+    return np.mod(x + 1, _F(period)) - _F(period / 2)
+
+
+def _sdf(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    if label == 0:  # disc
+        return np.sqrt(u * u + v * v) - 1
+    if label == 1:  # ring
+        return np.abs(np.sqrt(u * u + v * v) - _F(0.78)) - _F(0.22)
+    if label == 2:  # frame
+        return np.abs(_box(u, v, 0.8)) - _F(0.2)
+    if label == 3:  # triangle with circumradius 1: three half-planes
+        h = _F(0.8660254) * u
+        return np.maximum(np.maximum(v, -h - _F(0.5) * v), h - _F(0.5) * v) - _F(0.5)
+    if label == 4:  # plus
+        return _bar_union(u, v, 0.22)
+    if label == 5:  # cross: the plus in axes turned 45 degrees
+        s = _F(0.70710678)
+        return _bar_union((u + v) * s, (u - v) * s, 0.22)
+    if label in (6, 7):  # three stripes across the box
+        t = v if label == 6 else u
+        return np.maximum(np.abs(_periodic(t, 2 / 3)) - _F(0.17), _box(u, v, 1))
+    if label == 8:  # 4x4 checker: inside on cells with even parity, distance to the nearest cell edge
+        fu, fv = _periodic(u, 0.5), _periodic(v, 0.5)
+        edge = np.minimum(_F(0.25) - np.abs(fu), _F(0.25) - np.abs(fv))
+        odd = np.mod(np.floor((u + 1) * 2) + np.floor((v + 1) * 2), 2) > 0
+        return np.maximum(np.where(odd, edge, -edge), _box(u, v, 1))
+    if label == 9:  # 3x3 dots
+        fu, fv = _periodic(u, 2 / 3), _periodic(v, 2 / 3)
+        return np.maximum(np.sqrt(fu * fu + fv * fv) - _F(0.2), _box(u, v, 1))
+    raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
+
+
+def _coverage(d_px: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage from a signed distance in pixels: a one-pixel linear ramp."""
+    return np.clip(_F(0.5) - d_px, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------
+
+
+def _upsample(grid: np.ndarray) -> np.ndarray:
+    """Bilinear upsampling of [B, C, G, G] to [B, C, 32, 32], as explicit weighted sums (no BLAS)."""
+    g = grid.shape[-1]
+    pos = (np.arange(SIZE, dtype=_F) + _F(0.5)) * _F((g - 1) / SIZE)
+    i0 = np.minimum(pos.astype(np.int64), g - 2)
+    w = (pos - i0).astype(_F)
+    rows = grid[:, :, i0, :] * (1 - w)[:, None] + grid[:, :, i0 + 1, :] * w[:, None]  # B, C, 32, G
+    return rows[..., i0] * (1 - w) + rows[..., i0 + 1] * w  # B, C, 32, 32
+
+
+# Nuisance ranges (see the module docstring); the CNN / linear baselines in benchmarks/dataset_baselines.py
+# were measured with exactly these values.
+RADIUS = (4.0, 11.0)  # shape radius, px
+MAX_TAN = 0.3  # rotation: tan(angle) uniform in +-MAX_TAN (~17 degrees)
+MIN_CONTRAST = 0.15  # per-channel |fg - bg| >= this
+SHADE = 0.3  # low-frequency background shading amplitude
+NOISE = 0.2  # per-pixel triangular noise amplitude
+SEGMENTS = 2  # distractor segment slots
+P_SEGMENT = 0.7  # probability each slot is drawn
+SEG_LEN = (6.0, 20.0)  # px
+SEG_WIDTH = (1.0, 3.0)  # px
+
+
+def _segment(n: int, rand) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage [B, 32, 32] and colour [B, 3] of one distractor segment per sample (absent: coverage 0)."""
+    col = lambda a: a[:, None, None]  # noqa: E731
+    length = SEG_LEN[0] + (SEG_LEN[1] - SEG_LEN[0]) * rand(n)
+    half_w = (SEG_WIDTH[0] + (SEG_WIDTH[1] - SEG_WIDTH[0]) * rand(n)) / 2
+    half_w = np.where(rand(n) < _F(P_SEGMENT), half_w, _F(-1))  # -1 gives zero coverage everywhere
+    dx, dy = 2 * rand(n) - 1, 2 * rand(n) - 1
+    norm = np.sqrt(dx * dx + dy * dy) + _F(1e-6)
+    dx, dy = dx / norm, dy / norm
+    px, py = SIZE * rand(n), SIZE * rand(n)
+    # Distance to the closest point of the segment: the projection clipped to [0, length].
+    qx, qy = _XX - col(px), _YY - col(py)
+    t = np.clip(qx * col(dx) + qy * col(dy), 0, col(length))
+    ex, ey = qx - t * col(dx), qy - t * col(dy)
+    return _coverage(np.sqrt(ex * ex + ey * ey) - col(half_w)), rand(n, 3)
+
+
+def _render(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n = len(labels)
+    rand = lambda *shape: rng.random(shape, dtype=_F)  # noqa: E731 - uniform [0, 1) float32
+    col = lambda a: a[:, None, None]  # noqa: E731 - [B] -> [B, 1, 1] to broadcast over pixels
+    # Pose: the rotation (c, s) comes from a tangent so no sin/cos is needed (see Determinism).
+    radius = RADIUS[0] + (RADIUS[1] - RADIUS[0]) * rand(n)
+    cx = radius + (SIZE - 2 * radius) * rand(n)
+    cy = radius + (SIZE - 2 * radius) * rand(n)
+    tan = _F(MAX_TAN) * (2 * rand(n) - 1)
+    c = 1 / np.sqrt(1 + tan * tan)
+    s = tan * c
+    bg = rand(n, 3)
+    fg = np.mod(bg + _F(MIN_CONTRAST) + _F(1 - 2 * MIN_CONTRAST) * rand(n, 3), _F(1))
+    shade = _upsample(_F(SHADE) * (2 * rand(n, 3, 4, 4) - 1))
+
+    x, y = _XX - col(cx), _YY - col(cy)
+    u = (col(c) * x + col(s) * y) / col(radius)
+    v = (col(c) * y - col(s) * x) / col(radius)
+    cover = np.empty((n, SIZE, SIZE), dtype=_F)
+    for k in range(NUM_CLASSES):
+        m = labels == k
+        if m.any():
+            cover[m] = _coverage(_sdf(k, u[m], v[m]) * col(radius[m]))
+
+    img = bg[:, :, None, None] + shade  # B, 3, 32, 32
+    img += cover[:, None] * (fg[:, :, None, None] - img)
+    for _ in range(SEGMENTS):
+        seg, seg_col = _segment(n, rand)
+        img += seg[:, None] * (seg_col[:, :, None, None] - img)
+    img += _F(NOISE) * (rand(n, 3, SIZE, SIZE) - rand(n, 3, SIZE, SIZE))
+    img = np.clip(img, 0, 1)
+    return np.floor(img * _F(255) + _F(0.5)).astype(np.uint8)
+
+
+def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return images uint8 [n, 3, 32, 32] and labels int64 [n], deterministic in (n, seed)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    # Balanced: each class appears floor(n/10) or ceil(n/10) times, in random order.
+    labels = rng.permutation(np.arange(n, dtype=np.int64) % NUM_CLASSES)
+    images = np.empty((n, 3, SIZE, SIZE), dtype=np.uint8)
+    for start in range(0, n, _CHUNK):
+        images[start : start + _CHUNK] = _render(labels[start : start + _CHUNK], rng)
+    return images, labels
