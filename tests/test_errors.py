@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_flags
 from seqtrain.run import main
+
+from conftest import run_cli, tiny_flags
 
 MISTAKES = {
     "unknown dataset": (["--dataset", "imagenet22k"], "--dataset 'imagenet22k' is not known"),

@@ -10,8 +10,9 @@ import time
 
 import torch
 
-from conftest import ROOT, tiny_flags
 from seqtrain.files import load_torch
+
+from conftest import ROOT, tiny_flags
 
 
 def test_killed_stage_resumes_at_the_right_epoch_with_identical_weights(tmp_path):
