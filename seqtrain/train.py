@@ -72,6 +72,17 @@ def get_lr(cfg, step: int, steps_per_epoch: int) -> float:
 # One epoch
 
 
+def train_step(model, x, y, optimizer, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch; returns the (detached) loss and logits. The unit the memory benchmark times."""
+    with autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_one_epoch(model, batches, optimizer, cfg, epoch: int, autocast, channels_last: bool, desc: str):
     model.train()
     steps = len(batches)
@@ -82,16 +93,13 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, autocast, channe
             group["lr"] = lr
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+        loss, logits = train_step(model, x, y, optimizer, autocast)
+        # Checked after the step, without a per-step host sync on GPU only when it matters: a non-finite
+        # loss poisons the weights, so stop before the next checkpoint can save them.
         if not torch.isfinite(loss):
             raise Diverged(f"{desc}: the loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} "
                            f"(lr {lr:.3g}); the last good checkpoint is kept: rerun with a lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().float().cpu() * len(y)
+        loss_sum += loss.float().cpu() * len(y)
         correct += (logits.argmax(1) == y).sum().cpu()
         seen += len(y)
     return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), lr

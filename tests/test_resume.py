@@ -34,7 +34,7 @@ def test_killed_stage_resumes_at_the_right_epoch_with_identical_weights(tmp_path
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     ckpt = load_torch(killed / "run" / "stage_00" / "checkpoint.pt")
-    assert 2 <= ckpt["epoch"] < 5, "the kill should land mid-training"
+    assert 1 <= ckpt["epoch"] < 5, "the kill should land mid-training"
     assert not (killed / "run" / "stage_00" / "cache" / "manifest.json").exists()
 
     resumed = subprocess.run([*cmd, *tiny_flags(killed), *flags], check=True, capture_output=True, text=True,
