@@ -1,16 +1,31 @@
-"""Peak memory of a piece of work: the CUDA allocator's peak on a GPU, the process's resident set on a CPU.
+"""Memory of a piece of work: measured (CUDA allocator, process resident set) and analytic (bytes held for a step).
 
-On CPU the resident set is sampled by a background thread (psutil, every 20 ms): within one process,
-ru_maxrss only ever grows, so it cannot tell one stage's peak from an earlier stage's. The benchmark
-(benchmarks/memory.py) runs each configuration in a fresh process instead, for exact figures.
+Three figures, used by the pipeline, `--plan` (plan.py) and benchmarks/memory.py (DESIGN.md, "Memory figures"):
+
+- `PeakMemory`: the peak over a block of code inside a long-lived process. On CPU the resident set is
+  sampled by a background thread (psutil, every 20 ms): within one process ru_maxrss only ever grows, so
+  it cannot tell one stage's peak from an earlier stage's.
+- `ProcessPeak`: the exact peak of a fresh process's work after its imports (ru_maxrss minus its value
+  after the imports; `import torch` alone is about 0.65 GB of RSS here), or the CUDA allocator's peak.
+  The benchmark runs each configuration in its own process to use it.
+- `analytic_step`: the device-independent bytes of one training step: tensors saved for backward plus
+  weights, gradients, optimizer state and the batch. On the "meta" device it computes nothing, so
+  `--plan` predicts a ResNet-18 stage at batch 128 in a fraction of a second, and the prediction equals
+  the figure measured on a real step (tests/test_memory_benchmark.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import sys
 import threading
+from dataclasses import asdict, dataclass
 
 import psutil
 import torch
+
+from seqtrain.train import train_step
 
 MB = 2**20
 
@@ -50,3 +65,117 @@ class PeakMemory:
 
     def as_dict(self) -> dict:
         return {"peak_rss_mb": self.rss_mb, "peak_cuda_mb": self.cuda_mb}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The peak of a whole process
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class ProcessPeak:
+    """The peak memory of what a fresh process does after its imports: create it right after them.
+
+    `rss` is exact only in a process that does nothing else, since ru_maxrss never goes down. On CUDA,
+    `reset()` (after warm-up) restarts the allocator's peak, so it excludes one-off autotuning workspaces.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.imports_rss = peak_rss_bytes()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict:
+        """Peak bytes: `rss` above the imports, and the CUDA allocator's allocated and reserved (None on CPU)."""
+        out = {"rss": peak_rss_bytes() - self.imports_rss, "cuda_allocated": None, "cuda_reserved": None}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out["cuda_allocated"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_reserved"] = torch.cuda.max_memory_reserved(self.device)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Analytic bytes of a training step
+
+
+@dataclass
+class StepBytes:
+    """What one training step holds at its peak, by construction rather than by measurement."""
+
+    saved: int  # tensors saved for backward (activations), each storage once; weights and batch excluded
+    weights: int  # parameters and buffers
+    grads: int  # parameter gradients
+    optimizer: int  # optimizer state after the step (SGD momentum: 1x the parameters, AdamW: 2x)
+    batch: int  # the input batch and its labels
+
+    @property
+    def total(self) -> int:
+        return self.saved + self.weights + self.grads + self.optimizer + self.batch
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def storage_key(t: torch.Tensor) -> int:
+    # The address of the storage object: one key per storage on every device. data_ptr() would not do:
+    # it is 0 for every tensor on the meta device.
+    return t.untyped_storage()._cdata
+
+
+class SavedTensorBytes:
+    """Context manager that adds up the storages autograd saves for backward, each counted once.
+
+    In-place ops, views and tensors saved by several ops (a block input feeding both a conv and the
+    shortcut) share one storage, so counting storages rather than saved tensors counts what is held.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor]):
+        self.skip = {storage_key(t) for t in exclude}
+        self.storages: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = storage_key(t)
+        if key not in self.skip:
+            self.storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self) -> SavedTensorBytes:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  autocast=contextlib.nullcontext) -> StepBytes:
+    """Run one real `train_step` and account for the bytes it holds; works on "meta" tensors (no compute).
+
+    Not counted: the transient gradients of activations during backward, allocator rounding and caches,
+    and on CPU the libraries' workspaces; the benchmark's `floor_ratio` (measured peak / this) shows them.
+    """
+    weights = [*model.parameters(), *model.buffers()]
+    with SavedTensorBytes(exclude=[*weights, x, y]) as saved:
+        train_step(model, x, y, optimizer, autocast)
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return StepBytes(saved=saved.bytes, weights=tensor_bytes(weights), grads=tensor_bytes(grads),
+                     optimizer=tensor_bytes(state), batch=tensor_bytes([x, y]))

@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import sys
 
-from seqtrain.config import FIELD_TYPES, Config, config_hash, field_help, read_toml, resolve
+from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
 from seqtrain.errors import UserError
 from seqtrain.files import read_json, write_json
 from seqtrain.log import log
+from seqtrain.train import Interrupted
 
 GROUPS = {
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction"),
@@ -37,8 +38,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m seqtrain.run", description="Train a network one block at a time, caching each "
                "frozen block's features to HDF5 shards; or train it end to end for comparison.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-    helps, defaults = field_help(), Config().to_dict()
+               argument_default=argparse.SUPPRESS)
+    helps, defaults, named = field_help(), Config().to_dict(), choices()
     run = p.add_argument_group("what to run")
     run.add_argument("--stage", default="all", help="'all': every stage then the final network, skipping "
                      "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text)
             else:
                 group.add_argument("--" + name.replace("_", "-"), type={"int": int, "float": float, "str": str}[kind],
-                                   metavar=name.upper(), help=text)
+                                   metavar="{" + ",".join(named[name]) + "}" if name in named else name.upper(),
+                                   help=text)
     return p
 
 
@@ -126,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"seqtrain: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("seqtrain: interrupted; the last finished epoch is checkpointed: rerun the same command to resume",
-              file=sys.stderr)
+    except Interrupted as e:
+        print(f"seqtrain: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside a training loop (loading, caching): the last checkpoint stands
+        print("seqtrain: interrupted; finished work is saved: rerun the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,12 @@ CHECKPOINT_FORMAT = 1
 
 class Diverged(UserError):
     """The loss became inf or nan; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the current step finished and a checkpoint was written; rerunning resumes."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -83,26 +92,61 @@ def train_step(model, x, y, optimizer, autocast=contextlib.nullcontext) -> tuple
     return loss.detach(), logits.detach()
 
 
-def train_one_epoch(model, batches, optimizer, cfg, epoch: int, autocast, channels_last: bool, desc: str):
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands; checkpointed on Ctrl-C so the epoch resumes mid-way."""
+
+    step: int = 0  # batches done
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    lr: float = 0.0
+
+
+def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochProgress, *, autocast,
+                    channels_last: bool, stop: threading.Event, desc: str) -> bool:
+    """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished."""
     model.train()
     steps = len(batches)
-    loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
     for i, (x, y, _) in enumerate(bar(batches, desc)):
-        lr = get_lr(cfg, epoch * steps + i, steps)
+        if i < progress.step:  # done before an interruption; the order is the same, so skip them
+            continue
+        if stop.is_set():
+            return False
+        progress.lr = get_lr(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = progress.lr
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(model, x, y, optimizer, autocast)
-        # Checked after the step, without a per-step host sync on GPU only when it matters: a non-finite
-        # loss poisons the weights, so stop before the next checkpoint can save them.
-        if not torch.isfinite(loss):
-            raise Diverged(f"{desc}: the loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} "
-                           f"(lr {lr:.3g}); the last good checkpoint is kept: rerun with a lower --lr")
-        loss_sum += loss.float().cpu() * len(y)
-        correct += (logits.argmax(1) == y).sum().cpu()
-        seen += len(y)
-    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), lr
+        if not torch.isfinite(loss):  # the weights are poisoned: stop before a checkpoint can save them
+            raise Diverged(f"{desc}: the loss is {loss.item()} at step {i + 1} (lr {progress.lr:.3g}); "
+                           "the last good checkpoint is kept: rerun with a lower --lr")
+        progress.step = i + 1
+        progress.loss_sum += loss.item() * len(y)
+        progress.correct += (logits.argmax(1) == y).sum().item()
+        progress.seen += len(y)
+    return True
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """The first Ctrl-C asks the loop to stop after its current step; a second one interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @torch.no_grad()
@@ -130,7 +174,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
     """Train `model` until validation accuracy stops improving; leave it holding the best weights.
 
     `workdir` receives checkpoint.pt and metrics.jsonl. A checkpoint is resumed only when its `identity`
-    (the hashes of the configuration and of the input) equals this run's.
+    (the hashes of the configuration and of the input) equals this run's. Ctrl-C finishes the current step,
+    checkpoints, and raises Interrupted.
     """
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
@@ -139,52 +184,69 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
     optimizer = make_optimizer(cfg, model)
     ckpt_path, metrics_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
 
-    start, best_acc, best_epoch, bad_epochs, best_state = 0, -1.0, 0, 0, None
+    # Early-stopping state; with the model, optimizer, epoch progress and RNG it is the whole checkpoint.
+    state = {"epoch": 0, "bad_epochs": 0, "best_acc": -1.0, "best_epoch": 0, "best_model": None}
+    progress = EpochProgress()
     ckpt = load_torch(ckpt_path) if ckpt_path.exists() else None
     if ckpt is not None and ckpt.get("format") == CHECKPOINT_FORMAT and ckpt["identity"] == identity:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start, bad_epochs = ckpt["epoch"], ckpt["bad_epochs"]
-        best_acc, best_epoch, best_state = ckpt["best_acc"], ckpt["best_epoch"], ckpt["best_model"]
+        state = {k: ckpt[k] for k in state}
+        progress = EpochProgress(**ckpt["progress"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        log(f"{desc}: resuming after epoch {start} (best val acc {best_acc:.4f} at epoch {best_epoch})")
-    keep_metrics(metrics_path, below_epoch=start)
+        log(f"{desc}: resuming after epoch {state['epoch']}" + (f" step {progress.step}" if progress.step else "")
+            + f" (best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']})")
+    keep_metrics(metrics_path, below_epoch=state["epoch"])
 
-    t0 = time.perf_counter()
-    epoch = start
-    epochs_bar = counter(desc, cfg.max_epochs, start)
-    while epoch < cfg.max_epochs and bad_epochs < cfg.patience:
-        e0 = time.perf_counter()
-        train_batches.set_epoch(epoch)
-        train_loss, train_acc, lr = train_one_epoch(model, train_batches, optimizer, cfg, epoch, autocast,
-                                                    channels_last, f"{desc} epoch {epoch + 1}")
-        val_loss, val_acc = evaluate(model, val_batches, autocast, channels_last)
-        epoch += 1
-        if val_acc >= best_acc + cfg.min_delta or best_state is None:
-            best_acc, best_epoch, bad_epochs = val_acc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-        seconds = time.perf_counter() - e0
-        append_metrics(metrics_path, {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": val_acc, "best_val_acc": best_acc, "lr": lr, "seconds": round(seconds, 3)})
+    def save_checkpoint():
         save_torch(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "bad_epochs": bad_epochs, "best_acc": best_acc,
-            "best_epoch": best_epoch, "best_model": best_state, "rng_cpu": torch.get_rng_state(),
+            "format": CHECKPOINT_FORMAT, "identity": identity, "config": cfg.to_dict(), **state,
+            "progress": dataclasses.asdict(progress), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         })
-        log(f"{desc} epoch {epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
-            f"val acc {val_acc:.4f} | best {best_acc:.4f} @ {best_epoch} | lr {lr:.4g} | {seconds:.1f}s"
-            + (" | converged" if bad_epochs >= cfg.patience else ""))
-        epochs_bar.update(1)
+
+    t0 = time.perf_counter()
+    epochs_bar = counter(desc, cfg.max_epochs, state["epoch"])
+    with stop_on_sigint() as stop:
+        while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
+            e0 = time.perf_counter()
+            epoch = state["epoch"]
+            train_batches.set_epoch(epoch)
+            finished = train_one_epoch(model, train_batches, optimizer, cfg, epoch, progress, autocast=autocast,
+                                       channels_last=channels_last, stop=stop, desc=f"{desc} epoch {epoch + 1}")
+            if not finished:
+                save_checkpoint()
+                raise Interrupted(f"{desc}: interrupted at epoch {epoch + 1}, step {progress.step}; progress is "
+                                  "saved: rerun the same command to resume")
+            val_loss, val_acc = evaluate(model, val_batches, autocast, channels_last)
+            state["epoch"] = epoch = epoch + 1
+            if val_acc >= state["best_acc"] + cfg.min_delta or state["best_model"] is None:
+                state.update(best_acc=val_acc, best_epoch=epoch, bad_epochs=0,
+                             best_model=copy.deepcopy(model.state_dict()))
+            else:
+                state["bad_epochs"] += 1
+            seconds = time.perf_counter() - e0
+            train_loss, train_acc = progress.loss_sum / progress.seen, progress.correct / progress.seen
+            lr, progress = progress.lr, EpochProgress()
+            append_metrics(metrics_path, {
+                "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                "val_acc": val_acc, "best_val_acc": state["best_acc"], "lr": lr, "seconds": round(seconds, 3)})
+            save_checkpoint()
+            log(f"{desc} epoch {epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
+                f"val acc {val_acc:.4f} | best {state['best_acc']:.4f} @ {state['best_epoch']} | "
+                f"lr {lr:.4g} | {seconds:.1f}s"
+                + (" | converged" if state["bad_epochs"] >= cfg.patience else ""))
+            epochs_bar.update(1)
+            if stop.is_set():
+                raise Interrupted(f"{desc}: interrupted after epoch {epoch}; progress is saved: rerun the same "
+                                  "command to resume")
     epochs_bar.close()
-    assert best_state is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
-    model.load_state_dict(best_state)
-    return TrainResult(best_acc, best_epoch, epoch, time.perf_counter() - t0)
+    assert state["best_model"] is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
+    model.load_state_dict(state["best_model"])
+    return TrainResult(state["best_acc"], state["best_epoch"], state["epoch"], time.perf_counter() - t0)
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -1,4 +1,8 @@
-"""A stage killed mid-training resumes from its last epoch and ends with the weights of an uninterrupted run."""
+"""Interrupted stages resume where they stopped and end with the weights of an uninterrupted run.
+
+SIGKILL loses at most the unfinished epoch (checkpoints are per epoch); Ctrl-C (SIGINT) finishes the
+current step, checkpoints mid-epoch and exits 130, and the rerun carries on from that very step.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +12,80 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from seqtrain.files import load_torch
 
 from conftest import ROOT, tiny_flags
 
+FLAGS = ["--stage", "0", "--n-train", "2000", "--max-epochs", "4", "--patience", "10"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+CMD = [sys.executable, "-m", "seqtrain.run"]
 
-def test_killed_stage_resumes_at_the_right_epoch_with_identical_weights(tmp_path):
-    flags = ["--stage", "0", "--n-train", "2000", "--max-epochs", "5", "--patience", "10"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "seqtrain.run"]
 
-    subprocess.run([*cmd, *tiny_flags(straight), *flags], check=True, capture_output=True, env=env)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Stage 0 trained without interruption: the weights every resumed run must reproduce."""
+    d = tmp_path_factory.mktemp("straight")
+    subprocess.run([*CMD, *tiny_flags(d), *FLAGS], check=True, capture_output=True, env=ENV)
+    return load_torch(d / "run" / "stage_00" / "block.pt")
 
-    proc = subprocess.Popen([*cmd, *tiny_flags(killed), *flags], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    metrics = killed / "run" / "stage_00" / "metrics.jsonl"
+
+def interrupt_when(d, sig: int, ready) -> subprocess.Popen:
+    """Start stage 0 in `d` and send `sig` once `ready(stage_dir)` holds."""
+    proc = subprocess.Popen([*CMD, *tiny_flags(d), *FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    stage_dir = d / "run" / "stage_00"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
+    while time.time() < deadline and proc.poll() is None and not ready(stage_dir):
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
-    ckpt = load_torch(killed / "run" / "stage_00" / "checkpoint.pt")
-    assert 1 <= ckpt["epoch"] < 5, "the kill should land mid-training"
-    assert not (killed / "run" / "stage_00" / "cache" / "manifest.json").exists()
+    return proc
 
-    resumed = subprocess.run([*cmd, *tiny_flags(killed), *flags], check=True, capture_output=True, text=True,
-                             env=env)
-    assert f"resuming after epoch {ckpt['epoch']}" in resumed.stdout
-    assert f"epoch {ckpt['epoch']:3d} |" not in resumed.stdout  # finished epochs are not redone
-    lines = (killed / "run" / "stage_00" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 5  # one line per epoch, none duplicated by the resume
 
-    a = load_torch(straight / "run" / "stage_00" / "block.pt")
-    b = load_torch(killed / "run" / "stage_00" / "block.pt")
+def assert_same_weights(a: dict, b: dict) -> None:
     for part in ("block", "head"):
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs after resume"
+
+
+def rerun(d) -> str:
+    return subprocess.run([*CMD, *tiny_flags(d), *FLAGS], check=True, capture_output=True, text=True,
+                          env=ENV).stdout
+
+
+def epochs_logged(stage_dir) -> int:
+    metrics = stage_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def test_sigkill_mid_training_resumes_at_the_right_epoch_with_identical_weights(tmp_path, straight):
+    interrupt_when(tmp_path, signal.SIGKILL, lambda stage_dir: epochs_logged(stage_dir) >= 2)
+    stage_dir = tmp_path / "run" / "stage_00"
+    ckpt = load_torch(stage_dir / "checkpoint.pt")
+    # The kill may land between an epoch's metrics line and its checkpoint: then that epoch is redone.
+    assert 1 <= ckpt["epoch"] < 4, "the kill should land mid-training"
+    assert not (stage_dir / "cache" / "manifest.json").exists()
+
+    out = rerun(tmp_path)
+    assert f"resuming after epoch {ckpt['epoch']}" in out
+    assert f"epoch {ckpt['epoch']:3d} |" not in out  # finished epochs are not redone
+    assert epochs_logged(stage_dir) == 4  # one metrics line per epoch, none duplicated by the resume
+    assert_same_weights(straight, load_torch(stage_dir / "block.pt"))
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_mid_epoch_and_exits_130(tmp_path, straight):
+    proc = interrupt_when(tmp_path, signal.SIGINT, lambda stage_dir: epochs_logged(stage_dir) >= 1)
+    assert proc.returncode == 130
+    err = proc.stderr.strip()
+    assert "\n" not in err and "rerun the same command to resume" in err and "Traceback" not in err, err
+    stage_dir = tmp_path / "run" / "stage_00"
+    ckpt = load_torch(stage_dir / "checkpoint.pt")
+    assert ckpt["epoch"] >= 1
+
+    out = rerun(tmp_path)
+    assert f"resuming after epoch {ckpt['epoch']}" in out
+    assert_same_weights(straight, load_torch(stage_dir / "block.pt"))

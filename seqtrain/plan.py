@@ -1,0 +1,164 @@
+"""`--plan`: what a configuration will cost before anything is trained: memory per stage and cache disk.
+
+    python -m seqtrain.run --plan [flags]      # prints the table below and exits; loads no data
+
+Per stage: its parameters, output feature shape, the analytic training memory at the configured batch
+size (memory.analytic_step on the "meta" device: one real forward/backward/optimizer step that computes
+nothing, about 0.2 s for a ResNet-18) and the bytes its cache will take on disk. Then the end-to-end
+baseline's analytic memory, the totals, and the free space where the run directory is (or will be).
+
+The analytic figure is a floor, not the peak: the transient gradients of activations during backward,
+allocator caches and library workspaces come on top (benchmarks/memory.py measures the ratio). With
+--bf16 on CUDA the activations are bfloat16 and smaller than predicted here (float32).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
+from seqtrain.config import Config
+from seqtrain.memory import MB, StepBytes, analytic_step
+from seqtrain.models import StageModel, build_head, build_network, build_stage_block, feature_shape, stage_specs
+from seqtrain.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from seqtrain.train import make_optimizer
+
+NUM_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cifar10": 10, "cifar100": 100}
+STANDARD_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # (train, test) images
+
+# Bytes of one HDF5 shard beyond its data, measured with h5py 3.16 / HDF5 2.0 for shards of up to 64
+# chunks (--shard-mb 64 or less): superblock, three object headers, the chunk index. Larger shards add
+# about 4 KB per further 32 chunks of 1 MB, under 0.01%.
+SHARD_OVERHEAD = 7104
+LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
+
+
+def split_counts(cfg: Config) -> dict[str, int]:
+    """Samples per split, carved as data.load_raw carves them: val = round(n_train * val_fraction)."""
+    n_train, n_test = STANDARD_SIZES.get(cfg.dataset, (cfg.n_train, cfg.n_test))
+    n_val = round(n_train * cfg.val_fraction)
+    return {"train": n_train - n_val, "val": n_val, "test": n_test}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Predictions
+
+
+def step_bytes(cfg: Config, model: torch.nn.Module, in_shape: tuple[int, ...]) -> StepBytes:
+    """Analytic bytes of one training step of `model` (built on the meta device) at cfg.batch_size."""
+    x = torch.empty(cfg.batch_size, *in_shape, device="meta")  # B, C, H, W
+    y = torch.zeros(cfg.batch_size, dtype=torch.long, device="meta")
+    return analytic_step(model, make_optimizer(cfg, model), x, y)
+
+
+def shard_bytes(n: int, row_bytes: int) -> int:
+    """File size of one shard of `n` samples, mirroring ShardWriter's layout: HDF5 stores whole chunks."""
+    chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, row_bytes)))
+    return math.ceil(n / chunk_rows) * chunk_rows * row_bytes + n * LABEL_ID_BYTES + SHARD_OVERHEAD
+
+
+def cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> int:
+    """Bytes on disk of one stage's cache of `shape` features, every split, uncompressed."""
+    row = int(np.prod(shape)) * np.dtype(cfg.cache_dtype).itemsize
+    per_shard = samples_per_shard(shape, cfg.cache_dtype, cfg.shard_mb)
+    total = 0
+    for split in SPLITS:
+        full, rest = divmod(counts[split], per_shard)
+        total += full * shard_bytes(per_shard, row) + (shard_bytes(rest, row) if rest else 0)
+    return total
+
+
+def free_disk(path: str | Path) -> tuple[str, int]:
+    """Free bytes on the filesystem of `path`, or of its nearest existing parent for a run not yet made."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return str(p), shutil.disk_usage(p).free
+
+
+def plan(cfg: Config, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None,
+         n_samples: dict[str, int] | None = None) -> dict:
+    """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
+
+    `num_classes` defaults to the dataset's and `n_samples` (per split) to split_counts(cfg).
+    """
+    num_classes = num_classes or NUM_CLASSES[cfg.dataset]
+    counts = n_samples or split_counts(cfg)
+    stages, shape = [], tuple(in_shape)
+    for k, specs in enumerate(stage_specs(cfg, in_shape[0])):
+        out_shape = feature_shape(specs, shape)
+        with torch.device("meta"):
+            block = build_stage_block(specs)
+            model = StageModel(block, build_head(cfg, specs[-1].out_ch, num_classes))
+        stages.append({
+            "stage": k, "blocks": len(specs), "parameters": sum(p.numel() for p in block.parameters()),
+            "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
+            "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
+            "cache_bytes": cache_bytes(out_shape, cfg, counts)})
+        shape = out_shape
+    with torch.device("meta"):
+        net = build_network(cfg, in_shape[0], num_classes)
+    e2e = {"parameters": sum(p.numel() for p in net.parameters()),
+           "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict()}
+    largest = max(s["analytic"]["total"] for s in stages)
+    disk_path, free = free_disk(cfg.run_dir)
+    return {
+        "arch": cfg.arch, "width": cfg.width, "stage_sizes": cfg.stage_sizes(), "batch_size": cfg.batch_size,
+        "optimizer": cfg.optimizer, "in_shape": list(in_shape), "num_classes": num_classes, "splits": counts,
+        "cache_dtype": cfg.cache_dtype, "compression": cfg.compression, "bf16": cfg.bf16,
+        "stages": stages, "e2e": e2e,
+        "totals": {"parameters": sum(s["parameters"] for s in stages) + stages[-1]["head_parameters"],
+                   "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest,
+                   "peak_ratio": largest / e2e["analytic"]["total"]},
+        "disk": {"path": disk_path, "free_bytes": free},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+
+
+def mb(n: int) -> str:
+    return f"{n / MB:,.1f}"
+
+
+def format_plan(p: dict) -> str:
+    """The plan as a table for people: one row per stage and one for e2e, then totals and free disk."""
+    n = p["splits"]
+    lines = [f"plan: {p['arch']} in {len(p['stages'])} stages {p['stage_sizes']}, batch {p['batch_size']}, "
+             f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}/{n['val']:,}/{n['test']:,} "
+             "train/val/test samples"]
+    rows = [("stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
+             "train MB", "cache MB")]
+    for s in p["stages"]:
+        a = s["analytic"]
+        rows.append((str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
+                     shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
+                     mb(a["batch"]), mb(a["total"]), mb(s["cache_bytes"])))
+    a = p["e2e"]["analytic"]
+    rows.append(("e2e", str(sum(p["stage_sizes"])), f"{p['e2e']['parameters']:,}", shape_text(p["in_shape"]), "-",
+                 mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]), mb(a["batch"]), mb(a["total"]), "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [table[0], "-" * len(table[0]), *table[1:]]
+
+    t, disk = p["totals"], p["disk"]
+    short = t["cache_bytes"] > disk["free_bytes"]
+    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's "
+                 f"{mb(a['total'])} MB (analytic: saved activations + weights, grads, optimizer state + batch)")
+    lines.append(f"caches {mb(t['cache_bytes'])} MB on disk in all; {mb(disk['free_bytes'])} MB free at "
+                 f"{disk['path']}" + ("  <-- NOT ENOUGH DISK" if short else ""))
+    if p["compression"] != "none":
+        lines.append(f"cache sizes are uncompressed: an upper bound with --compression {p['compression']}")
+    if p["bf16"]:
+        lines.append("activations are predicted in float32: with --bf16 on CUDA they take about half")
+    return "\n".join(lines)
+
+
+def shape_text(shape: list[int]) -> str:
+    return "x".join(str(d) for d in shape)
