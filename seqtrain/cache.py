@@ -84,14 +84,23 @@ class ShardWriter:
         path = self.cache_dir / name
         tmp = tmp_path(path)
         chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, x[0].nbytes)))
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=x[:n], chunks=(chunk_rows, *x.shape[1:]),
-                             compression=self.compression)
-            f.create_dataset("labels", data=y[:n].astype(np.int64))
-            f.create_dataset("ids", data=ids[:n].astype(np.int64))
-        publish(tmp, path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("features", data=x[:n], chunks=(chunk_rows, *x.shape[1:]),
+                                 compression=self.compression)
+                f.create_dataset("labels", data=y[:n].astype(np.int64))
+                f.create_dataset("ids", data=ids[:n].astype(np.int64))
+            publish(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. ENOSPC mid-write: leave no temporary file behind
+            raise
         self.shards.append({"file": name, "count": n, "bytes": path.stat().st_size,
                             "sha256": sha256_file(path)})
+
+
+def predicted_bytes(feature_shape: tuple[int, ...], dtype: str, counts: dict[str, int]) -> int:
+    """Feature bytes of a cache (HDF5 adds well under 1% for labels, ids and headers)."""
+    return int(np.prod(feature_shape)) * np.dtype(dtype).itemsize * sum(counts.values())
 
 
 def samples_per_shard(feature_shape: tuple[int, ...], dtype: str, shard_mb: int) -> int:

@@ -192,18 +192,19 @@ def read_toml(path: Path) -> dict:
     return out
 
 
-def resolve(saved: dict | None, from_file: dict, from_flags: dict) -> Config:
-    """Merge defaults < saved run config < TOML file < flags; refuse to change a run's results-shaping values."""
+def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool = False) -> Config:
+    """Merge defaults < saved run config < TOML file < flags; refuse to change a run's results-shaping values
+    unless `rebuild` (then every stage made with the old values is stale and retrained)."""
     values = Config().to_dict()
     if saved:
         values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
     explicit = {**from_file, **from_flags}
-    if saved:
+    if saved and not rebuild:
         changed = [k for k, v in explicit.items() if k not in OPERATIONAL and k in saved and saved[k] != v]
         if changed:
             k, run_dir = changed[0], explicit.get("run_dir", values["run_dir"])
             raise UserError(f"{run_dir} was made with {flag(k)} {saved[k]}, not {explicit[k]}: "
-                            f"use a new --run-dir, or drop {flag(k)} to continue this run")
+                            f"use a new --run-dir, drop {flag(k)} to continue this run, or add --rebuild to retrain it")
     values.update(explicit)
     return Config(**values).validate()
 

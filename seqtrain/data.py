@@ -128,6 +128,10 @@ class ImageBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.split)
+
     def __len__(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

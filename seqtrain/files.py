@@ -31,9 +31,13 @@ def publish(tmp: Path, path: Path) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    publish(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. ENOSPC: leave no temporary file behind
+        raise
 
 
 def write_json(path: Path, obj) -> None:

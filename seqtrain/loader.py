@@ -107,7 +107,8 @@ class CachedBatches:
                  seed: int = 0, drop_last: bool = False, resident_shards: int = 4, workers: int = 0,
                  device: str = "cpu"):
         shards = manifest["splits"][split]["shards"]
-        self.count, self.batch_size, self.drop_last = manifest["splits"][split]["count"], batch_size, drop_last
+        self.num_samples, self.batch_size = manifest["splits"][split]["count"], batch_size
+        self.drop_last = drop_last
         self.workers, self.device = workers, torch.device(device)
         self.stream = ShardStream([cache_dir / s["file"] for s in shards], batch_size, shuffle=shuffle,
                                   seed=seed, resident_shards=resident_shards, drop_last=drop_last)
@@ -116,7 +117,7 @@ class CachedBatches:
         self.stream.epoch = epoch
 
     def __len__(self) -> int:
-        return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
+        return self.num_samples // self.batch_size if self.drop_last else -(-self.num_samples // self.batch_size)
 
     def __iter__(self):
         pin = self.device.type == "cuda"

@@ -5,8 +5,8 @@ Three figures, used by the pipeline, `--plan` (plan.py) and benchmarks/memory.py
 - `PeakMemory`: the peak over a block of code inside a long-lived process. On CPU the resident set is
   sampled by a background thread (psutil, every 20 ms): within one process ru_maxrss only ever grows, so
   it cannot tell one stage's peak from an earlier stage's.
-- `ProcessPeak`: the exact peak of a fresh process's work after its imports (ru_maxrss minus its value
-  after the imports; `import torch` alone is about 0.65 GB of RSS here), or the CUDA allocator's peak.
+- `ProcessPeak`: the exact peak of a fresh process's work after its imports (its peak resident set minus
+  that after the imports; `import torch` alone is about 0.5 GB of RSS here), or the CUDA allocator's peak.
   The benchmark runs each configuration in its own process to use it.
 - `analytic_step`: the device-independent bytes of one training step: tensors saved for backward plus
   weights, gradients, optimizer state and the batch. On the "meta" device it computes nothing, so
@@ -72,20 +72,38 @@ class PeakMemory:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set since it started (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This address space's peak resident set: VmHWM on Linux, ru_maxrss elsewhere.
+
+    Not ru_maxrss on Linux: a child started by fork or vfork + exec inherits the pre-exec high-water mark,
+    i.e. its parent's (measured here: the child of a 1.5 GB parent reports 1.5 GB before its first import).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak resident set at the current one (Linux 4.0+); elsewhere the peak runs on."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class ProcessPeak:
     """The peak memory of what a fresh process does after its imports: create it right after them.
 
-    `rss` is exact only in a process that does nothing else, since ru_maxrss never goes down. On CUDA,
+    `rss` is exact only in a process that does nothing else, since the peak never goes down. On CUDA,
     `reset()` (after warm-up) restarts the allocator's peak, so it excludes one-off autotuning workspaces.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
+        reset_peak_rss()  # drops a transient peak of the imports, where the kernel allows
         self.imports_rss = peak_rss_bytes()
 
     def reset(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from seqtrain.cache import (
     CorruptCache,
     cache_bytes,
     clear_cache,
+    predicted_bytes,
     publish_manifest,
     read_manifest,
     verify_shards,
@@ -31,7 +33,7 @@ from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha25
 from seqtrain.loader import CachedBatches
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
-from seqtrain.models import StageModel, build_head, build_network, build_stage_block, stage_specs
+from seqtrain.models import StageModel, build_head, build_network, build_stage_block, feature_shape, stage_specs
 from seqtrain.train import autocast_for, evaluate, fit
 
 
@@ -131,11 +133,13 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
                   for s in ("train", "val", "test")}
     if len(batches["train"]) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training split "
-                        f"({batches['train'].count if k else len(raw.train)} samples); lower it")
+                        f"({batches['train'].num_samples} samples); lower it")
 
     # Only this stage's block and head are built: the process never sees blocks 0..k-1.
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
     specs = stage_specs(cfg, in_shape[0])[k]
+    counts = {split: batches.num_samples for split, batches in frozen.items()}
+    check_disk(run, k, predicted_bytes(feature_shape(specs, in_shape), cfg.cache_dtype, counts))
     block = build_stage_block(specs)
     head = build_head(cfg, specs[-1].out_ch, num_classes)
     model = StageModel(block, head).to(device)
@@ -171,6 +175,14 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
     log(f"{desc}: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f} | "
         f"cache {cache_bytes(manifest) / 2**20:.1f} MB")
     return manifest
+
+
+def check_disk(run: RunDir, k: int, need: int) -> None:
+    """Refuse before training when the stage's cache cannot fit, rather than fail hours later mid-write."""
+    free = shutil.disk_usage(run.root).free
+    if need > free:
+        raise UserError(f"stage {k}'s cache needs {need / 2**20:,.0f} MB but {run.root} has {free / 2**20:,.0f} MB "
+                        "free: free some space or use another --run-dir")
 
 
 def image_batches(cfg: Config, raw: RawData, split: str, device, train: bool) -> ImageBatches:
@@ -323,3 +335,35 @@ def run_all(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
         final = assemble_final(cfg, run, manifests, raw, device)
         write_json(run.final / "results.json", {**collect_results(cfg, run), "final": final})
     return collect_results(cfg, run)
+
+
+def verify_run(cfg: Config, run: RunDir) -> list[str]:
+    """Check a whole run directory (manifests, every shard's sha256, weights); one line per part.
+
+    Damage raises UserError naming the file and the command that rebuilds it; an incomplete stage is
+    reported, not an error.
+    """
+    lines = []
+    for k in range(cfg.num_stages):
+        manifest, why = stage_manifest(cfg, run, k)
+        if manifest is None:
+            lines.append(f"stage {k}: incomplete ({why})")
+            continue
+        t0 = time.perf_counter()
+        try:
+            verify_shards(run.cache(k), manifest)
+        except CorruptCache as e:
+            raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
+        block = run.stage(k) / "block.pt"
+        if not block.exists() or sha256_state_dict(load_torch(block)["block"]) != manifest["weights_hash"]:
+            raise UserError(f"{block} is missing or does not hold the weights that made stage {k}'s cache; "
+                            f"rebuild the stage with: {rebuild_hint(run, k)}")
+        n = sum(len(manifest["splits"][s]["shards"]) for s in manifest["splits"])
+        lines.append(f"stage {k}: complete, {n} shards ({cache_bytes(manifest) / 2**20:.1f} MB) and weights "
+                     f"verified in {time.perf_counter() - t0:.2f}s")
+    results = run.final / "results.json"
+    last, _ = stage_manifest(cfg, run, cfg.num_stages - 1)
+    current = last is not None and results.exists() and (
+        read_json(results)["final"]["fingerprint"] == last["fingerprint"])
+    lines.append("final: complete" if current else "final: not assembled from the current stages")
+    return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 
 from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
                      "K-1's cache; 'e2e': the end-to-end baseline")
     run.add_argument("--run-dir", help=f"{helps['run_dir']} (default: {defaults['run_dir']})")
+    run.add_argument("--verify", action="store_true", help="check the run directory (every manifest, shard "
+                     "checksum and weight file) and report; trains nothing")
+    run.add_argument("--rebuild", action="store_true", help="accept flags that change an existing run's "
+                     "configuration; its stages are then stale and retrained")
     run.add_argument("--config", metavar="FILE.toml", help="defaults from a TOML file (keys: long flag names); "
                      "flags given here override it")
     for title, names in GROUPS.items():
@@ -86,7 +91,7 @@ def load_config(args: argparse.Namespace) -> Config:
         raise UserError(f"{run_dir}/config.json is damaged; delete it to start this run afresh") from None
     if saved is not None and not isinstance(saved, dict):
         raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
-    return resolve(saved, from_file, {**flags, "run_dir": run_dir})
+    return resolve(saved, from_file, {**flags, "run_dir": run_dir}, rebuild=getattr(args, "rebuild", False))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -123,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg = load_config(args)
-        stage = parse_stage(args.stage, cfg.num_stages)
+        if getattr(args, "verify", False):
+            return verify(cfg)
+        stage = parse_stage(getattr(args, "stage", "all"), cfg.num_stages)
         return run(cfg, stage)
     except UserError as e:
         print(f"seqtrain: error: {e}", file=sys.stderr)
@@ -131,9 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"seqtrain: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        print(f"seqtrain: error: no space left on device{' writing ' + e.filename if e.filename else ''}; "
+              "free some space and rerun the same command (finished stages are kept)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside a training loop (loading, caching): the last checkpoint stands
         print("seqtrain: interrupted; finished work is saved: rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def verify(cfg: Config) -> int:
+    from seqtrain.pipeline import RunDir, verify_run
+
+    if not (RunDir(cfg.run_dir).config).exists():
+        raise UserError(f"{cfg.run_dir} is not a seqtrain run directory (no config.json); check --run-dir")
+    for line in verify_run(cfg, RunDir(cfg.run_dir)):
+        log(line)
+    return 0
 
 
 def run(cfg: Config, stage: int | str) -> int:

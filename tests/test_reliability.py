@@ -1,0 +1,84 @@
+"""Nothing lost, nothing torn: disk budgeting, running out of space, the run lock, --verify, --rebuild,
+and the kill-anywhere trial (a small version of scripts/killtest.py)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+
+import seqtrain.cache
+import seqtrain.pipeline
+from seqtrain.config import Config
+from seqtrain.pipeline import RunDir, RunLock
+
+from conftest import ROOT
+
+
+def test_cache_that_cannot_fit_is_refused_before_training(tiny, monkeypatch, capsys):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(seqtrain.pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    assert tiny("--stage", "all") == 2
+    err = capsys.readouterr().err
+    assert "stage 0's cache needs 2 MB but" in err and "has 1 MB free" in err
+    assert not (tiny.run_dir / "stage_00" / "checkpoint.pt").exists()  # refused before any training
+
+
+def test_running_out_of_space_mid_write_is_clear_and_leaves_no_temp_files(tiny, monkeypatch, capsys):
+    def full(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(seqtrain.cache, "publish", full)
+    assert tiny("--stage", "0") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqtrain: error: no space left on device writing ") and err.count("\n") == 1
+    assert list(tiny.run_dir.rglob("*.tmp")) == []
+    assert not (tiny.run_dir / "stage_00" / "cache" / "manifest.json").exists()
+    monkeypatch.undo()
+    assert tiny("--stage", "0") == 0  # once there is space, the same command finishes the stage
+
+
+def test_second_process_on_the_same_run_dir_is_refused(tiny, capsys):
+    assert tiny("--stage", "0") == 0
+    cfg = Config(**json.loads((tiny.run_dir / "config.json").read_text()))
+    with RunLock(RunDir(cfg.run_dir)):
+        capsys.readouterr()
+        assert tiny("--stage", "1") == 2
+        assert "is in use by another seqtrain process (pid " in capsys.readouterr().err
+    assert tiny("--stage", "1") == 0  # released with its holder
+
+
+def test_verify_reports_a_healthy_run_and_names_a_damaged_shard(tiny, capsys):
+    assert tiny("--stage", "all") == 0
+    capsys.readouterr()
+    assert tiny("--verify") == 0
+    out = capsys.readouterr().out
+    assert "stage 0: complete" in out and "stage 1: complete" in out and "final: complete" in out
+    shard = sorted((tiny.run_dir / "stage_01" / "cache").glob("val-*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 1
+    shard.write_bytes(bytes(data))
+    assert tiny("--verify") == 2
+    err = capsys.readouterr().err
+    assert str(shard) in err and "--stage 1 --run-dir" in err
+
+
+def test_rebuild_accepts_a_new_configuration_and_retrains(tiny, capsys):
+    assert tiny("--stage", "all") == 0
+    capsys.readouterr()
+    assert tiny("--stage", "all", "--lr", "0.02", "--rebuild") == 0
+    out = capsys.readouterr().out
+    assert "made with another configuration; training it" in out and "complete, skipped" not in out
+    assert json.loads((tiny.run_dir / "config.json").read_text())["lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_the_run_completes_identically():
+    result = subprocess.run([sys.executable, "scripts/killtest.py", "--kills", "3"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["identical"] is True
