@@ -43,6 +43,7 @@ class Config:
     arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16
     width: int = 0  # channels of the first block; 0 = the architecture's standard width (16 or 64)
     stages: str = "4"  # number of trainable stages, or blocks per stage as a list, e.g. "3,3,2,2"
+    downsample: str = "standard"  # "standard", "accelerated" (every reduction one group earlier), or "BLOCK:FACTOR,..."
     head: str = "conv"  # auxiliary head: "conv" (Belilovsky et al. 2019) or "linear" (pool + linear)
     head_convs: int = 1  # conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3
     head_width: int = 0  # conv head: channels of its conv layers; 0 = the stage's output channels
@@ -94,6 +95,7 @@ class Config:
         if self.resident_shards < 3:
             raise UserError(f"--resident-shards must be at least 3, got {self.resident_shards}")
         self.stage_sizes()  # parses --stages and checks it against the network
+        self.check_downsample()
         if self.device == "cuda":
             import torch
 
@@ -123,6 +125,24 @@ class Config:
             raise UserError(f"--stages {self.stages} must list positive block counts adding up to "
                             f"{total}, the number of blocks of {self.arch}")
         return parts
+
+    def check_downsample(self) -> None:
+        from seqtrain.models import block_specs, feature_shape, num_blocks
+
+        if self.downsample not in ("standard", "accelerated"):
+            try:
+                placed = [tuple(int(v) for v in item.split(":")) for item in self.downsample.split(",")]
+                assert all(len(p) == 2 for p in placed)
+            except (ValueError, AssertionError):
+                raise UserError(f"--downsample {self.downsample!r} is not 'standard', 'accelerated' or a list of "
+                                "BLOCK:FACTOR such as 0:2,4:2") from None
+            for block, factor in placed:
+                if not 0 <= block < num_blocks(self) or factor < 2 or factor & (factor - 1):
+                    raise UserError(f"--downsample {block}:{factor}: blocks are 0 to {num_blocks(self) - 1} and "
+                                    "factors powers of two (2, 4, ...)")
+        shape = feature_shape(block_specs(self.arch, self.width, 3, self.downsample), (3, 32, 32))
+        if min(shape[1:]) < 1:
+            raise UserError(f"--downsample {self.downsample} reduces 32x32 images below one pixel; reduce less")
 
     @property
     def num_stages(self) -> int:

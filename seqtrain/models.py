@@ -7,7 +7,7 @@ network and the end-to-end baseline, so all three share one definition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,12 +29,12 @@ class BlockSpec:
     kind: str  # "stem" (conv-BN-ReLU), "basic" (ResNet basic block) or "conv" (VGG conv-BN-ReLU [+ pool])
     in_ch: int
     out_ch: int
-    stride: int = 1  # spatial reduction by the block's first convolution
-    pool: bool = False  # VGG: 2x2 max-pool after the convolution
+    stride: int = 1  # spatial reduction by the block's first convolution (ResNet blocks and stems)
+    pool: int = 1  # VGG: spatial reduction by a max-pool after the convolution
 
     @property
     def reduction(self) -> int:
-        return self.stride * (2 if self.pool else 1)
+        return self.stride * self.pool
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,13 +68,52 @@ def build_block(spec: BlockSpec) -> nn.Module:
     if spec.kind == "basic":
         return BasicBlock(spec.in_ch, spec.out_ch, spec.stride)
     layers = conv_bn_relu(spec.in_ch, spec.out_ch, spec.stride)
-    if spec.pool:
-        layers.append(nn.MaxPool2d(2))
+    if spec.pool > 1:
+        layers.append(nn.MaxPool2d(spec.pool))
     return nn.Sequential(*layers)
 
 
-def block_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSpec]:
-    """The ordered blocks of a network; `width` 0 means the architecture's standard first width."""
+def block_specs(arch: str, width: int = 0, in_channels: int = 3, downsample: str = "standard") -> list[BlockSpec]:
+    """The ordered blocks of a network, with its spatial reductions placed by `downsample` (see schedule())."""
+    specs = standard_specs(arch, width, in_channels)
+    if downsample == "standard":
+        return specs
+    placed = schedule(specs, downsample)
+    if specs[0].kind == "conv":  # VGG reduces by max-pooling after a block's convolution
+        return [replace(s, pool=placed.get(i, 1)) for i, s in enumerate(specs)]
+    return [replace(s, stride=placed.get(i, 1)) for i, s in enumerate(specs)]
+
+
+def reductions(specs: list[BlockSpec]) -> dict[int, int]:
+    """{block index: spatial reduction factor} for every block that reduces."""
+    return {i: s.reduction for i, s in enumerate(specs) if s.reduction > 1}
+
+
+def schedule(specs: list[BlockSpec], downsample: str) -> dict[int, int]:
+    """Where the network reduces resolution: "accelerated", or an explicit "BLOCK:FACTOR,..." list.
+
+    Accelerated downsampling (Ma, Yu, Li, Wang 2020) moves the learning away from the poorly separable
+    shallow, high-resolution layers. Our rule, the same for every network: each reduction moves to the
+    block where the previous reduction was, and the first one moves into the stem (block 0). The final
+    resolution is unchanged; it is reached after fewer blocks. For CIFAR ResNets (reductions at the
+    first blocks of groups 2 and 3) it gives a stride-2 stem and group 2's first block reducing; the
+    last group runs at the final resolution.
+    """
+    if downsample == "accelerated":
+        positions = [i for i, f in reductions(specs).items() for _ in range(f.bit_length() - 1)]  # one per 2x
+        placed: dict[int, int] = {}
+        for new in [0, *positions[:-1]]:
+            placed[new] = placed.get(new, 1) * 2
+        return placed
+    placed = {}
+    for item in downsample.split(","):
+        block, factor = (int(v) for v in item.split(":"))
+        placed[block] = placed.get(block, 1) * factor
+    return placed
+
+
+def standard_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSpec]:
+    """The network's blocks with its usual downsampling; `width` 0 means its standard first width."""
     if arch in CIFAR_RESNETS:
         n, w = CIFAR_RESNETS[arch], width or 16
         specs = [BlockSpec("stem", in_channels, w)]
@@ -95,7 +134,7 @@ def block_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSp
         w, specs, ch = width or 64, [], in_channels
         for item in VGGS[arch]:
             if item == "M":
-                specs[-1] = BlockSpec("conv", specs[-1].in_ch, specs[-1].out_ch, pool=True)
+                specs[-1] = BlockSpec("conv", specs[-1].in_ch, specs[-1].out_ch, pool=2)
             else:
                 specs.append(BlockSpec("conv", ch, w * item))
                 ch = w * item
@@ -104,12 +143,12 @@ def block_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSp
 
 
 def num_blocks(cfg) -> int:
-    return len(block_specs(cfg.arch, cfg.width))
+    return len(standard_specs(cfg.arch, cfg.width))
 
 
 def stage_specs(cfg, in_channels: int = 3) -> list[list[BlockSpec]]:
     """The network's blocks grouped into the configured trainable stages."""
-    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels), [], 0
+    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample), [], 0
     for size in cfg.stage_sizes():
         out.append(specs[start:start + size])
         start += size

@@ -73,6 +73,16 @@ def cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> 
     return total
 
 
+def input_bytes(cfg: Config, k: int, in_shape: tuple[int, ...], counts: dict[str, int]) -> int:
+    """Host memory of stage k's input beside the step: for stage 0 (and e2e) the raw uint8 dataset, held
+    whole in RAM; for later stages the loader's budget, --resident-shards shards of the previous cache."""
+    if k == 0:
+        return sum(counts.values()) * int(np.prod(in_shape))
+    per_shard = samples_per_shard(in_shape, cfg.cache_dtype, cfg.shard_mb)
+    resident = min(counts["train"], cfg.resident_shards * per_shard)
+    return resident * int(np.prod(in_shape)) * np.dtype(cfg.cache_dtype).itemsize
+
+
 def free_disk(path: str | Path) -> tuple[str, int]:
     """Free bytes on the filesystem of `path`, or of its nearest existing parent for a run not yet made."""
     p = Path(path).absolute()
@@ -99,12 +109,12 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes:
             "stage": k, "blocks": len(specs), "parameters": sum(p.numel() for p in block.parameters()),
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
             "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
-            "cache_bytes": cache_bytes(out_shape, cfg, counts)})
+            "input_bytes": input_bytes(cfg, k, shape, counts), "cache_bytes": cache_bytes(out_shape, cfg, counts)})
         shape = out_shape
     with torch.device("meta"):
         net = build_network(cfg, in_shape[0], num_classes)
     e2e = {"parameters": sum(p.numel() for p in net.parameters()),
-           "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict()}
+           "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict(), "input_bytes": stages[0]["input_bytes"]}
     largest = max(s["analytic"]["total"] for s in stages)
     disk_path, free = free_disk(cfg.run_dir)
     return {
@@ -134,23 +144,27 @@ def format_plan(p: dict) -> str:
              f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}/{n['val']:,}/{n['test']:,} "
              "train/val/test samples"]
     rows = [("stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
-             "train MB", "cache MB")]
+             "train MB", "input (host) MB", "cache MB")]
     for s in p["stages"]:
         a = s["analytic"]
         rows.append((str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
                      shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
-                     mb(a["batch"]), mb(a["total"]), mb(s["cache_bytes"])))
-    a = p["e2e"]["analytic"]
-    rows.append(("e2e", str(sum(p["stage_sizes"])), f"{p['e2e']['parameters']:,}", shape_text(p["in_shape"]), "-",
-                 mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]), mb(a["batch"]), mb(a["total"]), "-"))
+                     mb(a["batch"]), mb(a["total"]), mb(s["input_bytes"]), mb(s["cache_bytes"])))
+    e2e = p["e2e"]
+    a = e2e["analytic"]
+    rows.append(("e2e", str(sum(p["stage_sizes"])), f"{e2e['parameters']:,}", shape_text(p["in_shape"]), "-",
+                 mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]), mb(a["batch"]), mb(a["total"]),
+                 mb(e2e["input_bytes"]), "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines += [table[0], "-" * len(table[0]), *table[1:]]
 
     t, disk = p["totals"], p["disk"]
     short = t["cache_bytes"] > disk["free_bytes"]
-    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's "
-                 f"{mb(a['total'])} MB (analytic: saved activations + weights, grads, optimizer state + batch)")
+    lines.append("train MB: activations saved for backward + weights, grads, optimizer state + batch, a floor for "
+                 "the peak")
+    lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the loader's budget of shards")
+    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's {mb(a['total'])} MB")
     lines.append(f"caches {mb(t['cache_bytes'])} MB on disk in all; {mb(disk['free_bytes'])} MB free at "
                  f"{disk['path']}" + ("  <-- NOT ENOUGH DISK" if short else ""))
     if p["compression"] != "none":

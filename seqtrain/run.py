@@ -22,7 +22,7 @@ from seqtrain.train import Interrupted
 
 GROUPS = {
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction"),
-    "network": ("arch", "width", "stages", "head", "head_convs", "head_width"),
+    "network": ("arch", "width", "stages", "downsample", "head", "head_convs", "head_width"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
     "feature cache": ("cache_dtype", "shard_mb", "resident_shards", "compression"),

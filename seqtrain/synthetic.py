@@ -43,7 +43,16 @@ import numpy as np
 
 NUM_CLASSES = 10
 CLASS_NAMES: tuple[str, ...] = (
-    "disc", "ring", "frame", "triangle", "plus", "cross", "hstripes", "vstripes", "checker", "dots",
+    "disc",
+    "ring",
+    "frame",
+    "triangle",
+    "plus",
+    "cross",
+    "hstripes",
+    "vstripes",
+    "checker",
+    "dots",
 )
 
 SIZE = 32

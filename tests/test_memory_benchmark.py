@@ -1,0 +1,106 @@
+"""benchmarks/memory.py and plan.py: the benchmark's summary is well formed on a tiny configuration (its
+numbers are not checked: they depend on the machine), and what plan.py predicts without computing equals
+what a real training step and a real cache measure."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from seqtrain.cache import cache_bytes, read_manifest
+from seqtrain.config import Config
+from seqtrain.files import read_json
+from seqtrain.memory import SavedTensorBytes, analytic_step
+from seqtrain.models import StageModel, build_head, build_stage_block, stage_specs
+from seqtrain.pipeline import RunDir
+from seqtrain.plan import format_plan, plan
+from seqtrain.train import make_optimizer
+
+from conftest import ROOT
+
+RATIOS = ("peak_ratio", "ckpt_ratio", "ckpt_time_ratio", "floor_ratio", "loader_efficiency")
+TINY = ["--device", "cpu", "--arch", "resnet20", "--width", "4", "--stages", "2", "--batch-size", "16",
+        "--steps", "2", "--warmup", "1", "--samples", "128"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny benchmark run (7 child processes, ~25 s on 2 cores): (output dir, last-line summary)."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *TINY, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_benchmark_summary_is_well_formed(bench):
+    out, summary = bench
+    for key in RATIOS:
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
+    assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
+    assert summary["config"]["arch"] == "resnet20" and summary["config"]["stages"] == [5, 5]
+    assert summary["largest_stage"] in ("stage 0", "stage 1")
+    for t in summary["targets"].values():
+        assert t["met"] == (t["value"] <= 1.2 if t["target"] == "<= 1.2" else t["value"] >= 0.9)
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = read_json(out / "memory.json")
+    assert set(saved["rows"]) == {"e2e", "e2e+ckpt", "stage 0", "stage 1", "ram 1", "cache 0", "cache 1"}
+    assert all(row["peak"]["rss"] > 0 for row in saved["rows"].values())
+    assert not list(out.glob("caches-*")), "the temporary caches were left behind"
+
+
+def test_benchmark_measures_what_plan_predicts(bench):
+    out, _ = bench
+    saved = read_json(out / "memory.json")
+    rows, p = saved["rows"], saved["plan"]
+    for k, stage in enumerate(p["stages"]):
+        # The child counts a real step fed by the real loader; plan.py the same step on the meta device.
+        assert rows[f"stage {k}"]["analytic"] == stage["analytic"]
+        assert rows[f"cache {k}"]["cache_bytes"] == pytest.approx(stage["cache_bytes"], rel=0.01)
+    assert rows["e2e"]["analytic"] == p["e2e"]["analytic"]
+    assert rows["e2e+ckpt"]["analytic"]["saved"] < rows["e2e"]["analytic"]["saved"] / 2  # only block inputs kept
+
+
+# --------------------------------------------------------------------------------------------------------
+# plan.py without the benchmark
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 0])
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with SavedTensorBytes(exclude=[*model.parameters(), x, y]) as saved:
+        nn.functional.cross_entropy(model(x), y).backward()
+    # ReLU's output, saved by the ReLU and by the second Linear: 5 x 8 floats once; log_softmax's output:
+    # 5 x 2 floats; nll_loss's total weight: 1 float. The weights and the batch are excluded.
+    assert saved.bytes == (5 * 8 + 5 * 2 + 1) * 4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_plan_predicts_the_bytes_of_a_real_step(optimizer):
+    cfg = Config(arch="resnet20", width=4, head_width=8, stages="2", batch_size=8, optimizer=optimizer)
+    p = plan(cfg)
+    for k, specs in enumerate(stage_specs(cfg)):
+        model = StageModel(build_stage_block(specs), build_head(cfg, specs[-1].out_ch, 10))
+        x, y = torch.randn(8, *p["stages"][k]["in_shape"]), torch.randint(0, 10, (8,))
+        measured = analytic_step(model, make_optimizer(cfg, model), x, y)
+        assert measured.as_dict() == p["stages"][k]["analytic"]
+        assert measured.saved > 8 * math.prod(p["stages"][k]["feature_shape"]) * 4  # at least the block's output
+        assert measured.optimizer == (2 if optimizer == "adamw" else 1) * measured.grads + (
+            4 * len(list(model.parameters())) if optimizer == "adamw" else 0)  # AdamW: two moments and a step
+
+
+def test_plan_predicts_the_cache_of_a_real_run(tiny):
+    assert tiny("--stage", "0") == 0  # the real dataset, split and writer; later caches: the benchmark test
+    p = plan(Config(**read_json(tiny.run_dir / "config.json")))
+    manifest = read_manifest(RunDir(tiny.run_dir).cache(0))
+    assert manifest["feature_shape"] == p["stages"][0]["feature_shape"]
+    assert {s: manifest["splits"][s]["count"] for s in p["splits"]} == p["splits"]
+    assert cache_bytes(manifest) == pytest.approx(p["stages"][0]["cache_bytes"], rel=0.01)
+    text = format_plan(p)
+    assert "e2e" in text and "free at" in text and len(text.splitlines()) == len(p["stages"]) + 8
