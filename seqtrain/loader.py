@@ -58,7 +58,8 @@ class ShardStream(IterableDataset):
 
 
 def prefetched(paths: list[str]):
-    """Read shards in a background thread, one ahead of the consumer (h5py releases the GIL while reading)."""
+    """Read shards in a background thread, one ahead of the consumer; torch releases the GIL while it computes,
+    so reading the next shard overlaps with training on the current one."""
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 

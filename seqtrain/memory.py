@@ -97,8 +97,8 @@ def reset_peak_rss() -> None:
 class ProcessPeak:
     """The peak memory of what a fresh process does after its imports: create it right after them.
 
-    `rss` is exact only in a process that does nothing else, since the peak never goes down. On CUDA,
-    `reset()` (after warm-up) restarts the allocator's peak, so it excludes one-off autotuning workspaces.
+    `rss` is exact only in a process that does nothing else. `reset()` (after warm-up) restarts both peaks
+    at the current usage, so that they are those of steady training, as benchmarks usually report.
     """
 
     def __init__(self, device: torch.device):
@@ -107,6 +107,7 @@ class ProcessPeak:
         self.imports_rss = peak_rss_bytes()
 
     def reset(self) -> None:
+        reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

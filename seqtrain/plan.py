@@ -1,17 +1,19 @@
 """`--plan`: what a configuration will cost before anything is trained: memory per stage and cache disk.
 
-    python -m seqtrain.run --plan [flags]      # prints the table below and exits; loads no data
+    python -m seqtrain.run --plan [flags]      # prints the table and exits: loads no data, trains nothing
 
 Per stage: its parameters, output feature shape, the analytic training memory at the configured batch
 size (memory.analytic_step on the "meta" device: one real forward/backward/optimizer step that computes
-nothing, about 0.2 s for a ResNet-18) and the bytes its cache will take on disk. Then the end-to-end
-baseline's analytic memory, the totals, and the free space where the run directory is (or will be).
+nothing, about a second for a ResNet-18), the host memory of its input, and the bytes its cache will
+take on disk (every split, in the cache dtype, one view per training sample: there are no augmented
+views to cache yet; V views would multiply the train split's bytes by V). Then the end-to-end baseline,
+the totals, and the free space where the run directory is, or will be.
 
 The analytic figure is a floor, not the peak: the transient gradients of activations during backward,
 allocator caches and library workspaces come on top (benchmarks/memory.py measures the ratio). With
---bf16 on CUDA the activations are bfloat16 and smaller than predicted here (float32).
+--bf16 on CUDA the activations are bfloat16 and smaller than predicted here (float32). Cache sizes are
+those of seqtrain.cache's own layout, exact to within HDF5's metadata (tests/test_memory_benchmark.py).
 """
-
 from __future__ import annotations
 
 import math
@@ -33,7 +35,7 @@ STANDARD_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # 
 
 # Bytes of one HDF5 shard beyond its data, measured with h5py 3.16 / HDF5 2.0 for shards of up to 64
 # chunks (--shard-mb 64 or less): superblock, three object headers, the chunk index. Larger shards add
-# about 4 KB per further 32 chunks of 1 MB, under 0.01%.
+# a few KB per further 64 chunks of 1 MB, under 0.01%.
 SHARD_OVERHEAD = 7104
 LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
 
@@ -143,21 +145,19 @@ def format_plan(p: dict) -> str:
     lines = [f"plan: {p['arch']} in {len(p['stages'])} stages {p['stage_sizes']}, batch {p['batch_size']}, "
              f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}/{n['val']:,}/{n['test']:,} "
              "train/val/test samples"]
-    rows = [("stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
-             "train MB", "input (host) MB", "cache MB")]
+    rows = [["stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
+             "train MB", "input (host) MB", "cache MB"]]
     for s in p["stages"]:
         a = s["analytic"]
-        rows.append((str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
+        rows.append([str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
                      shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
-                     mb(a["batch"]), mb(a["total"]), mb(s["input_bytes"]), mb(s["cache_bytes"])))
+                     mb(a["batch"]), mb(a["total"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
     e2e = p["e2e"]
     a = e2e["analytic"]
-    rows.append(("e2e", str(sum(p["stage_sizes"])), f"{e2e['parameters']:,}", shape_text(p["in_shape"]), "-",
+    rows.append(["e2e", str(sum(p["stage_sizes"])), f"{e2e['parameters']:,}", shape_text(p["in_shape"]), "-",
                  mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]), mb(a["batch"]), mb(a["total"]),
-                 mb(e2e["input_bytes"]), "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines += [table[0], "-" * len(table[0]), *table[1:]]
+                 mb(e2e["input_bytes"]), "-"])
+    lines.append(aligned(rows))
 
     t, disk = p["totals"], p["disk"]
     short = t["cache_bytes"] > disk["free_bytes"]
@@ -172,6 +172,13 @@ def format_plan(p: dict) -> str:
     if p["bf16"]:
         lines.append("activations are predicted in float32: with --bf16 on CUDA they take about half")
     return "\n".join(lines)
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """Right-aligned columns, the first row a header underlined (also the benchmark's tables)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def shape_text(shape: list[int]) -> str:

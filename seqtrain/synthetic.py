@@ -67,7 +67,7 @@ P_SEGMENT = 0.7  # probability that a slot holds a segment
 SEG_LEN = (6.0, 20.0)  # segment length, px
 SEG_WIDTH = (1.0, 3.0)  # segment width, px
 
-_CHUNK = 1024  # samples rendered at once: temporaries stay ~12 MB each, so peak memory does not grow with n
+_CHUNK = 1024  # samples per batch, bounding peak memory; part of the data definition (it orders the draws)
 _F = np.float32
 _YY, _XX = np.meshgrid(*2 * [np.arange(SIZE, dtype=_F) + _F(0.5)], indexing="ij")  # pixel centres
 

@@ -2,10 +2,11 @@
 
 The loop is written out plainly: `train_one_epoch()`, `evaluate()`, `get_lr()`. Convergence is early
 stopping on validation accuracy (a gain of at least `min_delta` resets `patience`), capped at
-`max_epochs`; the best-validation weights are restored at the end. After every epoch a checkpoint
-(model, optimizer, epoch, early-stopping state, RNG states) is published atomically, so a killed run
-resumes at the epoch after the last one it finished and ends with the same weights as an uninterrupted
-run (data order depends only on (seed, epoch); on CPU the arithmetic is deterministic).
+`max_epochs`; the best-validation weights are restored at the end. After every epoch, and after the
+current step on Ctrl-C, a checkpoint (model, optimizer, epoch and step, early-stopping state, RNG states)
+is published atomically, so a killed run resumes where that checkpoint stands and ends with the same
+weights as an uninterrupted run (data order depends only on (seed, epoch); the learning rate is a pure
+function of the step; on CPU the arithmetic is deterministic).
 """
 
 from __future__ import annotations

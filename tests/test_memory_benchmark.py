@@ -31,7 +31,7 @@ TINY = ["--device", "cpu", "--arch", "resnet20", "--width", "4", "--stages", "2"
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One tiny benchmark run (7 child processes, ~25 s on 2 cores): (output dir, last-line summary)."""
+    """One tiny benchmark run, 7 child processes of ~3 s each on 2 idle cores: (output dir, last-line summary)."""
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *TINY, "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -39,6 +39,7 @@ def bench(tmp_path_factory):
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_benchmark_summary_is_well_formed(bench):
     out, summary = bench
     for key in RATIOS:
@@ -55,6 +56,7 @@ def test_benchmark_summary_is_well_formed(bench):
     assert not list(out.glob("caches-*")), "the temporary caches were left behind"
 
 
+@pytest.mark.slow
 def test_benchmark_measures_what_plan_predicts(bench):
     out, _ = bench
     saved = read_json(out / "memory.json")
