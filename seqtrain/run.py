@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
                      "K-1's cache; 'e2e': the end-to-end baseline")
     run.add_argument("--run-dir", help=f"{helps['run_dir']} (default: {defaults['run_dir']})")
+    run.add_argument("--plan", action="store_true", help="print per stage the parameters, feature shape, "
+                     "predicted training memory and cache size, with the free disk; trains nothing")
     run.add_argument("--verify", action="store_true", help="check the run directory (every manifest, shard "
                      "checksum and weight file) and report; trains nothing")
     run.add_argument("--rebuild", action="store_true", help="accept flags that change an existing run's "
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg = load_config(args)
+        if getattr(args, "plan", False):
+            from seqtrain.plan import format_plan, plan
+
+            print(format_plan(plan(cfg)))
+            return 0
         if getattr(args, "verify", False):
             return verify(cfg)
         stage = parse_stage(getattr(args, "stage", "all"), cfg.num_stages)
