@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from seqtrain.run import main
 
@@ -22,7 +23,14 @@ MISTAKES = {
     "bad number": (["--lr", "fast"], "argument --lr: invalid float value"),
     "negative size": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs"),
+    "negative width": (["--width", "-4"], "--width must be 0 or more"),
+    "validation share": (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    "too many images": (["--n-train", "60000"], "--n-train is at most 50000"),
+    "bad downsampling": (["--downsample", "fast"], "--downsample 'fast' is not"),
+    "dataset not on disk": (["--dataset", "cifar10"], "cifar10 was not found in --data-dir"),
 }
+if not torch.cuda.is_available():
+    MISTAKES["cuda without a gpu"] = (["--device", "cuda"], "torch sees no CUDA GPU")
 
 
 @pytest.mark.parametrize("case", MISTAKES, ids=list(MISTAKES))
@@ -80,6 +88,14 @@ def test_config_file_with_unknown_key(tiny, tmp_path, capsys):
     toml.write_text("epochs = 3\n")
     assert tiny("--config", str(toml)) == 2
     assert "unknown key 'epochs'" in capsys.readouterr().err
+    assert not tiny.run_dir.exists()
+
+
+def test_config_file_with_a_wrong_type(tiny, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text('max-epochs = "ten"\n')
+    assert tiny("--config", str(toml)) == 2
+    assert "max_epochs must be int, got 'ten'" in capsys.readouterr().err
     assert not tiny.run_dir.exists()
 
 
