@@ -78,7 +78,7 @@ def test_rebuild_accepts_a_new_configuration_and_retrains(tiny, capsys):
 
 @pytest.mark.slow
 def test_killed_at_random_moments_the_run_completes_identically():
-    result = subprocess.run([sys.executable, "scripts/killtest.py", "--kills", "3"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "scripts/killtest.py", "--kills", "2"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["identical"] is True
