@@ -2,8 +2,9 @@
 
 Each epoch the shard order is permuted, shards are read whole (one contiguous read each, DESIGN.md
 "Reading"), `mix` of them are pooled into a buffer whose samples are shuffled together, and a background
-thread reads the next shard meanwhile. At most `resident_shards` shards are in memory at once: `mix`
-in the buffer, one waiting in the queue and one being read. float16 becomes float32 in torch, per batch.
+thread reads the next shard meanwhile. In steady state `resident_shards` shards are in memory: `mix` in
+the buffer, one waiting in the queue and one being read; while a new group is pooled (`torch.cat`) the
+group's shards and the pooled copy coexist for a moment. float16 becomes float32 in torch, per batch.
 
 With DataLoader worker processes each worker streams a disjoint subset of the shards; HDF5 files are only
 ever opened inside the process that reads them (h5py handles cannot cross fork or spawn).

@@ -1,0 +1,613 @@
+"""Peak memory, step time and cache disk of every stage of sequential training, against end-to-end
+back-propagation with and without activation checkpointing: the measurement behind seqtrain's claim.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/memory.py                        # CIFAR ResNet-18, 4 stages, batch 128, CUDA if any
+    .venv/bin/python benchmarks/memory.py --device cpu --quick   # ResNet-20, width 16, batch 64: ~1 min, 2 cores
+    .venv/bin/python benchmarks/memory.py --depths 20,32,56,110  # e2e vs largest-stage peak across ResNet depths
+
+Each configuration runs in a fresh subprocess (this script with --child), so every peak is its own:
+  e2e       the whole network (models.build_network) trained by train.train_step
+  e2e+ckpt  the same with torch.utils.checkpoint (non-reentrant) around every block
+  cache k   stage k's caching pass: its frozen block over every split, written by cache.write_shards, reading
+            stage k-1's cache through loader.CachedBatches (stage 0: raw images); it makes stage k+1's input
+  stage k   block k + its head trained from stage k-1's cache through the streaming loader, built by
+            pipeline.cached_batches, so the loader's buffers count (stage 0: from raw images)
+  ram k     stage k fed from the same features preloaded into RAM as float32: for loader_efficiency (its
+            peak holds the whole split in RAM, so only its speed is compared)
+
+It measures memory and speed, not accuracy: images are random uint8 tensors held in memory (data.ImageBatches
+normalises them as it does real ones) and every block is freshly initialised rather than trained; neither
+changes a shape, a byte or a FLOP. Caches are read right after they are written, so from the page cache.
+
+Per configuration: the peak memory (CUDA: max_memory_allocated and max_memory_reserved after warm-up; CPU:
+the child's peak resident set minus that after its imports and a one-weight step that loads what torch
+loads lazily, see memory.ProcessPeak), the analytic bytes of its first step (memory.analytic_step) beside
+plan.py's prediction, the median step time (the next batch included), samples/s over the total time (so
+the loader's occasional stalls count), the share of time tasks waited for a CPU (other jobs make timings
+meaningless; flagged above 25%), and each cache's bytes on disk beside plan.py's. Output: a table,
+OUT/memory.json, OUT/memory.png and, last, a JSON line with the ratios:
+  peak_ratio         largest sequential peak (a stage or a caching pass) / e2e peak
+  ckpt_ratio         e2e+ckpt peak / e2e peak; ckpt_time_ratio its step time / e2e step time
+  floor_ratio        measured peak of the largest training stage / its analytic bytes     (target <= 1.2)
+  loader_efficiency  the lowest over stages k >= 1 of samples/s from the cache / from RAM (target >= 0.9)
+--depths writes OUT/depths.json and OUT/depths.png (target: the largest stage's peak flat within 10%).
+A missed target is printed and marked, never dropped. On CPU, glibc's adaptive mmap threshold keeps freed
+activations resident (about 2x the analytic bytes here); --mmap-threshold 131072 shows the peaks without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from seqtrain.cache import (  # noqa: E402
+    SPLITS,
+    cache_bytes,
+    clear_cache,
+    publish_manifest,
+    read_manifest,
+    read_shard,
+    write_shards,
+)
+from seqtrain.config import Config, config_hash  # noqa: E402
+from seqtrain.data import RawData, Split  # noqa: E402
+from seqtrain.files import sha256_state_dict, write_json  # noqa: E402
+from seqtrain.memory import MB, ProcessPeak, analytic_step  # noqa: E402
+from seqtrain.models import (  # noqa: E402
+    CIFAR_RESNETS,
+    StageModel,
+    block_specs,
+    build_head,
+    build_network,
+    build_stage_block,
+    stage_specs,
+)
+from seqtrain.pipeline import RunDir, cached_batches, image_batches, resolve_device  # noqa: E402
+from seqtrain.plan import aligned, plan, split_counts  # noqa: E402
+from seqtrain.train import autocast_for, make_optimizer, train_step  # noqa: E402
+
+IN_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+PRESETS = {  # samples: training images (val is carved from them, test is a quarter as many)
+    "full": {"arch": "resnet18", "width": 0, "stages": "4", "batch_size": 128, "samples": 5120, "steps": 20,
+             "warmup": 3, "shard_mb": 32},
+    # Small shards, so that the loader streams several of them even from a small cache.
+    "quick": {"arch": "resnet20", "width": 16, "stages": "4", "batch_size": 64, "samples": 1024, "steps": 8,
+              "warmup": 2, "shard_mb": 4},
+}
+CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as unreliable
+TARGETS = {"floor_ratio": ("<=", 1.2), "loader_efficiency": (">=", 0.9), "depth_stage_spread": ("<=", 0.10)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inside a child: one configuration
+
+
+def random_raw(cfg: Config) -> RawData:
+    """Random uint8 images in every split, with the split sizes a real dataset of cfg's size would have."""
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def split(n: int) -> Split:
+        x = torch.randint(0, 256, (n, *IN_SHAPE), dtype=torch.uint8, generator=g)  # N, C, H, W
+        return Split(x, torch.randint(0, NUM_CLASSES, (n,), generator=g), torch.arange(n))
+
+    counts = split_counts(cfg)
+    return RawData(*(split(counts[s]) for s in SPLITS), mean=[0.5] * 3, std=[0.25] * 3, num_classes=NUM_CLASSES)
+
+
+class RamBatches:
+    """A cache's train split preloaded into RAM as float32 and shuffled per epoch: what the loader is held to."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, cfg: Config, device: torch.device):
+        parts = [read_shard(cache_dir / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+        x, self.y, self.ids = (torch.cat(p) for p in zip(*parts))
+        self.x = x.float()
+        self.batch_size, self.seed, self.device, self.epoch = cfg.batch_size, cfg.seed, device, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for b in range(len(self)):  # full batches only, as training drops the last partial one
+            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.x[idx].to(self.device, non_blocking=True), self.y[idx].to(self.device), self.ids[idx]
+
+
+class Checkpointed(nn.Module):
+    """Keep only `block`'s input for backward and recompute its inside then (the usual alternative)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def training_job(cfg: Config, run: RunDir, kind: str, k: int, device: torch.device):
+    """The model and train batches of an e2e, ckpt, stage or ram configuration, built as the pipeline builds them."""
+    if kind in ("e2e", "ckpt"):
+        net = build_network(cfg, IN_SHAPE[0], NUM_CLASSES)
+        if kind == "ckpt":
+            for stage in net.stages:
+                for i, block in enumerate(stage):
+                    stage[i] = Checkpointed(block)
+        return net.to(device), image_batches(cfg, random_raw(cfg), "train", device, train=True)
+    specs = stage_specs(cfg, IN_SHAPE[0])[k]
+    model = StageModel(build_stage_block(specs), build_head(cfg, specs[-1].out_ch, NUM_CLASSES)).to(device)
+    if k == 0:
+        return model, image_batches(cfg, random_raw(cfg), "train", device, train=True)
+    manifest = read_manifest(run.cache(k - 1))
+    if kind == "ram":
+        return model, RamBatches(run.cache(k - 1), manifest, cfg, device)
+    return model, cached_batches(cfg, run.cache(k - 1), manifest, "train", device, train=True)
+
+
+def endless(batches):
+    """Batches across as many epochs as asked for, reshuffled each epoch as in training."""
+    assert len(batches) > 0, "--batch-size is larger than the training split: raise --samples"
+    epoch = 0
+    while True:
+        batches.set_epoch(epoch)
+        yield from batches
+        epoch += 1
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CpuWait:
+    """The share of a block's wall time during which some task waited for a CPU (Linux PSI; None elsewhere).
+    Near 0 on an idle machine; other jobs push it up, and with them OpenMP stalls that make step times
+    meaningless (measured here: a 10 ms step took 2.8 s while another benchmark ran)."""
+
+    @staticmethod
+    def total_us() -> int | None:
+        try:
+            with open("/proc/pressure/cpu") as f:
+                return int(f.readline().rsplit("total=", 1)[1])  # "some avg10=.. avg60=.. avg300=.. total=US"
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def __enter__(self) -> CpuWait:
+        self.share: float | None = None
+        self.w0, self.t0 = self.total_us(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        w1 = self.total_us()
+        if self.w0 is not None and w1 is not None:
+            self.share = (w1 - self.w0) / 1e6 / (time.perf_counter() - self.t0)
+
+
+def measure_training(model: nn.Module, batches, cfg: Config, device: torch.device, peak: ProcessPeak,
+                     steps: int, warmup: int) -> dict:
+    """Warm up (the first step counted by analytic_step), reset the peak, then time `steps` steps."""
+    optimizer, autocast = make_optimizer(cfg, model), autocast_for(device, cfg.bf16)
+    model.train()
+    stream = endless(batches)
+    x, y, _ = next(stream)
+    analytic = analytic_step(model, optimizer, x, y, autocast)
+    for _ in range(warmup - 1):
+        x, y, _ = next(stream)
+        train_step(model, x, y, optimizer, autocast)
+    synchronize(device)
+    peak.reset()
+    times = []
+    with CpuWait() as wait:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            x, y, _ = next(stream)  # waiting for the loader is part of the step
+            loss, _ = train_step(model, x, y, optimizer, autocast)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    assert torch.isfinite(loss), f"the loss is {loss.item()}"
+    # Throughput from the total time, not the median step: the loader's stalls come every few steps.
+    return {"analytic": analytic.as_dict(), "step_ms": statistics.median(times) * 1e3,
+            "samples_per_s": steps * cfg.batch_size / sum(times), "cpu_wait": wait.share}
+
+
+def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device) -> dict:
+    """Stage k's caching pass, as pipeline.run_stage runs it, with a fresh block; publishes its manifest."""
+    block = build_stage_block(stage_specs(cfg, IN_SHAPE[0])[k]).to(device).requires_grad_(False)
+    if k == 0:
+        raw, input_fp = random_raw(cfg), "random-images"
+        batches = {s: image_batches(cfg, raw, s, device, train=False) for s in SPLITS}
+    else:
+        prev = read_manifest(run.cache(k - 1))
+        input_fp = prev["fingerprint"]
+        batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=False) for s in SPLITS}
+    clear_cache(run.cache(k))
+    t0 = time.perf_counter()
+    with CpuWait() as wait:  # write_shards returns once every feature is on disk: no device sync needed
+        table = write_shards(block, batches, run.cache(k), dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
+                             compression=cfg.compression, autocast=autocast_for(device, cfg.bf16))
+    seconds = time.perf_counter() - t0
+    manifest = publish_manifest(run.cache(k), {
+        "stage": k, "config_hash": config_hash(cfg), "input_fingerprint": input_fp,
+        "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": NUM_CLASSES, **table})
+    samples = sum(table["splits"][s]["count"] for s in SPLITS)
+    steps = sum(len(b) for b in batches.values())
+    return {"analytic": None, "step_ms": seconds / steps * 1e3, "samples_per_s": samples / seconds,  # mean, not median
+            "cpu_wait": wait.share, "cache_bytes": cache_bytes(manifest)}
+
+
+def warm_up_libraries(cfg: Config, device: torch.device) -> None:
+    """One step of a one-weight model, so that what torch loads on first use counts as imports, not as the
+    configuration's memory: the first optimizer imports torch._dynamo (+150 MB of RSS, measured here), the
+    first convolution loads its kernels, the first CUDA call creates the context."""
+    tiny = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1), nn.Flatten()).to(device)
+    x, y = torch.randn(2, 1, 3, 3, device=device), torch.zeros(2, dtype=torch.long, device=device)
+    train_step(tiny, x, y, make_optimizer(cfg, tiny))
+
+
+def child(spec: dict) -> dict:
+    """Measure one configuration in this (fresh) process; the result is printed as its last line."""
+    device, cfg = torch.device(spec["device"]), Config(**spec["cfg"])
+    warm_up_libraries(cfg, device)
+    peak = ProcessPeak(device)  # everything from here on counts
+    run, kind, k = RunDir(spec["run_dir"]), spec["kind"], spec["stage"]
+    torch.manual_seed(cfg.seed * 1000 + k)
+    if kind == "cache":
+        result = measure_caching(cfg, run, k, device)
+    else:
+        model, batches = training_job(cfg, run, kind, k, device)
+        result = measure_training(model, batches, cfg, device, peak, spec["steps"], spec["warmup"])
+    return {**result, "peak": peak.read(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} CPU cores (no GPU)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# In the parent: the configurations in order
+
+
+def spawn(spec: dict, args: argparse.Namespace) -> dict:
+    """Run one configuration in a fresh process; its stderr is shown only when it fails."""
+    name = spec["kind"] if spec["kind"] in ("e2e", "ckpt") else f"{spec['kind']} {spec['stage']}"
+    env = dict(os.environ)
+    if args.mmap_threshold:  # read by glibc when the child starts
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        sys.exit(f"benchmarks/memory.py: configuration {name!r} failed:\n{proc.stderr[-4000:]}")
+    print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_all(cfg: Config, args: argparse.Namespace, run_dir: str) -> dict[str, dict]:
+    """Every configuration: caches first (each stage's input), then each stage beside its RAM-fed twin, then e2e."""
+    base = {"cfg": cfg.to_dict(), "device": args.device, "run_dir": run_dir, "steps": args.steps,
+            "warmup": args.warmup}
+    rows = {}
+    for k in range(cfg.num_stages):
+        rows[f"cache {k}"] = spawn({**base, "kind": "cache", "stage": k}, args)
+    for k in range(cfg.num_stages):  # back to back, so that a change in the machine's load hits both alike
+        rows[f"stage {k}"] = spawn({**base, "kind": "stage", "stage": k}, args)
+        if k > 0:
+            rows[f"ram {k}"] = spawn({**base, "kind": "ram", "stage": k}, args)
+    rows["e2e"] = spawn({**base, "kind": "e2e", "stage": 0}, args)
+    rows["e2e+ckpt"] = spawn({**base, "kind": "ckpt", "stage": 0}, args)
+    return rows
+
+
+def peak_of(row: dict, device: str) -> int:
+    """The figure the ratios compare: CUDA allocated bytes on a GPU, RSS above the imports on a CPU."""
+    return row["peak"]["cuda_allocated"] if device == "cuda" else row["peak"]["rss"]
+
+
+def target(name: str, value: float) -> dict:
+    op, bound = TARGETS[name]
+    return {"value": value, "target": f"{op} {bound}", "met": value <= bound if op == "<=" else value >= bound}
+
+
+def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
+    K = len(p["stages"])
+    peak = {name: peak_of(row, device) for name, row in rows.items()}
+    sequential = max([f"stage {k}" for k in range(K)] + [f"cache {k}" for k in range(K)], key=peak.get)
+    k = max(range(K), key=lambda j: peak[f"stage {j}"])
+    analytic = rows[f"stage {k}"]["analytic"]["total"]
+    host = analytic + p["stages"][k]["input_bytes"]  # on CPU the resident set also holds the stage's input
+    loader = {j: rows[f"stage {j}"]["samples_per_s"] / rows[f"ram {j}"]["samples_per_s"] for j in range(1, K)}
+    return {
+        "peak_ratio": peak[sequential] / peak["e2e"], "largest_sequential": sequential,
+        "ckpt_ratio": peak["e2e+ckpt"] / peak["e2e"],
+        "ckpt_time_ratio": rows["e2e+ckpt"]["step_ms"] / rows["e2e"]["step_ms"],
+        "floor_ratio": peak[f"stage {k}"] / analytic, "largest_stage": f"stage {k}",
+        "floor_ratio_host": peak[f"stage {k}"] / host if device == "cpu" else None,
+        "loader_efficiency": min(loader.values()), "loader_efficiency_by_stage": loader,
+        "analytic_peak_ratio": p["totals"]["peak_ratio"],
+        "max_cpu_wait": max((row["cpu_wait"] for row in rows.values() if row["cpu_wait"] is not None), default=None),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+
+
+def predicted(p: dict, name: str) -> tuple[int | None, int | None]:
+    """plan.py's (analytic bytes, cache bytes) for a row; None where the row has no such figure."""
+    kind, _, k = name.partition(" ")
+    if kind == "e2e":
+        return p["e2e"]["analytic"]["total"], None
+    if kind in ("stage", "ram"):
+        return p["stages"][int(k)]["analytic"]["total"], None
+    if kind == "cache":
+        return None, p["stages"][int(k)]["cache_bytes"]
+    return None, None  # e2e+ckpt: plan.py does not model recomputation
+
+
+def table(rows: dict[str, dict], p: dict, device: str) -> str:
+    fmt = lambda n: "-" if n is None else f"{n / MB:,.1f}"  # noqa: E731
+    head = ["config", "alloc MB", "reserved MB", "host RSS MB"] if device == "cuda" else ["config", "peak RSS MB"]
+    out = [head + ["analytic MB", "predicted MB", "step ms", "samples/s", "cpu wait", "cache MB", "predicted MB"]]
+    order = ["e2e", "e2e+ckpt", *(f"{kind} {k}" for k in range(len(p["stages"])) for kind in ("stage", "ram", "cache"))]
+    for name in filter(rows.__contains__, order):
+        row, (pred, pred_cache) = rows[name], predicted(p, name)
+        peaks = [row["peak"]["cuda_allocated"], row["peak"]["cuda_reserved"]] if device == "cuda" else []
+        analytic = row["analytic"]["total"] if row["analytic"] else None
+        wait = "-" if row["cpu_wait"] is None else f"{row['cpu_wait']:.0%}"
+        out.append([name, *map(fmt, peaks), fmt(row["peak"]["rss"]), fmt(analytic), fmt(pred),
+                    f"{row['step_ms']:.1f}", f"{row['samples_per_s']:,.0f}", wait, fmt(row.get("cache_bytes")),
+                    fmt(pred_cache)])
+    return aligned(out)
+
+
+def ratio_lines(r: dict, targets: dict) -> str:
+    mark = lambda name: f"  target {targets[name]['target']}: {'met' if targets[name]['met'] else 'MISSED'}"  # noqa: E731
+    by_stage = ", ".join(f"{k}: {v:.2f}" for k, v in r["loader_efficiency_by_stage"].items())
+    lines = [
+        f"peak_ratio         {r['peak_ratio']:.3f}  {r['largest_sequential']} peak / e2e peak "
+        f"(analytic, plan.py: {r['analytic_peak_ratio']:.3f}; one block per stage: {r['finest_analytic_ratio']:.3f})",
+        f"ckpt_ratio         {r['ckpt_ratio']:.3f}  e2e+ckpt peak / e2e peak",
+        f"ckpt_time_ratio    {r['ckpt_time_ratio']:.3f}  e2e+ckpt step time / e2e step time",
+        f"floor_ratio        {r['floor_ratio']:.3f}  {r['largest_stage']} peak / its analytic bytes"
+        + mark("floor_ratio")
+        + (f"  ({r['floor_ratio_host']:.3f} counting its input's host memory)" if r["floor_ratio_host"] else ""),
+        f"loader_efficiency  {r['loader_efficiency']:.3f}  lowest of cache/RAM samples/s by stage ({by_stage})"
+        + mark("loader_efficiency"),
+    ]
+    if r["max_cpu_wait"] is not None and r["max_cpu_wait"] > CONTENDED:
+        lines.append(f"WARNING: tasks waited for a CPU during up to {r['max_cpu_wait']:.0%} of a configuration's "
+                     "timed steps: other jobs were running, so step times and the time ratios are unreliable")
+    return "\n".join(lines)
+
+
+def figure():
+    """A new matplotlib figure and axes; matplotlib is imported here, only by the parent, for files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4))
+
+
+def save(fig, ax, device: str, path: Path, title: str) -> None:
+    ax.set_ylabel("peak CUDA allocated (MB)" if device == "cuda" else "peak RSS above imports (MB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_stages(rows: dict[str, dict], K: int, device: str, path: Path, title: str) -> None:
+    peak = lambda name: peak_of(rows[name], device) / MB  # noqa: E731
+    fig, ax = figure()
+    ax.bar([k - 0.2 for k in range(K)], [peak(f"stage {k}") for k in range(K)], 0.4, label="stage k: training")
+    ax.bar([k + 0.2 for k in range(K)], [peak(f"cache {k}") for k in range(K)], 0.4, label="stage k: caching pass")
+    ax.scatter([k - 0.2 for k in range(K)], [rows[f"stage {k}"]["analytic"]["total"] / MB for k in range(K)],
+               marker="_", s=600, color="k", label="stage k: analytic bytes")
+    ax.axhline(peak("e2e"), color="C3", label="end to end")
+    ax.axhline(peak("e2e+ckpt"), color="C3", ls="--", label="end to end + checkpointing")
+    ax.set_xticks(range(K), [f"stage {k}" for k in range(K)])
+    save(fig, ax, device, path, title)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two modes
+
+
+def bench_config(args: argparse.Namespace, **overrides) -> Config:
+    values = {"run_dir": str(args.out / "run"), "arch": args.arch, "width": args.width, "stages": args.stages,
+              "batch_size": args.batch_size, "n_train": args.samples, "n_test": max(args.batch_size, args.samples // 4),
+              "shard_mb": args.shard_mb, "downsample": args.downsample, "device": args.device}
+    return Config(**{**values, **overrides}).validate()
+
+
+def environment(args: argparse.Namespace, row: dict) -> dict:
+    """Where the numbers come from; `row` is any child's result (children name their device)."""
+    return {"torch": torch.__version__, "device": args.device, "device_name": row["device_name"],
+            "threads": torch.get_num_threads()}
+
+
+def run_stages(args: argparse.Namespace) -> dict:
+    """The main benchmark: every configuration of one network; returns the summary."""
+    cfg = bench_config(args)
+    if cfg.num_stages < 2:
+        sys.exit("benchmarks/memory.py: --stages must give at least 2 stages (stage 1 reads the first cache)")
+    p = plan(cfg, IN_SHAPE, NUM_CLASSES)
+    finest = plan(bench_config(args, stages=str(len(block_specs(cfg.arch, cfg.width)))), IN_SHAPE, NUM_CLASSES)
+    with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
+        rows = measure_all(cfg, args, run_dir)
+    r = {**ratios(rows, p, args.device), "finest_analytic_ratio": finest["totals"]["peak_ratio"]}
+    targets = {name: target(name, r[name]) for name in ("floor_ratio", "loader_efficiency")}
+    print(table(rows, p, args.device))
+    print(ratio_lines(r, targets))
+    title = (f"{cfg.arch} (width {cfg.width or 'standard'}) in {cfg.num_stages} stages, batch {cfg.batch_size}, "
+             f"{rows['e2e']['device_name']}, torch {torch.__version__}")
+    plot_stages(rows, cfg.num_stages, args.device, args.out / "memory.png", title)
+    settings = {"arch": cfg.arch, "stages": cfg.stage_sizes(), **run_settings(args, cfg)}
+    summary = {**environment(args, rows["e2e"]), "config": settings, **r, "targets": targets}
+    write_json(args.out / "memory.json", {"summary": summary, "rows": rows, "plan": p})
+    return summary
+
+
+def stages_of(arch: str, width: int, per_stage: int) -> str:
+    """`per_stage` blocks in every stage, the remainder in the last: the --stages list for the sweep."""
+    n = len(block_specs(arch, width))
+    return ",".join(map(str, [per_stage] * (n // per_stage) + ([n % per_stage] if n % per_stage else [])))
+
+
+def measure_depth(args: argparse.Namespace, depth: int) -> tuple[dict, Config, dict]:
+    """e2e and the stage plan.py predicts largest (after the caches it reads) at one depth: (point, cfg, e2e row)."""
+    arch = f"resnet{depth}"
+    cfg = bench_config(args, arch=arch, stages=stages_of(arch, args.width, args.blocks_per_stage))
+    p = plan(cfg, IN_SHAPE, NUM_CLASSES)
+    k = max(range(cfg.num_stages), key=lambda j: p["stages"][j]["analytic"]["total"])
+    base = {"cfg": cfg.to_dict(), "device": args.device, "steps": args.steps, "warmup": args.warmup}
+    with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
+        for j in range(k):  # the caches stage k reads from, in order
+            spawn({**base, "run_dir": run_dir, "kind": "cache", "stage": j}, args)
+        stage = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
+        e2e = spawn({**base, "run_dir": run_dir, "kind": "e2e", "stage": 0}, args)
+    point = {"depth": depth, "stages": cfg.num_stages, "largest_stage": k,
+             "e2e_peak": peak_of(e2e, args.device), "stage_peak": peak_of(stage, args.device),
+             "e2e_analytic": e2e["analytic"]["total"], "stage_analytic": stage["analytic"]["total"],
+             "e2e_step_ms": e2e["step_ms"], "stage_step_ms": stage["step_ms"]}
+    return point, cfg, e2e
+
+
+def run_depths(args: argparse.Namespace) -> dict:
+    """The depth sweep: does e2e's peak grow with depth while the largest stage's stays flat?"""
+    points = []
+    for depth in args.depths:
+        point, cfg, e2e = measure_depth(args, depth)
+        points.append(point)
+    e2e_peaks = [pt["e2e_peak"] for pt in points]
+    spread = lambda key: max(pt[key] for pt in points) / min(pt[key] for pt in points) - 1  # noqa: E731
+    t = target("depth_stage_spread", spread("stage_peak"))
+    summary = {**environment(args, e2e), "config": run_settings(args, cfg), "depths": args.depths,
+               "blocks_per_stage": args.blocks_per_stage,
+               "e2e_grows": all(a < b for a, b in zip(e2e_peaks, e2e_peaks[1:])),
+               "e2e_growth": e2e_peaks[-1] / e2e_peaks[0], "analytic_stage_spread": spread("stage_analytic"),
+               "targets": {"depth_stage_spread": t}}
+    print(depth_table(points))
+    # The largest stage of a shallow net may be another group of blocks (depth 20: the stem's), so the
+    # analytic spread says how much of the measured one comes from the split rather than from depth.
+    print(f"e2e peak grows with depth: {summary['e2e_grows']} (x{summary['e2e_growth']:.2f} from depth "
+          f"{args.depths[0]} to {args.depths[-1]}); largest stage's peak spread {t['value']:.1%} (analytic "
+          f"{summary['analytic_stage_spread']:.1%}), target {t['target']}: {'met' if t['met'] else 'MISSED'}")
+    plot_depths(points, args.device, args.out / "depths.png",
+                f"CIFAR ResNets, {args.blocks_per_stage} blocks per stage, batch {args.batch_size}, "
+                f"{summary['device_name']}, torch {torch.__version__}")
+    write_json(args.out / "depths.json", {"summary": summary, "points": points})
+    return summary
+
+
+def depth_table(points: list[dict]) -> str:
+    rows = [["depth", "stages", "largest stage", "e2e MB", "stage MB", "e2e analytic MB", "stage analytic MB"]]
+    for pt in points:
+        rows.append([str(pt["depth"]), str(pt["stages"]), str(pt["largest_stage"]),
+                     *(f"{pt[key] / MB:,.1f}" for key in ("e2e_peak", "stage_peak", "e2e_analytic", "stage_analytic"))])
+    return aligned(rows)
+
+
+def plot_depths(points: list[dict], device: str, path: Path, title: str) -> None:
+    depths = [pt["depth"] for pt in points]
+    fig, ax = figure()
+    ax.plot(depths, [pt["e2e_peak"] / MB for pt in points], "o-", color="C3", label="end to end (measured)")
+    ax.plot(depths, [pt["stage_peak"] / MB for pt in points], "o-", color="C0", label="largest stage (measured)")
+    ax.plot(depths, [pt["e2e_analytic"] / MB for pt in points], ":", color="C3", label="end to end (analytic)")
+    ax.plot(depths, [pt["stage_analytic"] / MB for pt in points], ":", color="C0", label="largest stage (analytic)")
+    ax.set_xlabel("depth")
+    save(fig, ax, device, path, title)
+
+
+def run_settings(args: argparse.Namespace, cfg: Config) -> dict:
+    """The settings behind the numbers; `cfg` is any configuration measured (the sweep varies only arch and stages)."""
+    keys = ("width", "batch_size", "samples", "steps", "warmup", "shard_mb", "downsample", "quick", "mmap_threshold")
+    return {**{k: getattr(args, k) for k in keys}, "head": cfg.head, "optimizer": cfg.optimizer,
+            "cache_dtype": cfg.cache_dtype, "bf16": cfg.bf16}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
+    p.add_argument("--quick", action="store_true", help="ResNet-20 at width 16, batch 64, few steps: ~2 min on 2 cores")
+    p.add_argument("--arch", help="network (default: resnet18, --quick resnet20)")
+    p.add_argument("--width", type=int, help="first block's channels; 0 = standard (default: 0, --quick 16)")
+    p.add_argument("--stages", help="stage count or blocks per stage, as seqtrain's --stages (default: 4)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: 128, --quick 64)")
+    p.add_argument("--samples", type=int, help="training images cached per stage; enough for several shards "
+                   "(default: 5120, --quick 1024)")
+    p.add_argument("--steps", type=int, help="timed steps per configuration after warm-up (default: 20, --quick 8)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: 3, --quick 2)")
+    p.add_argument("--shard-mb", type=int, help="cache shard size (default: 32, --quick 4)")
+    p.add_argument("--downsample", default="standard", help="as seqtrain's --downsample, e.g. accelerated")
+    p.add_argument("--depths", help="e.g. 20,32,56,110: sweep CIFAR ResNet depth instead")
+    p.add_argument("--blocks-per-stage", type=int, default=3, help="--depths: blocks in every stage (default: 3)")
+    p.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="set glibc's MALLOC_MMAP_THRESHOLD_ in "
+                   "every child, e.g. 131072: freed tensors then leave the resident set at once (default: glibc's "
+                   "adaptive threshold, which a plain run gets)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/memory"), help="output directory")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key, value in PRESETS["quick" if args.quick else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (the first warm-up step is the analytic one)")
+    if args.depths:
+        args.depths = sorted(int(d) for d in args.depths.split(","))
+        unknown = [d for d in args.depths if f"resnet{d}" not in CIFAR_RESNETS]
+        if unknown:
+            p.error(f"--depths {unknown[0]} is not a CIFAR ResNet depth; choose from 20, 32, 44, 56, 110")
+    args.device = resolve_device(args.device).type
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = run_depths(args) if args.depths else run_stages(args)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
