@@ -32,8 +32,8 @@ def straight(tmp_path_factory):
     return load_torch(d / "run" / "stage_00" / "block.pt")
 
 
-def interrupt_when(d, sig: int, ready) -> subprocess.Popen:
-    """Start stage 0 in `d` and send `sig` once `ready(stage_dir)` holds."""
+def interrupt_when(d, sig: int, ready) -> tuple[int, str]:
+    """Start stage 0 in `d`, send `sig` once `ready(stage_dir)` holds; returns (exit status, stderr)."""
     proc = subprocess.Popen([*CMD, *tiny_flags(d), *FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
     stage_dir = d / "run" / "stage_00"
@@ -41,8 +41,8 @@ def interrupt_when(d, sig: int, ready) -> subprocess.Popen:
     while time.time() < deadline and proc.poll() is None and not ready(stage_dir):
         time.sleep(0.01)
     proc.send_signal(sig)
-    proc.wait()
-    return proc
+    _, err = proc.communicate()
+    return proc.returncode, err
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -78,9 +78,9 @@ def test_sigkill_mid_training_resumes_at_the_right_epoch_with_identical_weights(
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_mid_epoch_and_exits_130(tmp_path, straight):
-    proc = interrupt_when(tmp_path, signal.SIGINT, lambda stage_dir: epochs_logged(stage_dir) >= 1)
-    assert proc.returncode == 130
-    err = proc.stderr.strip()
+    status, err = interrupt_when(tmp_path, signal.SIGINT, lambda stage_dir: epochs_logged(stage_dir) >= 1)
+    assert status == 130
+    err = err.strip()
     assert "\n" not in err and "rerun the same command to resume" in err and "Traceback" not in err, err
     stage_dir = tmp_path / "run" / "stage_00"
     ckpt = load_torch(stage_dir / "checkpoint.pt")
