@@ -82,3 +82,23 @@ def test_killed_at_random_moments_the_run_completes_identically():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["identical"] is True
+
+
+def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny, monkeypatch, capsys):
+    import torch
+
+    import seqtrain.train
+
+    real_step, calls = seqtrain.train.train_step, []
+
+    def step(model, x, y, optimizer, autocast):
+        calls.append(1)
+        loss, logits = real_step(model, x, y, optimizer, autocast)
+        return (loss * float("nan") if len(calls) > 15 else loss), logits  # epoch 1 has 11 steps
+
+    monkeypatch.setattr(seqtrain.train, "train_step", step)
+    assert tiny("--stage", "0") == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 5" in err and "lower --lr" in err and err.count("\n") == 1
+    ckpt = torch.load(tiny.run_dir / "stage_00" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1  # the last good checkpoint, from the end of epoch 1
