@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ from seqtrain.config import Config  # noqa: E402
 from seqtrain.data import load_raw  # noqa: E402
 from seqtrain.errors import UserError  # noqa: E402
 from seqtrain.files import read_json, sha256_json, write_json  # noqa: E402
+from seqtrain.memory import device_description  # noqa: E402
 from seqtrain.models import num_blocks  # noqa: E402
 from seqtrain.pipeline import RunDir, collect_results, resolve_device, stage_manifest  # noqa: E402
 from seqtrain.plan import aligned, plan  # noqa: E402
@@ -322,17 +322,6 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.machine()
-    return f"{model}, {os.cpu_count()} CPU cores (no GPU)"
-
-
 # --------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -402,10 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     print(target_line(target))
     title = (f"{args.dataset} ({args.n_train} train), width {args.width or 'standard'}, <= {args.max_epochs} epochs "
              f"at batch {args.batch_size}, "
-             f"{device_name(args.device)}, torch {torch.__version__}")
+             f"{device_description(args.device)}, torch {torch.__version__}")
     plot(rows, args, args.out / "accuracy.png", title)
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
-               "device_name": device_name(args.device), "config": config, "baseline_rss_mb": round(base_mb, 1),
+               "device_name": device_description(args.device), "config": config, "baseline_rss_mb": round(base_mb, 1),
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
                "rows": [{k: r[k] for k in ("arch", "downsample", "method", "k", "test_acc", "gap_points", "mem_ratio")}
                         for r in rows]}

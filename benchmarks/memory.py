@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from seqtrain.cache import (  # noqa: E402
 from seqtrain.config import Config, config_hash  # noqa: E402
 from seqtrain.data import RawData, Split  # noqa: E402
 from seqtrain.files import sha256_state_dict, write_json  # noqa: E402
-from seqtrain.memory import MB, ProcessPeak, analytic_step  # noqa: E402
+from seqtrain.memory import MB, ProcessPeak, analytic_step, device_description  # noqa: E402
 from seqtrain.models import (  # noqa: E402
     CIFAR_RESNETS,
     StageModel,
@@ -275,16 +274,7 @@ def child(spec: dict) -> dict:
         model, batches = training_job(cfg, run, kind, k, device)
         result = measure_training(model, batches, cfg, device, peak, spec["steps"], spec["warmup"])
     return {**result, "peak": peak.read(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.machine()
-    return f"{model}, {os.cpu_count()} CPU cores (no GPU)"
+            "device_name": device_description(device)}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ Three figures, used by the pipeline, `--plan` (plan.py) and benchmarks/memory.py
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import resource
 import sys
 import threading
@@ -198,3 +200,16 @@ def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return StepBytes(saved=saved.bytes, weights=tensor_bytes(weights), grads=tensor_bytes(grads),
                      optimizer=tensor_bytes(state), batch=tensor_bytes([x, y]))
+
+
+def device_description(device: torch.device | str) -> str:
+    """A human name for the device a benchmark ran on, for its JSON summary."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} CPU cores (no GPU)"
