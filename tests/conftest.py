@@ -22,14 +22,13 @@ def tiny_flags(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def tiny(tmp_path):
-    """Run the CLI in-process on the tiny configuration; returns (exit code, stdout, stderr)."""
+    """Run the CLI in-process on the tiny configuration; returns its exit status (output via capsys)."""
 
     def run(*args: str) -> int:
         return main(tiny_flags(tmp_path, *args))
 
     run.run_dir = tmp_path / "run"
     run.data_dir = tmp_path / "data"
-    run.flags = lambda *extra: tiny_flags(tmp_path, *extra)
     return run
 
 
