@@ -19,7 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("synthetic", "cifar10", "cifar100")
+DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "imagefolder")
+AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
 HEADS = ("linear", "conv")
 OPTIMIZERS = ("sgd", "adamw")
 CACHE_DTYPES = ("float16", "float32")
@@ -39,6 +40,10 @@ class Config:
     n_test: int = 2_000  # synthetic dataset: test images, <= 10k
     data_seed: int = 0  # synthetic dataset: generator seed, kept apart from --seed so seeds share data
     val_fraction: float = 0.1  # share of the training set held out for early stopping, 0.05-0.2
+    image_size: int = 0  # side of the square images the network sees; 0 = the dataset's own (imagefolder: 32)
+    augment: str = "auto"  # stage 0 and e2e training: "auto" = crop+flip on natural images, crop on SVHN, else none
+    crop_padding: int = 4  # random crop: pixels of zero padding on each side before cropping back, 2-4 at 32x32
+    cache_views: int = 1  # augmented views of each training sample cached per stage (view 0 plain); disk grows V-fold
     # --- network
     arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16
     width: int = 0  # channels of the first block; 0 = the architecture's standard width (16 or 64)
@@ -47,6 +52,9 @@ class Config:
     head: str = "conv"  # auxiliary head: "conv" (Belilovsky et al. 2019) or "linear" (pool + linear)
     head_convs: int = 1  # conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3
     head_width: int = 0  # conv head: channels of its conv layers; 0 = the stage's output channels
+    stage_convs: str = ""  # convolution intensity: conv layers per block in each stage, e.g. "1,2,2,2"; "" = usual
+    stage_width: str = ""  # channel multiplier of each stage, e.g. "0.5,1,1,1" narrows the shallow stage; "" = all 1
+    split: str = ""  # torchvision:NAME archs: child names where stages 1, 2, ... begin; "" = natural boundaries
     # --- optimisation (the same for every stage and for e2e)
     optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw"
     lr: float = 0.05  # peak learning rate after warm-up; SGD 0.02-0.1 at batch 128, AdamW ~1e-3
@@ -78,10 +86,11 @@ class Config:
             if getattr(self, name) not in options:
                 raise UserError(f"{flag(name)} {getattr(self, name)!r} is not known; choose one of: "
                                 + ", ".join(options))
-        for name in ("n_train", "n_test", "batch_size", "max_epochs", "shard_mb"):
+        for name in ("n_train", "n_test", "batch_size", "max_epochs", "shard_mb", "cache_views"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("width", "head_convs", "head_width", "patience", "workers", "data_seed", "seed"):
+        for name in ("width", "head_convs", "head_width", "patience", "workers", "data_seed", "seed", "image_size",
+                     "crop_padding"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.n_train > 50_000 or self.n_test > 10_000:
@@ -94,8 +103,14 @@ class Config:
             raise UserError("--lr must be > 0, --weight-decay >= 0, --momentum in [0, 1), --warmup-epochs >= 0")
         if self.resident_shards < 3:
             raise UserError(f"--resident-shards must be at least 3, got {self.resident_shards}")
+        if 0 < self.image_size < 8 or self.image_size > 1024:
+            raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
+        if self.cache_views > 64:
+            raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1-16")
         self.stage_sizes()  # parses --stages and checks it against the network
         self.check_downsample()
+        self.stage_convs_list()
+        self.stage_width_list()
         if self.device == "cuda":
             import torch
 
@@ -140,9 +155,25 @@ class Config:
                 if not 0 <= block < num_blocks(self) or factor < 2 or factor & (factor - 1):
                     raise UserError(f"--downsample {block}:{factor}: blocks are 0 to {num_blocks(self) - 1} and "
                                     "factors powers of two (2, 4, ...)")
-        shape = feature_shape(block_specs(self.arch, self.width, 3, self.downsample), (3, 32, 32))
+        size = self.image_size or 32
+        shape = feature_shape(block_specs(self.arch, self.width, 3, self.downsample), (3, size, size))
         if min(shape[1:]) < 1:
-            raise UserError(f"--downsample {self.downsample} reduces 32x32 images below one pixel; reduce less")
+            raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "
+                            "reduce less")
+
+    def stage_convs_list(self) -> list[int] | None:
+        """--stage-convs as one conv count per stage, or None for the architecture's own blocks."""
+        values = per_stage(self.stage_convs, "stage_convs", int, self.num_stages)
+        if values is not None and not all(1 <= v <= 4 for v in values):
+            raise UserError(f"--stage-convs {self.stage_convs}: each stage's conv layers per block are 1 to 4")
+        return values
+
+    def stage_width_list(self) -> list[float] | None:
+        """--stage-width as one channel multiplier per stage, or None for the architecture's own widths."""
+        values = per_stage(self.stage_width, "stage_width", float, self.num_stages)
+        if values is not None and not all(0.05 <= v <= 8 for v in values):
+            raise UserError(f"--stage-width {self.stage_width}: multipliers are between 0.05 and 8")
+        return values
 
     @property
     def num_stages(self) -> int:
@@ -152,11 +183,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
+    """A comma-separated list with one value per stage ("" = None), or a UserError naming the flag."""
+    if not str(text).strip():
+        return None
+    try:
+        values = [kind(v) for v in str(text).replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"{flag(name)} {text!r} is not a list of {kind.__name__}s such as "
+                        f"{'1,2,2,2' if kind is int else '0.5,1,1,1'}") from None
+    if len(values) != num_stages:
+        raise UserError(f"{flag(name)} {text} has {len(values)} values but the run has {num_stages} stages "
+                        "(--stages); give one per stage")
+    return values
+
+
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names a thing."""
     from seqtrain.models import ARCHS
 
-    return {"dataset": DATASETS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
+    return {"dataset": DATASETS, "augment": AUGMENTS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
             "cache_dtype": CACHE_DTYPES, "compression": COMPRESSIONS, "device": DEVICES}
 
 

@@ -163,7 +163,9 @@ def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tup
     """Output shape (C, H, W) of `specs` applied to inputs of `in_shape`, without building anything."""
     c, h, w = in_shape
     for s in specs:
-        c, h, w = s.out_ch, h // s.reduction, w // s.reduction
+        # A strided 3x3 convolution with padding 1 (and its strided 1x1 shortcut) rounds up; max-pool rounds down.
+        h, w = -(-h // s.stride) // s.pool, -(-w // s.stride) // s.pool
+        c = s.out_ch
     return c, h, w
 
 

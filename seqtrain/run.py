@@ -21,8 +21,10 @@ from seqtrain.log import log
 from seqtrain.train import Interrupted
 
 GROUPS = {
-    "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction"),
-    "network": ("arch", "width", "stages", "downsample", "head", "head_convs", "head_width"),
+    "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
+             "augment", "crop_padding", "cache_views"),
+    "network": ("arch", "width", "stages", "downsample", "stage_convs", "stage_width", "head", "head_convs",
+                "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
     "feature cache": ("cache_dtype", "shard_mb", "resident_shards", "compression"),
