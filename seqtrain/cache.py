@@ -2,9 +2,12 @@
 
 Layout (DESIGN.md, "The run directory"): `cache/{split}-{index:05d}.h5` holds `features` [n, C, H, W]
 (float16 by default), `labels` [n] and `ids` [n], with a fixed number of samples per shard (the last
-one of a split may hold fewer). `cache/manifest.json` is written last: a stage is complete exactly when
-a valid manifest exists. Shards are chunked along the sample axis only and uncompressed by default:
-float16 reads at 1.5-2.1 GB/s here, gzip and lzf at 120-160 MB/s (DESIGN.md, "Storage").
+one of a split may hold fewer). With --cache-views V > 1 the train split's features are [n, V, C, H, W]:
+V augmented views per sample, view 0 plain (augment.py). Under torchrun each rank writes the shards of
+its own contiguous slice of samples, `{split}-rank{r}-{index:05d}.h5`, and rank 0 writes the manifest.
+`cache/manifest.json` is written last: a stage is complete exactly when a valid manifest exists. Shards
+are chunked along the sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here,
+gzip and lzf at 120-160 MB/s (DESIGN.md, "Storage").
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from seqtrain.files import (
 from seqtrain.log import bar
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: views per training sample; rank-sliced shards
 SPLITS = ("train", "val", "test")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: large enough for full-speed reads, small enough to be cheap
@@ -50,8 +53,9 @@ class FeatureOverflow(UserError):
 class ShardWriter:
     """Collects one split's features and publishes them as fixed-size shards (write .tmp, then rename)."""
 
-    def __init__(self, cache_dir: Path, split: str, samples_per_shard: int, dtype: str, compression: str):
-        self.cache_dir, self.split, self.per_shard = cache_dir, split, samples_per_shard
+    def __init__(self, cache_dir: Path, split: str, samples_per_shard: int, dtype: str, compression: str,
+                 prefix: str = ""):
+        self.cache_dir, self.split, self.per_shard, self.prefix = cache_dir, split, samples_per_shard, prefix
         self.dtype, self.compression = np.dtype(dtype), None if compression == "none" else compression
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_count = 0
@@ -80,7 +84,7 @@ class ShardWriter:
         x, y, ids = (np.concatenate(parts) for parts in zip(*self.pending))
         keep = (x[n:], y[n:], ids[n:])
         self.pending, self.pending_count = ([keep] if len(keep[1]) else []), len(keep[1])
-        name = f"{self.split}-{len(self.shards):05d}.h5"
+        name = f"{self.split}-{self.prefix}{len(self.shards):05d}.h5"
         path = self.cache_dir / name
         tmp = tmp_path(path)
         chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, x[0].nbytes)))
@@ -98,9 +102,10 @@ class ShardWriter:
                             "sha256": sha256_file(path)})
 
 
-def predicted_bytes(feature_shape: tuple[int, ...], dtype: str, counts: dict[str, int]) -> int:
-    """Feature bytes of a cache (HDF5 adds well under 1% for labels, ids and headers)."""
-    return int(np.prod(feature_shape)) * np.dtype(dtype).itemsize * sum(counts.values())
+def predicted_bytes(feature_shape: tuple[int, ...], dtype: str, counts: dict[str, int], views: int = 1) -> int:
+    """Feature bytes of a cache, V views per training sample (HDF5 adds well under 1% for labels, ids, headers)."""
+    rows = sum(n * (views if split == "train" else 1) for split, n in counts.items())
+    return int(np.prod(feature_shape)) * np.dtype(dtype).itemsize * rows
 
 
 def samples_per_shard(feature_shape: tuple[int, ...], dtype: str, shard_mb: int) -> int:
@@ -118,29 +123,43 @@ def clear_cache(cache_dir: Path) -> None:
 
 @torch.no_grad()
 def write_shards(block: torch.nn.Module, batches: dict, cache_dir: Path, *, dtype: str, shard_mb: int,
-                 compression: str, autocast) -> dict:
+                 compression: str, autocast, prefix: str = "") -> dict:
     """Run every split through the frozen `block` in order and write its shards; returns the split table.
 
-    `batches[split]` yields (x, y, ids) in a fixed order; `autocast` is a context manager factory.
+    `batches[split]` yields (x, y, ids) in a fixed order, x [B, C, H, W] or, for the train split's views,
+    [B, V, C, H, W]; `autocast` is a context manager factory; `prefix` keeps ranks' shard names apart.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_tmp_files(cache_dir)
+    if not prefix:
+        remove_tmp_files(cache_dir)
     block.eval()  # BatchNorm uses its frozen running statistics, as in every later use of these features
-    splits, shape = {}, None
+    splits, shape, views = {}, None, 1
     for split in SPLITS:
         writer = None
         for x, y, ids in bar(batches[split], f"cache {split}"):
             with autocast():
-                out = block(x)
+                if x.ndim == 5:  # B, V, C, H, W: every view of a sample goes through the block
+                    views = x.shape[1]
+                    out = block(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+                else:
+                    out = block(x)
             if writer is None:
-                shape = tuple(out.shape[1:])
-                writer = ShardWriter(cache_dir, split, samples_per_shard(shape, dtype, shard_mb), dtype,
-                                     compression)
+                shape = tuple(out.shape[1:]) if out.ndim == 4 else tuple(out.shape[2:])
+                writer = ShardWriter(cache_dir, split, samples_per_shard(tuple(out.shape[1:]), dtype, shard_mb),
+                                     dtype, compression, prefix)
             writer.add(out, y, ids)
         shards = writer.close() if writer else []
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
-    return {"feature_shape": list(shape), "dtype": dtype, "samples_per_shard": writer.per_shard,
+    return {"feature_shape": list(shape) if shape else None, "views": views, "dtype": dtype,
             "compression": compression, "splits": splits}
+
+
+def merge_tables(tables: list[dict]) -> dict:
+    """One split table from the tables of ranks that each cached a contiguous slice (in rank order)."""
+    first = next(t for t in tables if t["feature_shape"] is not None)
+    splits = {split: {"count": sum(t["splits"][split]["count"] for t in tables),
+                      "shards": [s for t in tables for s in t["splits"][split]["shards"]]} for split in SPLITS}
+    return {**first, "views": max(t["views"] for t in tables), "splits": splits}
 
 
 def publish_manifest(cache_dir: Path, manifest: dict) -> dict:
@@ -153,7 +172,7 @@ def publish_manifest(cache_dir: Path, manifest: dict) -> dict:
 
 def fingerprint(manifest: dict) -> str:
     """Hash of what determines the features (not of timings): equal fingerprints mean equal caches."""
-    keys = ("config_hash", "input_fingerprint", "weights_hash", "feature_shape", "dtype", "splits")
+    keys = ("config_hash", "input_fingerprint", "weights_hash", "feature_shape", "views", "dtype", "splits")
     return sha256_json({k: manifest[k] for k in keys})[:16]
 
 
@@ -177,6 +196,16 @@ def read_manifest(cache_dir: Path) -> dict | None:
             assert info["count"] == sum(s["count"] for s in info["shards"])
     except (ValueError, KeyError, TypeError, AssertionError, AttributeError):
         raise CorruptCache(f"{path} is not a valid seqtrain manifest") from None
+    return manifest
+
+
+def read_manifest_after_barrier(cache_dir: Path) -> dict:
+    """The manifest rank 0 has just published, read by every rank once rank 0 has written it."""
+    from seqtrain import distributed
+
+    distributed.barrier()
+    manifest = read_manifest(cache_dir)
+    assert manifest is not None, f"{cache_dir / MANIFEST} was not published"
     return manifest
 
 

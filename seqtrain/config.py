@@ -182,6 +182,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        """A Config from a saved dict such as a run's config.json, which also holds facts measured by the run
+        (its "normalization" statistics) beside the fields."""
+        return cls(**{k: v for k, v in values.items() if k in FIELD_TYPES})
+
 
 def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
     """A comma-separated list with one value per stage ("" = None), or a UserError naming the flag."""

@@ -8,6 +8,9 @@ group's shards and the pooled copy coexist for a moment. float16 becomes float32
 
 With DataLoader worker processes each worker streams a disjoint subset of the shards; HDF5 files are only
 ever opened inside the process that reads them (h5py handles cannot cross fork or spawn).
+
+A train split cached with V augmented views ([n, V, C, H, W]) yields one view per sample, drawn anew each
+epoch (`views="draw"`), or all of them for the next stage's caching pass (`views="all"`).
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ from seqtrain.cache import read_shard
 class ShardStream(IterableDataset):
     """Yields CPU batches (x float32, y, ids) from one split's shards; picklable (holds only paths)."""
 
-    def __init__(self, paths: list[Path], batch_size: int, *, shuffle: bool, seed: int, resident_shards: int,
-                 drop_last: bool):
-        self.paths, self.batch_size, self.shuffle, self.seed = [str(p) for p in paths], batch_size, shuffle, seed
+    def __init__(self, parts: list[tuple[Path, int, int]], batch_size: int, *, shuffle: bool, seed: int,
+                 resident_shards: int, drop_last: bool, views: str = "draw"):
+        # parts: (shard path, first row, end row) -- whole shards, or a rank's contiguous slice of them
+        self.parts = [(str(p), a, b) for p, a, b in parts]
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.mix = max(1, resident_shards - 2)
-        self.drop_last, self.epoch = drop_last, 0
+        self.drop_last, self.epoch, self.views = drop_last, 0, views
 
     def __iter__(self):
         worker = get_worker_info()
         seed = self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
-        order = self.paths
+        order = self.parts
         if self.shuffle:
             order = [order[i] for i in torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
         if worker is not None:
@@ -49,25 +54,33 @@ class ShardStream(IterableDataset):
             full = n // self.batch_size * self.batch_size
             for i in range(0, full, self.batch_size):
                 idx = perm[i:i + self.batch_size]
-                yield x[idx].float(), y[idx], ids[idx]
+                yield self.pick(x, idx, g), y[idx], ids[idx]
             rest = perm[full:]
             carry = [(x[rest], y[rest], ids[rest])] if len(rest) else []
             del x, y, ids
         if carry and not self.drop_last:
             x, y, ids = carry[0]
-            yield x.float(), y, ids
+            yield self.pick(x, torch.arange(len(y)), g), y, ids
+
+    def pick(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Rows `idx` as float32; of a [n, V, C, H, W] split, one random view each (or all, or view 0)."""
+        if x.ndim == 5 and self.views == "draw":
+            return x[idx, torch.randint(x.shape[1], (len(idx),), generator=g)].float()
+        if x.ndim == 5 and self.views == "plain":
+            return x[idx, 0].float()
+        return x[idx].float()
 
 
-def prefetched(paths: list[str]):
-    """Read shards in a background thread, one ahead of the consumer; torch releases the GIL while it computes,
-    so reading the next shard overlaps with training on the current one."""
+def prefetched(parts: list[tuple[str, int, int]]):
+    """Read shards (rows [a, b) of each) in a background thread, one ahead of the consumer; torch releases the
+    GIL while it computes, so reading the next shard overlaps with training on the current one."""
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def read_all():
         try:
-            for p in paths:
-                item = read_shard(Path(p))
+            for p, a, b in parts:
+                item = tuple(t[a:b] for t in read_shard(Path(p)))
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -107,13 +120,20 @@ class CachedBatches:
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, resident_shards: int = 4, workers: int = 0,
-                 device: str = "cpu"):
-        shards = manifest["splits"][split]["shards"]
-        self.num_samples, self.batch_size = manifest["splits"][split]["count"], batch_size
+                 device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None):
+        """`rows` = (start, end): only that contiguous range of the split's samples, in manifest order."""
+        parts, start = [], 0
+        lo, hi = rows if rows is not None else (0, manifest["splits"][split]["count"])
+        for s in manifest["splits"][split]["shards"]:
+            a, b = max(lo, start) - start, min(hi, start + s["count"]) - start
+            if a < b:
+                parts.append((cache_dir / s["file"], a, b))
+            start += s["count"]
+        self.num_samples, self.batch_size = hi - lo, batch_size
         self.drop_last = drop_last
         self.workers, self.device = workers, torch.device(device)
-        self.stream = ShardStream([cache_dir / s["file"] for s in shards], batch_size, shuffle=shuffle,
-                                  seed=seed, resident_shards=resident_shards, drop_last=drop_last)
+        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, resident_shards=resident_shards,
+                                  drop_last=drop_last, views=views)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch

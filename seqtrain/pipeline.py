@@ -16,18 +16,23 @@ from pathlib import Path
 
 import torch
 
+from seqtrain import distributed
+from seqtrain.augment import AugmentedBatches, ViewBatches, augment_for
 from seqtrain.cache import (
+    SPLITS,
     CorruptCache,
     cache_bytes,
     clear_cache,
+    merge_tables,
     predicted_bytes,
     publish_manifest,
     read_manifest,
+    read_manifest_after_barrier,
     verify_shards,
     write_shards,
 )
 from seqtrain.config import Config, config_hash
-from seqtrain.data import ImageBatches, RawData
+from seqtrain.data import ImageBatches, RawData, Split
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha256_state_dict, write_json
 from seqtrain.loader import CachedBatches
@@ -115,22 +120,25 @@ def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True
 def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: torch.device) -> dict:
     """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output."""
     stage_dir, cache_dir = run.stage(k), run.cache(k)
-    clear_cache(cache_dir)  # stage k is incomplete from here until its new manifest is published
-    (stage_dir / "block.pt").unlink(missing_ok=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # under torchrun only rank 0 writes files other than its own shards
+    if main:
+        clear_cache(cache_dir)  # stage k is incomplete from here until its new manifest is published
+        (stage_dir / "block.pt").unlink(missing_ok=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
 
     if k == 0:
         assert raw is not None, "stage 0 reads the raw dataset"
         in_shape, num_classes, input_fp = raw.in_shape, raw.num_classes, dataset_fingerprint(cfg)
-        batches = {s: image_batches(cfg, raw, s, device, train=s == "train") for s in ("train", "val", "test")}
-        frozen = {s: image_batches(cfg, raw, s, device, train=False) for s in ("train", "val", "test")}
+        batches = {s: image_batches(cfg, raw, s, device, train=s == "train") for s in SPLITS}
+        frozen = {s: frozen_image_batches(cfg, raw, s, device) for s in SPLITS}
+        counts = {s: len(getattr(raw, s)) for s in SPLITS}
     else:
         prev = require_input_cache(cfg, run, k)
         in_shape, num_classes, input_fp = tuple(prev["feature_shape"]), prev["num_classes"], prev["fingerprint"]
-        batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train")
-                   for s in ("train", "val", "test")}
-        frozen = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=False)
-                  for s in ("train", "val", "test")}
+        batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train") for s in SPLITS}
+        frozen = {s: frozen_cached_batches(cfg, run.cache(k - 1), prev, s, device) for s in SPLITS}
+        counts = {s: prev["splits"][s]["count"] for s in SPLITS}
     if len(batches["train"]) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training split "
                         f"({batches['train'].num_samples} samples); lower it")
@@ -138,8 +146,8 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
     # Only this stage's block and head are built: the process never sees blocks 0..k-1.
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
     specs = stage_specs(cfg, in_shape[0])[k]
-    counts = {split: batches.num_samples for split, batches in frozen.items()}
-    check_disk(run, k, predicted_bytes(feature_shape(specs, in_shape), cfg.cache_dtype, counts))
+    if main:
+        check_disk(run, k, predicted_bytes(feature_shape(specs, in_shape), cfg.cache_dtype, counts, cfg.cache_views))
     block = build_stage_block(specs)
     head = build_head(cfg, specs[-1].out_ch, num_classes)
     model = StageModel(block, head).to(device)
@@ -153,13 +161,16 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
                       device=device, desc=desc)
         autocast = autocast_for(device, cfg.bf16)
         _, test_acc = evaluate(model, batches["test"], autocast)
-    save_torch(stage_dir / "block.pt", {"block": block.state_dict(), "head": head.state_dict(),
-                                        "identity": identity, "config": cfg.to_dict()})
+    if main:
+        save_torch(stage_dir / "block.pt", {"block": block.state_dict(), "head": head.state_dict(),
+                                            "identity": identity, "config": cfg.to_dict()})
 
     t0 = time.perf_counter()
     with PeakMemory(device) as cache_mem:
+        prefix = f"rank{distributed.rank()}-" if distributed.world_size() > 1 else ""
         table = write_shards(block, frozen, cache_dir, dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
-                             compression=cfg.compression, autocast=autocast)
+                             compression=cfg.compression, autocast=autocast, prefix=prefix)
+    table = merge_tables(distributed.gather(table))
     result = {
         "val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
         "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
@@ -167,11 +178,13 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
         "peak_cuda_mb": train_mem.cuda_mb, "cache_peak_rss_mb": cache_mem.rss_mb,
         "parameters": sum(p.numel() for p in block.parameters()),
     }
-    manifest = publish_manifest(cache_dir, {
-        **identity, "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": num_classes,
-        **table, "result": result,
-    })
-    (stage_dir / "checkpoint.pt").unlink(missing_ok=True)  # the stage is complete: block.pt supersedes it
+    if main:  # after every rank's shards exist: gather() above is a barrier
+        manifest = publish_manifest(cache_dir, {
+            **identity, "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": num_classes,
+            **table, "result": result,
+        })
+        (stage_dir / "checkpoint.pt").unlink(missing_ok=True)  # the stage is complete: block.pt supersedes it
+    manifest = read_manifest_after_barrier(cache_dir)
     log(f"{desc}: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f} | "
         f"cache {cache_bytes(manifest) / 2**20:.1f} MB")
     return manifest
@@ -185,15 +198,43 @@ def check_disk(run: RunDir, k: int, need: int) -> None:
                         "free: free some space or use another --run-dir")
 
 
-def image_batches(cfg: Config, raw: RawData, split: str, device, train: bool) -> ImageBatches:
-    return ImageBatches(getattr(raw, split), raw.mean, raw.std, cfg.batch_size, shuffle=train, seed=cfg.seed,
-                        drop_last=train, device=device)
+def image_batches(cfg: Config, raw: RawData, split: str, device, train: bool):
+    """Raw-image batches to train on (shuffled, augmented as --augment says) or to evaluate on, this rank's share."""
+    batches = ImageBatches(getattr(raw, split), raw.mean, raw.std, cfg.batch_size, shuffle=train, seed=cfg.seed,
+                           drop_last=train, device=device)
+    if distributed.world_size() > 1:
+        batches = distributed.RankShare(batches)
+    aug = augment_for(cfg)
+    if train and aug.active:
+        batches = AugmentedBatches(batches, aug, cfg.seed, distributed.rank())
+    return batches
 
 
-def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device, train: bool) -> CachedBatches:
-    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=train,
-                         seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=train,
-                         resident_shards=cfg.resident_shards, workers=cfg.workers, device=device)
+def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device, train: bool):
+    """Cached-feature batches to train on (one random view per sample) or to evaluate on, this rank's share."""
+    batches = CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=train,
+                            seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=train,
+                            resident_shards=cfg.resident_shards, workers=cfg.workers, device=device,
+                            views="draw" if train else "plain")
+    return distributed.RankShare(batches) if distributed.world_size() > 1 else batches
+
+
+def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
+    """What stage 0 caches: this rank's contiguous slice of the split in order, with every view for train."""
+    whole = getattr(raw, split)
+    part = slice(*distributed.contiguous_part(len(whole)))
+    batches = ImageBatches(Split(whole.x[part], whole.y[part], whole.ids[part]), raw.mean, raw.std,
+                           cfg.batch_size, device=device)
+    if split == "train" and cfg.cache_views > 1:
+        return ViewBatches(batches, cfg.cache_views, cfg.seed, augment_for(cfg))
+    return batches
+
+
+def frozen_cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device) -> CachedBatches:
+    """What stage k > 0 caches: this rank's contiguous slice of the previous cache, every view of each sample."""
+    rows = distributed.contiguous_part(manifest["splits"][split]["count"])
+    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, resident_shards=cfg.resident_shards,
+                         workers=cfg.workers, device=device, views="all", rows=rows)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -217,7 +258,8 @@ def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData
     net.to(device)
     _, acc = evaluate(net, image_batches(cfg, raw, "test", device, train=False), autocast_for(device, cfg.bf16))
     cached_acc = manifests[-1]["result"]["test_acc"]
-    save_model(run.final / "model.pt", net, cfg, raw)
+    if distributed.is_main():
+        save_model(run.final / "model.pt", net, cfg, raw)
     final = {"test_acc": acc, "cached_path_test_acc": cached_acc, "fingerprint": manifests[-1]["fingerprint"]}
     note = "" if abs(acc - cached_acc) <= 0.005 else f" (differs by more than {cfg.cache_dtype} rounding explains)"
     log(f"final: composed network test acc {acc:.4f} on raw images, {cached_acc:.4f} on cached features{note}")
@@ -233,8 +275,11 @@ def save_model(path: Path, net, cfg: Config, raw: RawData) -> None:
 
 def run_e2e(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
     """The same network trained end to end by back-propagation, same data and convergence rule."""
-    (run.e2e / "results.json").unlink(missing_ok=True)
-    run.e2e.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        (run.e2e / "results.json").unlink(missing_ok=True)
+        run.e2e.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     torch.manual_seed(cfg.seed)
     net = build_network(cfg, raw.in_shape[0], raw.num_classes).to(device)
     identity = {"config_hash": config_hash(cfg), "input_fingerprint": dataset_fingerprint(cfg), "stage": "e2e"}
@@ -242,13 +287,15 @@ def run_e2e(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
     with PeakMemory(device) as mem:
         trained = fit(net, train, val, cfg, workdir=run.e2e, identity=identity, device=device, desc="e2e")
     _, test_acc = evaluate(net, image_batches(cfg, raw, "test", device, False), autocast_for(device, cfg.bf16))
-    save_model(run.e2e / "model.pt", net, cfg, raw)
     result = {"val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
               "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
               "parameters": sum(p.numel() for p in net.parameters()), **mem.as_dict(),
               "config_hash": config_hash(cfg)}
-    write_json(run.e2e / "results.json", result)
-    (run.e2e / "checkpoint.pt").unlink(missing_ok=True)
+    if main:
+        save_model(run.e2e / "model.pt", net, cfg, raw)
+        write_json(run.e2e / "results.json", result)
+        (run.e2e / "checkpoint.pt").unlink(missing_ok=True)
+    distributed.barrier()
     log(f"e2e: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}")
     return result
 
@@ -333,7 +380,9 @@ def run_all(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
         log("final: complete, skipped")
     else:
         final = assemble_final(cfg, run, manifests, raw, device)
-        write_json(run.final / "results.json", {**collect_results(cfg, run), "final": final})
+        if distributed.is_main():
+            write_json(run.final / "results.json", {**collect_results(cfg, run), "final": final})
+        distributed.barrier()
     return collect_results(cfg, run)
 
 

@@ -58,6 +58,8 @@ def pooled_cache(cache_dir: Path, manifest: dict, split: str, limit: int | None)
         if limit is not None and n >= limit:
             break
         x, y, _ = read_shard(cache_dir / shard["file"])
+        if x.ndim == 5:  # [n, V, C, H, W]: a train split with augmented views; probe the plain view 0
+            x = x[:, 0]
         feats.append(x.mean(dim=(2, 3), dtype=torch.float32))  # [n, C, H, W] -> [n, C]
         labels.append(y)
         n += len(y)
@@ -133,7 +135,7 @@ def load_run_config(run: RunDir) -> Config:
     if not run.config.exists():
         raise UserError(f"{run.root} is not a seqtrain run directory (no config.json); check --run-dir, or train "
                         f"one with: python -m seqtrain.run --stage all --run-dir {run.root}")
-    return Config(**read_json(run.config))
+    return Config.from_dict(read_json(run.config))
 
 
 def sequential_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[list, list[int]]:

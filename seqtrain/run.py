@@ -10,6 +10,7 @@ Only this module parses arguments. A user mistake prints one line `seqtrain: err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import sys
@@ -170,6 +171,8 @@ def verify(cfg: Config) -> int:
 
 def run(cfg: Config, stage: int | str) -> int:
     # Imported here so that --help and argument errors answer without loading torch.
+    from seqtrain import distributed
+    from seqtrain.augment import augment_for
     from seqtrain.data import load_raw
     from seqtrain.pipeline import (
         RunDir,
@@ -177,30 +180,51 @@ def run(cfg: Config, stage: int | str) -> int:
         collect_results,
         prepare_run_dir,
         require_input_cache,
-        resolve_device,
         run_all,
         run_e2e,
         run_stage,
     )
 
     # Every input is checked before anything is written to the run directory.
-    device = resolve_device(cfg.device)
-    raw = load_raw(cfg) if stage in ("all", "e2e", 0) else None
-    if isinstance(stage, int) and stage > 0:
-        require_input_cache(cfg, RunDir(cfg.run_dir), stage, checksums=False)
-    run_dir = prepare_run_dir(cfg)
-    with RunLock(run_dir):
-        write_json(run_dir.config, dataclasses.asdict(cfg))
-        log(f"seqtrain: {cfg.arch} in {cfg.num_stages} stages {cfg.stage_sizes()} on {cfg.dataset}, device {device}, "
-            f"run dir {run_dir.root} (config {config_hash(cfg)})")
-        if stage == "all":
-            results = run_all(cfg, run_dir, raw, device)
-        elif stage == "e2e":
-            run_e2e(cfg, run_dir, raw, device)
-            results = collect_results(cfg, run_dir)
-        else:
-            run_stage(cfg, run_dir, stage, raw, device)
-            results = collect_results(cfg, run_dir)
+    augment_for(cfg)
+    device = distributed.init(cfg.device)
+    try:
+        world = distributed.world_size()
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
+                            f"the {world} ranks; use a multiple of {world}")
+        raw = None
+        if stage in ("all", "e2e", 0):
+            # Rank 0 first: it may generate (or --download) the dataset, which the others then read.
+            raw = load_raw(cfg) if distributed.is_main() else None
+            distributed.barrier()
+            raw = raw or load_raw(cfg)
+        if isinstance(stage, int) and stage > 0:
+            require_input_cache(cfg, RunDir(cfg.run_dir), stage, checksums=False)
+        run_dir = prepare_run_dir(cfg)
+        # One run per directory; under torchrun rank 0 holds the lock for the group.
+        with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+            if distributed.is_main():
+                saved = dataclasses.asdict(cfg)
+                if raw is not None:  # the training split's statistics, which model.pt's users normalise with
+                    saved["normalization"] = {"mean": raw.mean, "std": raw.std}
+                elif run_dir.config.exists():
+                    saved["normalization"] = read_json(run_dir.config).get("normalization")
+                write_json(run_dir.config, saved)
+            distributed.barrier()
+            log(f"seqtrain: {cfg.arch} in {cfg.num_stages} stages {cfg.stage_sizes()} on {cfg.dataset}, device "
+                f"{device}" + (f" x {world} ranks" if world > 1 else "")
+                + f", run dir {run_dir.root} (config {config_hash(cfg)})")
+            if stage == "all":
+                results = run_all(cfg, run_dir, raw, device)
+            elif stage == "e2e":
+                run_e2e(cfg, run_dir, raw, device)
+                results = collect_results(cfg, run_dir)
+            else:
+                run_stage(cfg, run_dir, stage, raw, device)
+                results = collect_results(cfg, run_dir)
+    finally:
+        distributed.shutdown()
     log("\n" + summary_table(results))
     return 0
 

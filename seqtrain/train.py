@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqtrain import distributed
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, save_torch, write_bytes
 from seqtrain.log import bar, counter, log
@@ -108,11 +109,11 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochP
                     channels_last: bool, stop: threading.Event, desc: str) -> bool:
     """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished."""
     model.train()
-    steps = len(batches)
+    steps, device = len(batches), next(model.parameters()).device
     for i, (x, y, _) in enumerate(bar(batches, desc)):
         if i < progress.step:  # done before an interruption; the order is the same, so skip them
             continue
-        if stop.is_set():
+        if distributed.any_rank(stop.is_set(), device):  # every rank stops after the same step
             return False
         progress.lr = get_lr(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
@@ -120,7 +121,7 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochP
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(model, x, y, optimizer, autocast)
-        if not torch.isfinite(loss):  # the weights are poisoned: stop before a checkpoint can save them
+        if distributed.any_rank(not torch.isfinite(loss), device):  # poisoned weights: stop before a checkpoint
             raise Diverged(f"{desc}: the loss is {loss.item()} at step {i + 1} (lr {progress.lr:.3g}); "
                            "the last good checkpoint is kept: rerun with a lower --lr")
         progress.step = i + 1
@@ -156,6 +157,8 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y, _ in batches:
+        if not len(y):  # under torchrun, a rank's share of a short last batch can be empty
+            continue
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -163,6 +166,8 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+    # Under torchrun each rank scored its own share: the sums make every rank's verdict the same.
+    loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], next(model.parameters()).device)
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
@@ -183,6 +188,11 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
         model = model.to(memory_format=torch.channels_last)
     autocast = autocast_for(device, cfg.bf16)
     optimizer = make_optimizer(cfg, model)
+    # Under torchrun, DDP averages gradients across ranks; evaluation and checkpoints use the module itself.
+    trained = model
+    if distributed.active():
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)
     ckpt_path, metrics_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
 
     # Early-stopping state; with the model, optimizer, epoch progress and RNG it is the whole checkpoint.
@@ -199,9 +209,13 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         log(f"{desc}: resuming after epoch {state['epoch']}" + (f" step {progress.step}" if progress.step else "")
             + f" (best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']})")
-    keep_metrics(metrics_path, below_epoch=state["epoch"])
+    main = distributed.is_main()  # only rank 0 writes files
+    if main:
+        keep_metrics(metrics_path, below_epoch=state["epoch"])
 
     def save_checkpoint():
+        if not main:
+            return
         save_torch(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "identity": identity, "config": cfg.to_dict(), **state,
             "progress": dataclasses.asdict(progress), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -216,7 +230,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
             e0 = time.perf_counter()
             epoch = state["epoch"]
             train_batches.set_epoch(epoch)
-            finished = train_one_epoch(model, train_batches, optimizer, cfg, epoch, progress, autocast=autocast,
+            finished = train_one_epoch(trained, train_batches, optimizer, cfg, epoch, progress, autocast=autocast,
                                        channels_last=channels_last, stop=stop, desc=f"{desc} epoch {epoch + 1}")
             if not finished:
                 save_checkpoint()
@@ -230,23 +244,26 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
             else:
                 state["bad_epochs"] += 1
             seconds = time.perf_counter() - e0
-            train_loss, train_acc = progress.loss_sum / progress.seen, progress.correct / progress.seen
+            loss_sum, correct, seen = distributed.sum_all([progress.loss_sum, progress.correct, progress.seen], device)
+            train_loss, train_acc = loss_sum / seen, correct / seen
             lr, progress = progress.lr, EpochProgress()
-            append_metrics(metrics_path, {
-                "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                "val_acc": val_acc, "best_val_acc": state["best_acc"], "lr": lr, "seconds": round(seconds, 3)})
+            if main:
+                append_metrics(metrics_path, {
+                    "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                    "val_acc": val_acc, "best_val_acc": state["best_acc"], "lr": lr, "seconds": round(seconds, 3)})
             save_checkpoint()
             log(f"{desc} epoch {epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
                 f"val acc {val_acc:.4f} | best {state['best_acc']:.4f} @ {state['best_epoch']} | "
                 f"lr {lr:.4g} | {seconds:.1f}s"
                 + (" | converged" if state["bad_epochs"] >= cfg.patience else ""))
             epochs_bar.update(1)
-            if stop.is_set():
+            if distributed.any_rank(stop.is_set(), device):
                 raise Interrupted(f"{desc}: interrupted after epoch {epoch}; progress is saved: rerun the same "
                                   "command to resume")
     epochs_bar.close()
     assert state["best_model"] is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
     model.load_state_dict(state["best_model"])
+    distributed.broadcast_module(model)
     return TrainResult(state["best_acc"], state["best_epoch"], state["epoch"], time.perf_counter() - t0)
 
 

@@ -103,7 +103,7 @@ def test_plan_predicts_the_bytes_of_a_real_step(optimizer):
 
 def test_plan_predicts_the_cache_of_a_real_run(tiny):
     assert tiny("--stage", "0") == 0  # the real dataset, split and writer; later caches: the benchmark test
-    p = plan(Config(**read_json(tiny.run_dir / "config.json")))
+    p = plan(Config.from_dict(read_json(tiny.run_dir / "config.json")))
     manifest = read_manifest(RunDir(tiny.run_dir).cache(0))
     assert manifest["feature_shape"] == p["stages"][0]["feature_shape"]
     assert {s: manifest["splits"][s]["count"] for s in p["splits"]} == p["splits"]

@@ -33,7 +33,7 @@ def read_split(cache_dir, split):
 
 def test_cached_features_equal_live_forward_through_frozen_blocks(tiny):
     assert tiny("--stage", "all") == 0
-    cfg = Config(**json.loads((tiny.run_dir / "config.json").read_text()))
+    cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
     raw = load_raw(cfg)
     batch = next(iter(ImageBatches(raw.test, raw.mean, raw.std, batch_size=100)))[0]
     x = batch
@@ -62,7 +62,7 @@ def test_later_stage_trains_without_earlier_weights_or_raw_data(tiny, monkeypatc
     monkeypatch.setattr(seqtrain.models, "build_block", lambda spec: built.append(spec) or real_build(spec))
 
     assert tiny("--stage", "1") == 0
-    cfg = Config(**json.loads((tiny.run_dir / "config.json").read_text()))
+    cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
     assert built == stage_specs(cfg, 3)[1]  # only stage 1's blocks were ever constructed
     manifest = json.loads((tiny.run_dir / "stage_01" / "cache" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 360 and manifest["splits"]["test"]["count"] == 100
@@ -119,7 +119,7 @@ def test_composed_network_matches_cached_path(tiny, dtype):
     assert [s["stage"] for s in results["stages"]] == [0, 1]
 
     net = load_model(tiny.run_dir / "final" / "model.pt")  # plain weights_only load, rebuilt module
-    cfg = Config(**json.loads((tiny.run_dir / "config.json").read_text()))
+    cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
     raw = load_raw(cfg)
     x, y, _ = next(iter(ImageBatches(raw.test, net.mean, net.std, batch_size=100)))
     with torch.no_grad():

@@ -48,7 +48,7 @@ def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, 
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
     return publish_manifest(cache, {
         "config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k, "weights_hash": "synthetic",
-        "num_classes": 10, "feature_shape": [16, 2, 2], "dtype": "float16", "samples_per_shard": 128,
+        "num_classes": 10, "feature_shape": [16, 2, 2], "views": 1, "dtype": "float16",
         "compression": "none", "splits": splits, "result": {}})
 
 
@@ -125,7 +125,7 @@ def test_probe_command_on_a_real_run(tiny_run):
 def test_network_features_match_the_caches_at_each_boundary(tiny_run):
     # The --e2e path pools a saved network's block outputs; on the final network (the frozen stages) it must
     # reproduce every stage's cached test features, up to float16 rounding.
-    cfg = Config(**read_json(tiny_run.config))
+    cfg = Config.from_dict(read_json(tiny_run.config))
     net, raw = load_model(tiny_run.final / "model.pt"), load_raw(cfg)
     live = pooled_network(net, raw.test, cfg.stage_sizes(), 32, "cpu")
     for k, (x, y) in enumerate(live):

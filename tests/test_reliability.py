@@ -44,7 +44,7 @@ def test_running_out_of_space_mid_write_is_clear_and_leaves_no_temp_files(tiny, 
 
 def test_second_process_on_the_same_run_dir_is_refused(tiny, capsys):
     assert tiny("--stage", "0") == 0
-    cfg = Config(**json.loads((tiny.run_dir / "config.json").read_text()))
+    cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
     with RunLock(RunDir(cfg.run_dir)):
         capsys.readouterr()
         assert tiny("--stage", "1") == 2

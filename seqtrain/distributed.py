@@ -1,0 +1,136 @@
+"""Several processes training one stage together, under torchrun and DistributedDataParallel.
+
+    torchrun --standalone --nproc-per-node 4 -m seqtrain.run --stage all      # 4 GPUs of one machine
+
+torchrun starts one process per GPU (NCCL) or per CPU worker (gloo) and sets RANK, LOCAL_RANK and
+WORLD_SIZE; a plain `python -m seqtrain.run` is a world of one and none of this is active. The division
+of labour (DESIGN.md, "Distributed"):
+
+- training: every rank draws the same global batch order from (seed, epoch) and keeps its own rows
+  (`RankShare`), so --batch-size is the global batch and every rank takes the same number of steps;
+  DDP averages the gradients;
+- evaluation: each rank scores a disjoint share and the counts are summed, so early stopping decides
+  the same on every rank;
+- caching: each rank pushes a contiguous slice of every split through the frozen block and writes its
+  own shards; rank 0 writes the manifest after the others have finished;
+- files: only rank 0 writes checkpoints, metrics, weights and results, and only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from seqtrain.errors import UserError
+
+
+def launched() -> bool:
+    """True in a process started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device_name: str) -> torch.device:
+    """This process's device; under torchrun also joins the process group (NCCL on CUDA, gloo on CPU)."""
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not launched():
+        return torch.device(device_name)
+    if device_name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"torchrun started local rank {local} but this machine has {torch.cuda.device_count()} "
+                            "GPUs; use --nproc-per-node at most the GPU count")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def sum_all(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over the ranks (the values themselves in a world of one)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (a Ctrl-C seen by one rank stops them all at one step)."""
+    if not active():
+        return flag
+    return sum_all([float(flag)], device)[0] > 0
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Make every rank's parameters and buffers rank 0's: DDP keeps parameters equal, but each rank's
+    BatchNorm running statistics drift from its own last batch, and the cache needs one frozen block."""
+    if active():
+        for t in module.state_dict().values():
+            dist.broadcast(t, 0)
+
+
+def contiguous_part(n: int) -> tuple[int, int]:
+    """This rank's [start, end) of n ordered samples: contiguous, no sample twice, sizes differing by one."""
+    r, w = rank(), world_size()
+    return r * n // w, (r + 1) * n // w
+
+
+class RankShare:
+    """This rank's rows of every global batch of `batches` (rows r, r + W, ...): disjoint across ranks."""
+
+    def __init__(self, batches):
+        self.batches, self.rank, self.world = batches, rank(), world_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.batches.num_samples
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, y, ids in self.batches:
+            yield x[self.rank::self.world], y[self.rank::self.world], ids[self.rank::self.world]
