@@ -155,7 +155,9 @@ class Config:
                 if not 0 <= block < num_blocks(self) or factor < 2 or factor & (factor - 1):
                     raise UserError(f"--downsample {block}:{factor}: blocks are 0 to {num_blocks(self) - 1} and "
                                     "factors powers of two (2, 4, ...)")
-        size = self.image_size or 32
+        from seqtrain.data import image_side
+
+        size = image_side(self)
         shape = feature_shape(block_specs(self.arch, self.width, 3, self.downsample), (3, size, size))
         if min(shape[1:]) < 1:
             raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "

@@ -31,8 +31,8 @@ from seqtrain.cache import (
     verify_shards,
     write_shards,
 )
-from seqtrain.config import Config, config_hash
-from seqtrain.data import ImageBatches, RawData, Split
+from seqtrain.config import Config, config_hash, shaping_dict
+from seqtrain.data import ImageBatches, RawData, Split, source_fingerprint
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha256_state_dict, write_json
 from seqtrain.loader import CachedBatches
@@ -64,10 +64,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def dataset_fingerprint(cfg: Config) -> str:
-    """Identifies stage 0's input: the dataset and its validation split."""
-    keys = ("dataset", "n_train", "n_test", "data_seed", "val_fraction")
-    return sha256_json({k: getattr(cfg, k) for k in keys})[:16]
+_fingerprints: dict[str, str | None] = {}
+
+
+def dataset_fingerprint(cfg: Config) -> str | None:
+    """Identifies stage 0's input (the dataset, its image size and validation split, an image folder's files);
+    None when an image folder is not here, so that later stages can run from the caches alone.
+
+    Computed once per process: listing a large image folder is not free.
+    """
+    key = sha256_json([cfg.data_dir, shaping_dict(cfg)])
+    if key not in _fingerprints:
+        try:
+            _fingerprints[key] = sha256_json(source_fingerprint(cfg))[:16]
+        except UserError:
+            if cfg.dataset != "imagefolder":
+                raise
+            _fingerprints[key] = None
+    return _fingerprints[key]
 
 
 def rebuild_hint(run: RunDir, k: int) -> str:
@@ -89,7 +103,7 @@ def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
     if manifest["config_hash"] != config_hash(cfg):
         return None, f"stage {k}'s cache was made with another configuration"
     if k == 0:
-        expected = dataset_fingerprint(cfg)
+        expected = dataset_fingerprint(cfg) or manifest["input_fingerprint"]  # no image folder: trust stage 0
     else:
         previous, why = stage_manifest(cfg, run, k - 1)
         if previous is None:
