@@ -45,7 +45,7 @@ class Config:
     crop_padding: int = 4  # random crop: pixels of zero padding on each side before cropping back, 2-4 at 32x32
     cache_views: int = 1  # augmented views of each training sample cached per stage (view 0 plain); disk grows V-fold
     # --- network
-    arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16
+    arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16, or torchvision:NAME
     width: int = 0  # channels of the first block; 0 = the architecture's standard width (16 or 64)
     stages: str = "4"  # number of trainable stages, or blocks per stage as a list, e.g. "3,3,2,2"
     downsample: str = "standard"  # "standard", "accelerated" (every reduction one group earlier), or "BLOCK:FACTOR,..."
@@ -82,7 +82,10 @@ class Config:
         """Check every value once, before anything is written; raise UserError naming the flag."""
         from seqtrain.models import num_blocks
 
+        self.check_external_arch()
         for name, options in choices().items():
+            if name == "arch" and ":" in self.arch:
+                continue  # torchvision:NAME and custom:HASH, checked above
             if getattr(self, name) not in options:
                 raise UserError(f"{flag(name)} {getattr(self, name)!r} is not known; choose one of: "
                                 + ", ".join(options))
@@ -124,6 +127,11 @@ class Config:
         from seqtrain.models import num_blocks
 
         total = num_blocks(self)
+        if ":" in self.arch:  # a torchvision or custom network: its stages are fixed by --split or by split()
+            if str(self.stages) not in (Config.stages, str(total)):
+                raise UserError(f"--stages {self.stages} does not apply to --arch {self.arch}, which has {total} "
+                                "stages: place them with --split")
+            return [1] * total
         text = str(self.stages).replace(" ", "")
         try:
             parts = [int(p) for p in text.split(",")]
@@ -144,6 +152,8 @@ class Config:
     def check_downsample(self) -> None:
         from seqtrain.models import block_specs, feature_shape, num_blocks
 
+        if ":" in self.arch:
+            return  # torchvision stages checked their shapes in check_external_arch
         if self.downsample not in ("standard", "accelerated"):
             try:
                 placed = [tuple(int(v) for v in item.split(":")) for item in self.downsample.split(",")]
@@ -162,6 +172,28 @@ class Config:
         if min(shape[1:]) < 1:
             raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "
                             "reduce less")
+
+    def check_external_arch(self) -> None:
+        """--arch torchvision:NAME (and --split), or a custom:HASH network given to seqtrain.train_stages()."""
+        from seqtrain.splitting import check_torchvision, is_torchvision, torchvision_stage_shapes
+
+        if ":" not in self.arch:
+            if self.split:
+                raise UserError("--split places the stages of --arch torchvision:NAME only; for seqtrain's own "
+                                "networks use --stages")
+            return
+        if not (is_torchvision(self.arch) or self.arch.startswith("custom:")):
+            raise UserError(f"--arch {self.arch!r} is not known; use one of {', '.join(choices()['arch'])} "
+                            "or torchvision:NAME")
+        for name in ("width", "downsample", "stage_convs", "stage_width"):
+            if getattr(self, name) != getattr(Config, name):
+                raise UserError(f"{flag(name)} shapes seqtrain's own networks, not --arch {self.arch}; "
+                                "drop it (stages are placed with --split)")
+        if is_torchvision(self.arch):
+            from seqtrain.data import image_side
+
+            check_torchvision(self.arch, self.split)
+            torchvision_stage_shapes(self.arch, self.split, (3, image_side(self), image_side(self)))
 
     def stage_convs_list(self) -> list[int] | None:
         """--stage-convs as one conv count per stage, or None for the architecture's own blocks."""

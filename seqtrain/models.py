@@ -3,6 +3,21 @@
 A network is described by a list of `BlockSpec`s (cheap plain data); a stage builds only the blocks it
 trains, so stage k never constructs, let alone loads, blocks 0..k-1. The same specs compose the final
 network and the end-to-end baseline, so all three share one definition.
+
+Two per-stage knobs shape what each trainable stage can learn (stage_specs() applies them):
+  - the downsampling schedule (`--downsample`, see schedule()): where resolution drops;
+  - convolution intensity (`--stage-convs`, `--stage-width`): how much convolution a stage has. Here it
+    means two things, per trainable stage: the number of 3x3 convolution layers in each of its blocks
+    (a ResNet basic block's residual branch normally has 2, a VGG block 1; 1 to 4 allowed; the ResNet
+    stem stays one convolution, so "2,2,2,2" on a ResNet is the architecture's own) and a multiplier of
+    every block's output channels. Ma, Yu, Li, Wang (2020) verify their explanation (shallow features are
+    poorly separable, and a strong local classifier there fits them to the local objective at the
+    expense of later stages) by controlling the intensity of convolution in the local, shallow layers.
+    Their text and code are not available to us, so this is our explicit version of that experiment:
+    weaken the shallow stage (e.g. `--stage-convs 1,2,2,2`, `--stage-width 0.5,1,1,1`) or strengthen it
+    (`--stage-convs 4,2,2,2`) with everything else fixed, and compare sequential against e2e accuracy
+    (benchmarks/accuracy.py --stage-convs ...). Their account predicts that a weaker shallow stage loses
+    less to e2e, the effect accelerated downsampling gets by spending fewer blocks at high resolution.
 """
 
 from __future__ import annotations
@@ -30,11 +45,19 @@ class BlockSpec:
     in_ch: int
     out_ch: int
     stride: int = 1  # spatial reduction by the block's first convolution (ResNet blocks and stems)
-    pool: int = 1  # VGG: spatial reduction by a max-pool after the convolution
+    pool: int = 1  # VGG: spatial reduction by a max-pool after the convolution(s)
+    convs: int = 0  # 3x3 convolution layers; 0 = the kind's usual (USUAL_CONVS): --stage-convs sets it
 
     @property
     def reduction(self) -> int:
         return self.stride * self.pool
+
+    @property
+    def num_convs(self) -> int:
+        return self.convs or USUAL_CONVS[self.kind]
+
+
+USUAL_CONVS = {"stem": 1, "basic": 2, "conv": 1}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -46,28 +69,40 @@ def conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> list[nn.Module]:
 
 
 class BasicBlock(nn.Module):
-    """He et al. 2016 basic block; a 1x1 projection shortcut when the shape changes (option B)."""
+    """He et al. 2016 basic block; a 1x1 projection shortcut when the shape changes (option B).
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+    The residual branch has `convs` conv3x3-BN layers (2 in the paper), ReLU between them; the first carries
+    the stride. Layers are named conv1, bn1, conv2, bn2, ... so the usual block's weights keep their names.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, convs: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        assert convs >= 1, f"a basic block needs at least one convolution, got {convs}"
+        self.convs = convs
+        for i in range(1, convs + 1):
+            self.add_module(f"conv{i}", nn.Conv2d(in_ch if i == 1 else out_ch, out_ch, 3, stride if i == 1 else 1, 1,
+                                                  bias=False))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(out_ch))
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = x
+        for i in range(1, self.convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.convs:  # the last one is added to the shortcut before its ReLU
+                out = torch.relu(out)
         return torch.relu(out + self.shortcut(x))
 
 
 def build_block(spec: BlockSpec) -> nn.Module:
     if spec.kind == "basic":
-        return BasicBlock(spec.in_ch, spec.out_ch, spec.stride)
+        return BasicBlock(spec.in_ch, spec.out_ch, spec.stride, spec.num_convs)
+    # A stem or VGG block: conv-BN-ReLU layers (the first carries the stride), then the max-pool if any.
     layers = conv_bn_relu(spec.in_ch, spec.out_ch, spec.stride)
+    for _ in range(spec.num_convs - 1):
+        layers += conv_bn_relu(spec.out_ch, spec.out_ch)
     if spec.pool > 1:
         layers.append(nn.MaxPool2d(spec.pool))
     return nn.Sequential(*layers)
@@ -143,20 +178,49 @@ def standard_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[Bloc
 
 
 def num_blocks(cfg) -> int:
+    """Blocks of the network; a torchvision:NAME or custom:HASH network has one block per stage."""
+    if cfg.arch.startswith("torchvision:"):
+        from seqtrain.splitting import torchvision_num_stages
+
+        return torchvision_num_stages(cfg.arch, cfg.split)
+    if cfg.arch.startswith("custom:"):  # seqtrain.train_stages() sets --stages to the number of modules it was given
+        return int(cfg.stages)
     return len(standard_specs(cfg.arch, cfg.width))
 
 
 def stage_specs(cfg, in_channels: int = 3) -> list[list[BlockSpec]]:
-    """The network's blocks grouped into the configured trainable stages."""
+    """The network's blocks grouped into the configured trainable stages, with each stage's convolution
+    intensity applied: --stage-convs sets the conv layers of its blocks (the ResNet stem keeps its one),
+    --stage-width multiplies their output channels (rounded, at least 1); input channels follow."""
     specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample), [], 0
-    for size in cfg.stage_sizes():
-        out.append(specs[start:start + size])
+    convs, widths = cfg.stage_convs_list(), cfg.stage_width_list()
+    ch = in_channels
+    for k, size in enumerate(cfg.stage_sizes()):
+        group = []
+        for s in specs[start:start + size]:
+            if convs is not None and s.kind != "stem":
+                s = replace(s, convs=convs[k])
+            out_ch = max(1, round(s.out_ch * widths[k])) if widths is not None else s.out_ch
+            group.append(replace(s, in_ch=ch, out_ch=out_ch))
+            ch = out_ch
+        out.append(group)
         start += size
     return out
 
 
 def build_stage_block(specs: list[BlockSpec]) -> nn.Sequential:
     return nn.Sequential(*[build_block(s) for s in specs])
+
+
+def build_stage(cfg, k: int, in_shape: tuple[int, int, int]) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Stage k's module, freshly initialised, and its output shape (C, H, W) for inputs of `in_shape`."""
+    if cfg.arch.startswith("torchvision:"):
+        from seqtrain.splitting import build_torchvision_stage, stage_shapes
+
+        block = build_torchvision_stage(cfg.arch, cfg.split, k)
+        return block, stage_shapes([block], tuple(in_shape))[0]
+    specs = stage_specs(cfg, in_shape[0])[k]  # in_shape[0] only sets stage 0's input channels
+    return build_stage_block(specs), feature_shape(specs, tuple(in_shape))
 
 
 def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -241,6 +305,12 @@ class SequentialNet(nn.Module):
 
 
 def build_network(cfg, in_channels: int, num_classes: int) -> SequentialNet:
+    if cfg.arch.startswith("torchvision:"):
+        from seqtrain.splitting import build_torchvision_stage, torchvision_stage_channels
+
+        stages = [build_torchvision_stage(cfg.arch, cfg.split, k) for k in range(cfg.num_stages)]
+        return SequentialNet(stages, build_head(cfg, torchvision_stage_channels(cfg.arch, cfg.split)[-1],
+                                                num_classes))
     groups = stage_specs(cfg, in_channels)
     head = build_head(cfg, groups[-1][-1].out_ch, num_classes)
     return SequentialNet([build_stage_block(g) for g in groups], head)
@@ -252,6 +322,11 @@ def load_model(path: str | Path) -> SequentialNet:
 
     saved = load_torch(Path(path))
     cfg = Config(**saved["config"])
+    if cfg.arch.startswith("custom:"):
+        from seqtrain.errors import UserError
+
+        raise UserError(f"{path} holds a network given to seqtrain.train_stages(), which only your code can rebuild: "
+                        "split it as before and load torch.load(path)['model'] into SequentialNet(stages, head)")
     net = build_network(cfg, saved["in_channels"], saved["num_classes"])
     net.load_state_dict(saved["model"])
     net.mean, net.std = saved["mean"], saved["std"]  # per-channel input normalisation, as lists

@@ -38,7 +38,8 @@ from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha25
 from seqtrain.loader import CachedBatches
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
-from seqtrain.models import StageModel, build_head, build_network, build_stage_block, feature_shape, stage_specs
+from seqtrain.models import SequentialNet, StageModel, build_head, build_network, build_stage
+from seqtrain.splitting import stage_shapes
 from seqtrain.train import autocast_for, evaluate, fit
 
 
@@ -131,8 +132,12 @@ def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True
 # One stage
 
 
-def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: torch.device) -> dict:
-    """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output."""
+def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: torch.device,
+              block: torch.nn.Module | None = None) -> dict:
+    """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output.
+
+    `block` is stage k's module when the caller holds it (seqtrain.train_stages); otherwise it is built from cfg.
+    """
     stage_dir, cache_dir = run.stage(k), run.cache(k)
     main = distributed.is_main()  # under torchrun only rank 0 writes files other than its own shards
     if main:
@@ -159,16 +164,18 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
 
     # Only this stage's block and head are built: the process never sees blocks 0..k-1.
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
-    specs = stage_specs(cfg, in_shape[0])[k]
+    if block is None:
+        block, out_shape = build_stage(cfg, k, tuple(in_shape))
+    else:
+        out_shape = stage_shapes([block], tuple(in_shape))[0]
     if main:
-        check_disk(run, k, predicted_bytes(feature_shape(specs, in_shape), cfg.cache_dtype, counts, cfg.cache_views))
-    block = build_stage_block(specs)
-    head = build_head(cfg, specs[-1].out_ch, num_classes)
+        check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, counts, cfg.cache_views))
+    head = build_head(cfg, out_shape[0], num_classes)
     model = StageModel(block, head).to(device)
     identity = {"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k}
     desc = f"stage {k}/{cfg.num_stages - 1}"
-    log(f"{desc}: {len(specs)} block(s), {sum(p.numel() for p in block.parameters()):,} parameters, "
-        f"input {tuple(in_shape)}")
+    log(f"{desc}: {len(block) if isinstance(block, torch.nn.Sequential) else 1} block(s), "
+        f"{sum(p.numel() for p in block.parameters()):,} parameters, input {tuple(in_shape)}")
 
     with PeakMemory(device) as train_mem:
         trained = fit(model, batches["train"], batches["val"], cfg, workdir=stage_dir, identity=identity,
@@ -255,9 +262,23 @@ def frozen_cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: s
 # Final network and e2e baseline
 
 
-def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData, device) -> dict:
+def final_head(cfg: Config, run: RunDir) -> torch.nn.Module:
+    """The last stage's trained auxiliary head: the composed network's classifier."""
+    manifest, why = stage_manifest(cfg, run, cfg.num_stages - 1)
+    if manifest is None:
+        raise UserError(f"the final network needs every stage: {why}; run --stage all")
+    head = build_head(cfg, manifest["feature_shape"][0], manifest["num_classes"])
+    head.load_state_dict(load_torch(run.stage(cfg.num_stages - 1) / "block.pt")["head"])
+    return head
+
+
+def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData, device,
+                   blocks: list[torch.nn.Module] | None = None) -> dict:
     """Compose frozen blocks 0..K-1 and the last head, evaluate on raw test images, save final/model.pt."""
-    net = build_network(cfg, raw.in_shape[0], raw.num_classes)
+    if blocks is None:
+        net = build_network(cfg, raw.in_shape[0], raw.num_classes)
+    else:
+        net = SequentialNet(blocks, build_head(cfg, manifests[-1]["feature_shape"][0], raw.num_classes))
     for k, manifest in enumerate(manifests):
         path = run.stage(k) / "block.pt"
         if not path.exists():
@@ -373,8 +394,11 @@ def collect_results(cfg: Config, run: RunDir) -> dict:
             "torch": torch.__version__}
 
 
-def run_all(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
-    """Every stage in order (skipping complete ones, resuming interrupted ones), then the final network."""
+def run_all(cfg: Config, run: RunDir, raw: RawData, device, blocks: list[torch.nn.Module] | None = None) -> dict:
+    """Every stage in order (skipping complete ones, resuming interrupted ones), then the final network.
+
+    `blocks`: the stages' modules when the caller holds them (seqtrain.train_stages); else each is built from cfg.
+    """
     manifests = []
     for k in range(cfg.num_stages):
         manifest, why = stage_manifest(cfg, run, k)
@@ -384,16 +408,18 @@ def run_all(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
             except CorruptCache as e:
                 raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
             log(f"stage {k}/{cfg.num_stages - 1}: complete, skipped")
+            if blocks is not None:  # the caller's modules get the weights that made this cache
+                blocks[k].load_state_dict(load_torch(run.stage(k) / "block.pt")["block"])
         else:
             log(f"stage {k}/{cfg.num_stages - 1}: {why}; training it")
-            manifest = run_stage(cfg, run, k, raw, device)
+            manifest = run_stage(cfg, run, k, raw, device, None if blocks is None else blocks[k])
         manifests.append(manifest)
 
     saved = read_json(run.final / "results.json") if (run.final / "results.json").exists() else None
     if saved and saved["final"]["fingerprint"] == manifests[-1]["fingerprint"]:
         log("final: complete, skipped")
     else:
-        final = assemble_final(cfg, run, manifests, raw, device)
+        final = assemble_final(cfg, run, manifests, raw, device, blocks)
         if distributed.is_main():
             write_json(run.final / "results.json", {**collect_results(cfg, run), "final": final})
         distributed.barrier()

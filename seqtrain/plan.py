@@ -5,9 +5,11 @@
 Per stage: its parameters, output feature shape, the analytic training memory at the configured batch
 size (memory.analytic_step on the "meta" device: one real forward/backward/optimizer step that computes
 nothing, about a second for a ResNet-18), the host memory of its input, and the bytes its cache will
-take on disk (every split, in the cache dtype, one view per training sample: there are no augmented
-views to cache yet; V views would multiply the train split's bytes by V). Then the end-to-end baseline,
-the totals, and the free space where the run directory is, or will be.
+take on disk (every split, in the cache dtype; the train split holds --cache-views V views of each
+sample, [n, V, C, H, W], so its bytes grow V-fold and its shards hold V-fold fewer samples; val and test
+hold one). Then the end-to-end baseline, the totals, the free space where the run directory is, or will
+be, and every block's output resolution, stage by stage, so that schedules can be compared (--downsample
+standard against accelerated: where the resolution drops, and how many blocks run at each resolution).
 
 The analytic figure is a floor, not the peak: the transient gradients of activations during backward,
 allocator caches and library workspaces come on top (benchmarks/memory.py measures the ratio). With
@@ -26,18 +28,36 @@ import torch
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.memory import MB, StepBytes, analytic_step
-from seqtrain.models import StageModel, build_head, build_network, build_stage_block, feature_shape, stage_specs
+from seqtrain.models import (
+    USUAL_CONVS,
+    BlockSpec,
+    StageModel,
+    build_head,
+    build_network,
+    build_stage_block,
+    feature_shape,
+    stage_specs,
+)
 from seqtrain.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from seqtrain.train import make_optimizer
 
-NUM_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cifar10": 10, "cifar100": 100}
-STANDARD_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # (train, test) images
+NUM_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10,
+               "svhn": 10}
+STANDARD_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "mnist": (60_000, 10_000),
+                  "fashion-mnist": (60_000, 10_000), "svhn": (73_257, 26_032)}  # (train, test) images
+IMAGE_SIDES = {"mnist": 28, "fashion-mnist": 28}  # every other dataset: 32 (data.py replicates grayscale to RGB)
 
 # Bytes of one HDF5 shard beyond its data, measured with h5py 3.16 / HDF5 2.0 for shards of up to 64
 # chunks (--shard-mb 64 or less): superblock, three object headers, the chunk index. Larger shards add
 # a few KB per further 64 chunks of 1 MB, under 0.01%.
 SHARD_OVERHEAD = 7104
 LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
+
+
+def dataset_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of the images the network sees: three channels, the dataset's side or --image-size when given."""
+    side = cfg.image_size or IMAGE_SIDES.get(cfg.dataset, 32)
+    return 3, side, side
 
 
 def split_counts(cfg: Config) -> dict[str, int]:
@@ -64,12 +84,18 @@ def shard_bytes(n: int, row_bytes: int) -> int:
     return math.ceil(n / chunk_rows) * chunk_rows * row_bytes + n * LABEL_ID_BYTES + SHARD_OVERHEAD
 
 
+def row_shape(shape: tuple[int, ...], cfg: Config, split: str) -> tuple[int, ...]:
+    """The stored shape of one sample of `split`: [V, C, H, W] for the train split's views, else [C, H, W]."""
+    return (cfg.cache_views, *shape) if split == "train" and cfg.cache_views > 1 else tuple(shape)
+
+
 def cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> int:
-    """Bytes on disk of one stage's cache of `shape` features, every split, uncompressed."""
-    row = int(np.prod(shape)) * np.dtype(cfg.cache_dtype).itemsize
-    per_shard = samples_per_shard(shape, cfg.cache_dtype, cfg.shard_mb)
+    """Bytes on disk of one stage's cache of `shape` features, every split (train with its views), uncompressed."""
     total = 0
     for split in SPLITS:
+        row_shp = row_shape(shape, cfg, split)
+        row = int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
+        per_shard = samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb)
         full, rest = divmod(counts[split], per_shard)
         total += full * shard_bytes(per_shard, row) + (shard_bytes(rest, row) if rest else 0)
     return total
@@ -80,9 +106,10 @@ def input_bytes(cfg: Config, k: int, in_shape: tuple[int, ...], counts: dict[str
     whole in RAM; for later stages the loader's budget, --resident-shards shards of the previous cache."""
     if k == 0:
         return sum(counts.values()) * int(np.prod(in_shape))
-    per_shard = samples_per_shard(in_shape, cfg.cache_dtype, cfg.shard_mb)
+    row_shp = row_shape(in_shape, cfg, "train")  # with --cache-views, a sample's row holds all its views
+    per_shard = samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb)
     resident = min(counts["train"], cfg.resident_shards * per_shard)
-    return resident * int(np.prod(in_shape)) * np.dtype(cfg.cache_dtype).itemsize
+    return resident * int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
 
 
 def free_disk(path: str | Path) -> tuple[str, int]:
@@ -93,17 +120,30 @@ def free_disk(path: str | Path) -> tuple[str, int]:
     return str(p), shutil.disk_usage(p).free
 
 
-def plan(cfg: Config, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None,
+def block_rows(k: int, first: int, specs: list[BlockSpec], in_shape: tuple[int, ...]) -> list[dict]:
+    """One dict per block of stage k (global index from `first`): kind, channels, reduction, convs, output."""
+    rows, shape = [], tuple(in_shape)
+    for i, s in enumerate(specs):
+        shape = feature_shape([s], shape)
+        rows.append({"index": first + i, "stage": k, "kind": s.kind, "in_ch": s.in_ch, "out_ch": s.out_ch,
+                     "stride": s.stride, "pool": s.pool, "convs": s.num_convs, "out_shape": list(shape)})
+    return rows
+
+
+def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
          n_samples: dict[str, int] | None = None) -> dict:
     """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
 
-    `num_classes` defaults to the dataset's and `n_samples` (per split) to split_counts(cfg).
+    `in_shape` defaults to dataset_shape(cfg), `num_classes` to the dataset's and `n_samples` (per split)
+    to split_counts(cfg).
     """
+    in_shape = tuple(in_shape or dataset_shape(cfg))
     num_classes = num_classes or NUM_CLASSES[cfg.dataset]
     counts = n_samples or split_counts(cfg)
-    stages, shape = [], tuple(in_shape)
+    stages, blocks, shape = [], [], tuple(in_shape)
     for k, specs in enumerate(stage_specs(cfg, in_shape[0])):
         out_shape = feature_shape(specs, shape)
+        blocks += block_rows(k, len(blocks), specs, shape)
         with torch.device("meta"):
             block = build_stage_block(specs)
             model = StageModel(block, build_head(cfg, specs[-1].out_ch, num_classes))
@@ -121,9 +161,9 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes:
     disk_path, free = free_disk(cfg.run_dir)
     return {
         "arch": cfg.arch, "width": cfg.width, "stage_sizes": cfg.stage_sizes(), "batch_size": cfg.batch_size,
-        "optimizer": cfg.optimizer, "in_shape": list(in_shape), "num_classes": num_classes, "splits": counts,
-        "cache_dtype": cfg.cache_dtype, "compression": cfg.compression, "bf16": cfg.bf16,
-        "stages": stages, "e2e": e2e,
+        "optimizer": cfg.optimizer, "downsample": cfg.downsample, "in_shape": list(in_shape),
+        "num_classes": num_classes, "splits": counts, "cache_views": cfg.cache_views, "cache_dtype": cfg.cache_dtype,
+        "compression": cfg.compression, "bf16": cfg.bf16, "stages": stages, "blocks": blocks, "e2e": e2e,
         "totals": {"parameters": sum(s["parameters"] for s in stages) + stages[-1]["head_parameters"],
                    "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest,
                    "peak_ratio": largest / e2e["analytic"]["total"]},
@@ -142,8 +182,9 @@ def mb(n: int) -> str:
 def format_plan(p: dict) -> str:
     """The plan as a table for people: one row per stage and one for e2e, then totals and free disk."""
     n = p["splits"]
+    views = f" x {p['cache_views']} views" if p["cache_views"] > 1 else ""
     lines = [f"plan: {p['arch']} in {len(p['stages'])} stages {p['stage_sizes']}, batch {p['batch_size']}, "
-             f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}/{n['val']:,}/{n['test']:,} "
+             f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}{views}/{n['val']:,}/{n['test']:,} "
              "train/val/test samples"]
     rows = [["stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
              "train MB", "input (host) MB", "cache MB"]]
@@ -171,7 +212,33 @@ def format_plan(p: dict) -> str:
         lines.append(f"cache sizes are uncompressed: an upper bound with --compression {p['compression']}")
     if p["bf16"]:
         lines.append("activations are predicted in float32: with --bf16 on CUDA they take about half")
+    lines.append(f"blocks ({p['downsample']} downsampling, input {shape_text(p['in_shape'])}): index kind, "
+                 "/N where it reduces the resolution N-fold, -> output channels @ H x W")
+    lines += [f"  stage {k}: {line}" for k, line in enumerate(block_lines(p["blocks"]))]
     return "\n".join(lines)
+
+
+def block_lines(blocks: list[dict]) -> list[str]:
+    """One line per stage; runs of like blocks that keep the resolution share an entry ("1-2 basic -> 16@32x32")."""
+    lines: dict[int, list[list]] = {}
+    for b in blocks:
+        entries, text = lines.setdefault(b["stage"], []), block_text(b)
+        if entries and entries[-1][2] == text and b["stride"] * b["pool"] == 1:
+            entries[-1][1] = b["index"]
+        else:
+            entries.append([b["index"], b["index"], text])
+    return ["; ".join(f"{a}-{z} {text}" if z > a else f"{a} {text}" for a, z, text in entries)
+            for _, entries in sorted(lines.items())]
+
+
+def block_text(b: dict) -> str:
+    """"basic (1 conv) /2 -> 32@16x16": the kind, its convs when not the usual, its reduction, its output."""
+    text = b["kind"]
+    if b["convs"] != USUAL_CONVS[b["kind"]]:
+        text += f" ({b['convs']} conv{'s' if b['convs'] > 1 else ''})"
+    if b["stride"] * b["pool"] > 1:
+        text += f" /{b['stride'] * b['pool']}"
+    return text + f" -> {b['out_shape'][0]}@{shape_text(b['out_shape'][1:])}"
 
 
 def aligned(rows: list[list[str]]) -> str:

@@ -1,0 +1,55 @@
+"""The Python entry point: train your own network's stages with the same pipeline as the command line.
+
+    import seqtrain
+    stages = seqtrain.split(trunk, at=["layer2", "layer3", "layer4"])      # any sequence of named children
+    net = seqtrain.train_stages(stages, dataset="cifar10", data_dir="data", run_dir="runs/mine", max_epochs=30)
+    net.results["final"]["test_acc"]                                          # the summary table's figures
+
+`train()` takes the settings of the command line as keyword arguments (the fields of `seqtrain.config.Config`),
+trains stage after stage exactly as `--stage all` does (early stopping, HDF5 caches, checkpoints, resume
+after a kill), and returns the composed network: your stages, trained in place, then the last stage's
+auxiliary head. The run directory identifies your network by the structure of its stages (`custom:HASH`
+in config.json), so a changed network retrains instead of reusing caches of another one. Unlike the
+command line, all stages live in one process (they are your objects); each is moved to the device only
+while it trains or caches.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from seqtrain.config import Config
+from seqtrain.files import sha256_json
+
+
+def custom_arch(stages: list[nn.Module]) -> str:
+    """custom:HASH of the stages' structure (module types, names, shapes), not of their weights."""
+    structure = [[(name, type(m).__name__, repr(m)) for name, m in stage.named_modules()] for stage in stages]
+    return "custom:" + sha256_json(structure)[:12]
+
+
+def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
+    """Train `stages` one at a time (resuming or skipping finished ones), cache their features, compose them.
+
+    Returns the final network in eval mode; its `.results` holds the summary table's figures.
+    """
+    from seqtrain.data import load_raw
+    from seqtrain.files import write_json
+    from seqtrain.log import log
+    from seqtrain.models import SequentialNet
+    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, resolve_device, run_all
+    from seqtrain.run import summary_table
+
+    stages = list(stages)
+    cfg = Config.from_dict({**settings, "arch": custom_arch(stages), "stages": str(len(stages))}).validate()
+    device = resolve_device(cfg.device)
+    raw = load_raw(cfg)
+    run = prepare_run_dir(cfg)
+    with RunLock(run):
+        write_json(run.config, {**cfg.to_dict(), "normalization": {"mean": raw.mean, "std": raw.std}})
+        log(f"seqtrain: {len(stages)} stages of {cfg.arch} on {cfg.dataset}, device {device}, run dir {run.root}")
+        results = run_all(cfg, run, raw, device, blocks=stages)
+    log("\n" + summary_table(results))
+    net = SequentialNet(stages, final_head(cfg, run)).eval()
+    net.mean, net.std, net.results = raw.mean, raw.std, results
+    return net
