@@ -109,4 +109,6 @@ def test_plan_predicts_the_cache_of_a_real_run(tiny):
     assert {s: manifest["splits"][s]["count"] for s in p["splits"]} == p["splits"]
     assert cache_bytes(manifest) == pytest.approx(p["stages"][0]["cache_bytes"], rel=0.01)
     text = format_plan(p)
-    assert "e2e" in text and "free at" in text and len(text.splitlines()) == len(p["stages"]) + 8
+    # A line per stage in the table and in the per-block list (where each block leaves the resolution).
+    assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 9
+    assert text.splitlines()[-1].startswith(f"  stage {len(p['stages']) - 1}: ")
