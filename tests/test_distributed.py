@@ -29,6 +29,7 @@ def torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_ranks_complete_the_pipeline_and_cache_every_sample_once(tmp_path):
     flags = tiny_flags(tmp_path, "--augment", "crop", "--cache-views", "2")
     proc = torchrun(["--stage", "all", *flags])
