@@ -1,25 +1,48 @@
 """Test accuracy of layer-wise (sequential) training against end to end, across depth, the number of stages K
 and the downsampling schedule: the claim of Ma, Yu, Li, Wang (2020) that layer-wise learning degrades on deep
 networks and that accelerated downsampling (models.schedule) recovers it, at a fraction of e2e's memory.
+Optionally across convolution intensity too (models.py: conv layers per block and channel width per stage),
+their verification experiment.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/accuracy.py --quick     # ResNet-20/32, K 2,4, 3 seeds, 2,000 images: 2 CPU cores
-    .venv/bin/python benchmarks/accuracy.py             # ResNet-20/32/56/18, K 2,4,8, 3 seeds, default data: a GPU
+    .venv/bin/python benchmarks/accuracy.py --quick     # the issue's sweep, small: 2 CPU cores, <= 20 min
+    .venv/bin/python benchmarks/accuracy.py             # the same sweep at full size on the default data: a GPU
     .venv/bin/python benchmarks/accuracy.py --dataset cifar10 --data-dir data   # any seqtrain dataset
+    .venv/bin/python benchmarks/accuracy.py --quick --archs resnet32 --ks 4 \
+        --stage-convs usual 1,2 --stage-width usual 0.5,1   # convolution intensity of the shallow stage
     .venv/bin/python benchmarks/accuracy.py --archs resnet20 --ks 2 --seeds 0 --n-train 400 --n-test 100 \
         --width 4 --max-epochs 1                        # a smoke test, well under a minute
+
+Both presets sweep ResNet-20, 32, 56 (CIFAR, 10, 16, 28 blocks) and ResNet-18 (9 blocks) x K in {2, 4, 8}
+x downsampling {standard, accelerated} x {sequential, e2e} x seeds {0, 1, 2}: 96 runs.
+  full    seqtrain's defaults: standard widths, 10,000 synthetic images (9,000 train), <= 12 epochs at
+          batch 128, early stopping; one process per stage.
+  quick   width 8, 2,000 images (1,800 train, 200 val) and 1,000 test images, 5 epochs of AdamW at batch
+          64, lr 0.003 after a one-epoch warm-up, no early stopping (--patience 5), one process per run,
+          two runs side by side on one thread each: ~18.5 min on 2 idle cores. Why these values, and what
+          they cannot show (every network is under-trained at this budget): the comment on PRESETS below.
+Every setting can be overridden by its flag; the settings used are printed above the table and saved.
 
 Every point runs the real pipeline, `python -m seqtrain.run`, in fresh processes (the package's own code
 path, nothing re-implemented): a sequential point runs `--stage k` for each stage in its own process (so each
 stage's peak memory is its own) and then `--stage all`, which assembles the final network and evaluates it on
-the raw test images; e2e does not depend on K, so it runs once per (arch, downsample, seed) with `--stages 1`
-in its own run directory. Run directories live under OUT/runs/SETTINGS-HASH/ and complete stages are reused:
-a rerun trains only what is missing, and changing a setting starts new directories.
+the raw test images; with --one-process (the quick preset) it runs `--stage all` alone, which saves about
+2 s of start-up per stage, but a stage's peak then includes what earlier stages left resident. e2e does not
+depend on K, so it runs once per (arch, downsample, seed) with `--stages 1` in its own run directory; with a
+convolution intensity other than the usual the network depends on the stage split, so e2e then runs per K
+with the same `--stages K --stage-convs ... --stage-width ...` network. Run directories live under
+OUT/runs/SETTINGS-HASH/ and complete stages are reused: a rerun trains only what is missing, and changing a
+setting starts new directories.
 
-Reported per (arch, downsample, K, method), mean and std over seeds:
+Convolution intensity (--stage-convs, --stage-width): each value is "usual" or a comma-separated list; a
+list shorter than K has its last value repeated ("1,2" is "1,2,2,2" at K = 4: only the first stage's
+blocks have one convolution), and points with K below its length are skipped. The axis is every
+combination of the two flags' values; the default is "usual" for both (seqtrain's own blocks).
+
+Reported per (arch, downsample, intensity, K, method), mean and std over seeds:
   test acc      the final network's (sequential) or the e2e network's accuracy on the test split
-  gap           sequential minus e2e test accuracy of the same arch, downsample and seed, in points
+  gap           sequential minus e2e test accuracy of the same arch, downsample, intensity and seed, in points
   peak MB       the largest stage's peak memory (its training or its caching pass, as run.py's table), and
                 e2e's: on CUDA the allocator's peak; on a CPU the process's peak resident set, which includes
                 about 0.7 GB of torch itself (printed as measured)
@@ -27,6 +50,7 @@ Reported per (arch, downsample, K, method), mean and std over seeds:
                 after importing seqtrain.pipeline (torch, h5py) and one tiny conv training step (torch maps
                 its CPU kernels at first use), measured once at the start; on CUDA no subtraction. Beside
                 it the analytic ratio of seqtrain.plan (bytes held by a training step, device-independent).
+  time s        training and caching seconds of all seeds, as the runs recorded them
 The target (issue "Layer-wise scaling study"): ResNet-32, K = 4, accelerated downsampling within 1 point of
 e2e, with mem ratio <= 0.3. It is printed, met or missed, whenever that point was run.
 Output: a table, OUT/results.json, OUT/accuracy.png (accuracy against depth and K) and, last, a JSON line
@@ -50,7 +74,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from seqtrain.config import Config  # noqa: E402
+from seqtrain.config import Config, flag  # noqa: E402
 from seqtrain.data import load_raw  # noqa: E402
 from seqtrain.errors import UserError  # noqa: E402
 from seqtrain.files import read_json, sha256_json, write_json  # noqa: E402
@@ -60,19 +84,39 @@ from seqtrain.pipeline import RunDir, collect_results, resolve_device, stage_man
 from seqtrain.plan import aligned, plan  # noqa: E402
 
 PRESETS = {
-    # For a GPU: every depth of the issue at the default dataset size and epoch cap.
+    # For a GPU: every depth of the issue at the default dataset size and epoch cap, seqtrain's training defaults.
     "full": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 10_000,
-             "n_test": 2_000, "width": 0, "max_epochs": 12, "batch_size": 128, "jobs": 1},
-    # 2 CPU cores, 20 minutes. Measured here at 3,000 images: the ResNet-20 slice of one seed (6 runs) took
-    # 237 CPU-s, ResNet-32 costs about 1.6x, so 3 seeds need 2,000 images to fit with a margin; width 8
-    # (a ResNet-20 e2e at 3,000 images: 38 s, 62% test accuracy in 8 epochs; width 16: 94 s, 76%). Two
-    # single-threaded jobs side by side, because a two-threaded process stalls at every OpenMP barrier when
-    # other work shares the cores (0.7 s a step against 0.25 s single-threaded, measured here). Batch 32:
-    # at 128, 8 epochs of 1,800 images are 112 SGD steps, too few for e2e (ResNet-32 seed 0 stayed at
-    # chance, 10.7%; at batch 32 it reached 50.9% in less time, measured here).
-    "quick": {"archs": "resnet20,resnet32", "ks": "2,4", "seeds": "0,1,2", "n_train": 2_000, "n_test": 1_000,
-              "width": 8, "max_epochs": 8, "batch_size": 32, "jobs": 2},
+             "n_test": 2_000, "width": 0, "max_epochs": 12, "jobs": 1, "one_process": False},
+    # 2 CPU cores, 20 minutes. Measured on this machine (2 cores, torch 2.14.1, one thread per run):
+    # - Cost. An e2e epoch of 1,800 images at width 8 takes 3.2, 4.9, 8.6, 2.4 CPU-s (ResNet-20, 32, 56, 18),
+    #   accelerated downsampling about 0.4x that; a sequential run costs 1.1-1.3x its e2e (heads, caching).
+    #   Starting a process costs ~2 CPU-s (importing torch): one process per stage would start 432 of them
+    #   (~860 CPU-s of the 2,400), so each sequential point is one `--stage all` process. Slices of the
+    #   sweep put the whole preset at ~2,200 CPU-s: ~18.5 min on two idle cores, longest runs first.
+    # - Reliability. The previous preset (SGD lr 0.05, batch 32, early stopping after 3 epochs) left 4 of
+    #   12 e2e runs at chance: early stopping ended them on the plateau. SGD without early stopping still
+    #   left ResNet-56 e2e at chance (10-13%) in 2 of 3 seeds at lr 0.05 and 4 of 4 runs at lr 0.02, and
+    #   ResNet-18 e2e (standard and accelerated, seed 1) in both. AdamW at lr 0.003 and batch 64 took every
+    #   standard e2e run measured off the plateau (ResNet-56 29-37% in 5 of 5, ResNet-20 39-45%, ResNet-18
+    #   31%) and every sequential one (25-45%, 8 of 8); lr 0.006 and 0.01 stalled ResNet-32 accelerated.
+    #   Hence AdamW lr 0.003, a one-epoch warm-up and no early stopping (--patience = --max-epochs; the
+    #   best-validation epoch is still the one kept). 2,000 images beat 1,800 (K=4, seed 1: ResNet-20 42%
+    #   against 26%, ResNet-18 42% against 29%); width 4 for 8 epochs and 16x16 images for 12 epochs, at
+    #   the same cost, did worse.
+    # - What it cannot do. At ~25 CPU-s a run every network is under-trained (the 88% of
+    #   benchmarks/dataset_baselines.py takes 10,000 images and 15 epochs), e2e most of all, and accelerated
+    #   e2e learns slowest: ResNet-56 (seed 0) and ResNet-18 (seed 1) accelerated stayed at 10-17% under
+    #   every AdamW lr (0.0015-0.003), warm-up (1, 2) and batch size (32, 64) tried, ResNet-18 under SGD too;
+    #   ResNet-32 accelerated reached 19-24%. So at this budget sequential beats e2e (ResNet-32 accelerated
+    #   K=4: +11.6 points over 2 seeds), whereas trained to convergence e2e leads (ResNet-20 K=4 at seqtrain's
+    #   defaults: 1.1 points, README). The quick preset checks the sweep end to end on 2 cores; the full
+    #   preset, on a GPU, is the one that measures the claim.
+    "quick": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 2_000,
+              "n_test": 1_000, "width": 8, "max_epochs": 5, "batch_size": 64, "optimizer": "adamw", "lr": 0.003,
+              "warmup_epochs": 1.0, "patience": 5, "jobs": 2, "one_process": True},
 }
+# seqtrain settings passed to every run only when set (by a flag or the preset): otherwise seqtrain's default.
+TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience")
 TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_points": 1.0, "max_mem_ratio": 0.3}
 
 
@@ -80,12 +124,19 @@ TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_poin
 # One point: a sequential run (arch, downsample, K, seed) or an e2e run (arch, downsample, seed)
 
 
-def seqtrain_flags(args: argparse.Namespace, arch: str, downsample: str, seed: int) -> list[str]:
-    """The flags that define a point, apart from --stages and --run-dir."""
-    return ["--arch", arch, "--downsample", downsample, "--seed", str(seed), "--dataset", args.dataset,
-            "--data-dir", str(args.data_dir), "--n-train", str(args.n_train), "--n-test", str(args.n_test),
-            "--width", str(args.width), "--max-epochs", str(args.max_epochs), "--batch-size", str(args.batch_size),
-            "--device", args.device]
+def seqtrain_flags(args: argparse.Namespace, point: dict) -> list[str]:
+    """The flags that define a point, apart from --run-dir."""
+    flags = ["--arch", point["arch"], "--downsample", point["downsample"], "--seed", str(point["seed"]),
+             "--stages", str(point["stages"]), "--dataset", args.dataset, "--data-dir", str(args.data_dir),
+             "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--width", str(args.width),
+             "--max-epochs", str(args.max_epochs), "--device", args.device]
+    for name in TRAINING:  # only when set: otherwise seqtrain's own default
+        if getattr(args, name) is not None:
+            flags += [flag(name), str(getattr(args, name))]
+    for name in ("stage_convs", "stage_width"):  # already expanded to one value per stage
+        if point[name]:
+            flags += [flag(name), point[name]]
+    return flags
 
 
 def run_seqtrain(flags: list[str], log: Path, threads: int | None) -> None:
@@ -106,14 +157,13 @@ def run_seqtrain(flags: list[str], log: Path, threads: int | None) -> None:
 def run_point(point: dict, args: argparse.Namespace) -> dict:
     """Train one point, reusing whatever of it is complete; returns its results as seqtrain reports them."""
     run, t0 = RunDir(point["run_dir"]), time.perf_counter()
-    flags = ["--run-dir", str(run.root), "--stages", str(point["k"] or 1),
-             *seqtrain_flags(args, point["arch"], point["downsample"], point["seed"])]
+    flags = ["--run-dir", str(run.root), *seqtrain_flags(args, point)]
     log = args.out / "logs" / f"{run.root.parent.name}-{run.root.name}.log"
     results = existing_results(run)
     if point["method"] == "e2e" and not (results and results["e2e"]):
         run_seqtrain(["--stage", "e2e", *flags], log, args.threads)
     if point["method"] == "sequential" and not (results and results["final"]):
-        for k in range(point["k"]):  # one process per stage: its peak memory is its own
+        for k in range(0 if args.one_process else point["k"]):  # one process per stage: its peak is its own
             if not (run.config.exists() and stage_manifest(load_config(run), run, k)[0]):
                 run_seqtrain(["--stage", str(k), *flags], log, args.threads)
         run_seqtrain(["--stage", "all", *flags], log, args.threads)  # assembles and evaluates the final network
@@ -126,7 +176,7 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
 
 
 def load_config(run: RunDir) -> Config:
-    return Config(**read_json(run.config))
+    return Config.from_dict(read_json(run.config))  # config.json also holds the run's normalisation statistics
 
 
 def existing_results(run: RunDir) -> dict | None:
@@ -145,41 +195,93 @@ def test_acc(results: dict, method: str) -> float:
     return results["e2e"]["test_acc"] if method == "e2e" else results["final"]["test_acc"]
 
 
+def run_seconds(results: dict, method: str) -> float:
+    """Training (and caching) seconds as the run recorded them, so a rerun that reuses it reports the same."""
+    if method == "e2e":
+        return results["e2e"]["train_seconds"]
+    return sum(s["train_seconds"] + s["cache_seconds"] for s in results["stages"])
+
+
+def intensity(point: dict) -> str:
+    """The point's convolution intensity as given: "usual", or "convs C, width W" with the flags' values."""
+    parts = [f"{name} {point[key]}" for name, key in (("convs", "convs"), ("width", "swidth"))
+             if point[key] != "usual"]
+    return ", ".join(parts) or "usual"
+
+
 def label(point: dict) -> str:
-    k = "e2e" if point["method"] == "e2e" else f"K={point['k']}"
-    return f"{point['arch']} {point['downsample']} {k} seed {point['seed']}"
+    k = ("e2e" + (f" (K={point['k']} network)" if point["k"] else "")) if point["method"] == "e2e" else \
+        f"K={point['k']}"
+    extra = "" if intensity(point) == "usual" else f" [{intensity(point)}]"
+    return f"{point['arch']} {point['downsample']}{extra} {k} seed {point['seed']}"
 
 
 # --------------------------------------------------------------------------------------------------------
 # The sweep
 
 
+def per_stage(value: str, k: int) -> str | None:
+    """An intensity value for K stages: "" for "usual", the list padded with its last value, None if too long."""
+    if value == "usual":
+        return ""
+    items = value.replace(" ", "").split(",")
+    return ",".join(items + items[-1:] * (k - len(items))) if len(items) <= k else None
+
+
 def points(args: argparse.Namespace) -> list[dict]:
-    """Every point of the sweep, e2e first within each (arch, downsample, seed); K larger than the depth skipped."""
-    keys = ("dataset", "n_train", "n_test", "width", "max_epochs", "batch_size", "device")
-    settings = {k: getattr(args, k) for k in keys}
+    """Every point of the sweep, e2e first within each (arch, downsample, intensity, seed); K larger than the
+    depth (or shorter than an intensity list) skipped."""
+    keys = ("dataset", "n_train", "n_test", "width", "max_epochs", "device", *TRAINING)
+    settings = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     root = args.out / "runs" / sha256_json(settings)[:8]
     out = []
     for arch in args.archs:
         blocks = num_blocks(Config(arch=arch, width=args.width))
         for downsample in args.downsamples:
-            for seed in args.seeds:
-                base = {"arch": arch, "blocks": blocks, "downsample": downsample, "seed": seed}
-                name = f"{arch}-{downsample}-{{}}-s{seed}"  # {} is e2e or kK
-                out.append({**base, "method": "e2e", "k": None, "run_dir": str(root / name.format("e2e"))})
-                out += [{**base, "method": "sequential", "k": k, "run_dir": str(root / name.format(f"k{k}"))}
-                        for k in args.ks if k <= blocks]
+            for convs in args.stage_convs:
+                for swidth in args.stage_width:
+                    usual = convs == swidth == "usual"
+                    tag = ("" if convs == "usual" else "-c" + convs.replace(",", ".")) + (
+                        "" if swidth == "usual" else "-w" + swidth.replace(",", "_"))
+                    for seed in args.seeds:
+                        base = {"arch": arch, "blocks": blocks, "downsample": downsample, "convs": convs,
+                                "swidth": swidth, "seed": seed}
+                        name = f"{arch}-{downsample}{tag}-{{}}-s{seed}"  # {} is e2e, e2e-kK or kK
+                        if usual:  # the network does not depend on K: one e2e for every K
+                            out.append({**base, "method": "e2e", "k": None, "stages": 1, "stage_convs": "",
+                                        "stage_width": "", "e2e": None, "run_dir": str(root / name.format("e2e"))})
+                        for k in args.ks:
+                            sc, sw = per_stage(convs, k), per_stage(swidth, k)
+                            if k > blocks or sc is None or sw is None:
+                                continue
+                            point = {**base, "k": k, "stages": k, "stage_convs": sc, "stage_width": sw,
+                                     "e2e": None if usual else k}
+                            if not usual:  # the network depends on the split: e2e of the same K-stage network
+                                out.append({**point, "method": "e2e", "run_dir": str(root / name.format(f"e2e-k{k}"))})
+                            out.append({**point, "method": "sequential", "run_dir": str(root / name.format(f"k{k}"))})
     return out
 
 
+def e2e_key(point: dict) -> tuple:
+    """Which e2e run a point is compared with (an e2e point: itself)."""
+    return point["arch"], point["downsample"], point["convs"], point["swidth"], point["seed"], point["e2e"]
+
+
+def cost(point: dict) -> float:
+    """A rough relative cost, to start the longest runs first (two runs side by side then end together)."""
+    return point["blocks"] * (0.4 if point["downsample"] == "accelerated" else 1.0) * (
+        1.0 if point["method"] == "e2e" else 1.3)
+
+
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Every point, `--jobs` at a time; the first failure stops the sweep with its log's tail."""
+    """Every point, `--jobs` at a time, longest first; the first failure stops the sweep with its log's tail."""
     todo = points(args)
     print(f"accuracy: {len(todo)} runs, {args.jobs} at a time; logs in {args.out / 'logs'}", file=sys.stderr)
+    order = sorted(range(len(todo)), key=lambda i: -cost(todo[i]))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_point, p, args) for p in todo]
+        futures = {i: pool.submit(run_point, todo[i], args) for i in order}
         try:
-            return [f.result() for f in futures]
+            return [futures[i].result() for i in range(len(todo))]
         except RuntimeError as e:
             pool.shutdown(cancel_futures=True)
             sys.exit(f"benchmarks/accuracy.py: {e}")
@@ -213,9 +315,11 @@ def baseline_rss_mb(args: argparse.Namespace) -> float:
     return float(out)
 
 
-def analytic_ratio(args: argparse.Namespace, arch: str, downsample: str, k: int) -> float:
+def analytic_ratio(args: argparse.Namespace, point: dict) -> float:
     """seqtrain.plan's largest stage / e2e bytes of one training step (device-independent)."""
-    cfg = Config(arch=arch, width=args.width, stages=str(k), downsample=downsample, dataset=args.dataset)
+    cfg = Config(arch=point["arch"], width=args.width, stages=str(point["k"]), downsample=point["downsample"],
+                 dataset=args.dataset, stage_convs=point["stage_convs"], stage_width=point["stage_width"],
+                 **({"batch_size": args.batch_size} if args.batch_size else {}))
     return plan(cfg)["totals"]["peak_ratio"]
 
 
@@ -224,32 +328,38 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(done: list[dict], args: argparse.Namespace, base_mb: float) -> list[dict]:
-    """One row per (arch, downsample, K or e2e): means and stds over seeds, gaps and memory ratios."""
-    e2e = {(d["arch"], d["downsample"], d["seed"]): d for d in done if d["method"] == "e2e"}
+    """One row per (arch, downsample, intensity, K or e2e): means and stds over seeds, gaps and memory ratios."""
+    e2e = {e2e_key(d): d for d in done if d["method"] == "e2e"}
     base = base_mb if args.device == "cpu" else 0.0
     groups: dict[tuple, list[dict]] = {}
     for d in done:
-        groups.setdefault((d["arch"], d["downsample"], d["method"], d["k"]), []).append(d)
+        groups.setdefault((d["arch"], d["downsample"], d["convs"], d["swidth"], d["method"], d["k"]), []).append(d)
     rows = []
-    for (arch, downsample, method, k), runs in groups.items():
+    for (arch, downsample, convs, swidth, method, k), runs in groups.items():
         acc = [test_acc(d["results"], method) for d in runs]
-        ref = [e2e[(arch, downsample, d["seed"])]["results"] for d in runs]
+        ref = [e2e[e2e_key(d)]["results"] for d in runs]
         gap = [100 * (a - r["e2e"]["test_acc"]) for a, r in zip(acc, ref)]
         peak = [peak_mb(d["results"], method, args.device) for d in runs]
         ratio = [(p - base) / (peak_mb(r, "e2e", args.device) - base) for p, r in zip(peak, ref)]
-        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "method": method, "k": k,
+        seq = method == "sequential"
+        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "convs": convs,
+                     "swidth": swidth, "intensity": intensity(runs[0]), "method": method, "k": k,
                      "seeds": [d["seed"] for d in runs], "test_acc": mean_std(acc), "gap_points": mean_std(gap),
                      "peak_mb": mean_std(peak), "mem_ratio": mean_std(ratio),
-                     "analytic_ratio": analytic_ratio(args, arch, downsample, k) if k else 1.0,
-                     "seconds": sum(d["seconds"] for d in runs)})
+                     "analytic_ratio": analytic_ratio(args, runs[0]) if seq else 1.0,
+                     "seconds": sum(run_seconds(d["results"], method) for d in runs)})
     return rows
 
 
-def target_check(rows: list[dict]) -> dict:
-    """The issue's target, met or missed; `measured` is False when the sweep did not include its point."""
+def target_check(rows: list[dict], one_process: bool = False) -> dict:
+    """The issue's target, met or missed; `measured` is False when the sweep did not include its point.
+
+    With --one-process the stages' peaks are not their own, so `mem_per_stage` is False and mem_met means little.
+    """
     row = next((r for r in rows if r["method"] == "sequential" and r["arch"] == TARGET["arch"]
-                and r["k"] == TARGET["k"] and r["downsample"] == TARGET["downsample"]), None)
-    out = {**TARGET, "measured": row is not None}
+                and r["k"] == TARGET["k"] and r["downsample"] == TARGET["downsample"]
+                and r.get("intensity", "usual") == "usual"), None)
+    out = {**TARGET, "measured": row is not None, "mem_per_stage": not one_process}
     if row:
         gap, ratio = row["gap_points"][0], row["mem_ratio"][0]
         out.update(gap_points=round(gap, 2), gap_std=round(row["gap_points"][1], 2), mem_ratio=round(ratio, 3),
@@ -263,20 +373,28 @@ def target_check(rows: list[dict]) -> dict:
 # Report
 
 
-def table(rows: list[dict], device: str, base_mb: float) -> str:
+def table(rows: list[dict], device: str, base_mb: float, one_process: bool) -> str:
     pm = lambda ms, scale=1, d=4: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
-    out = [["arch", "blocks", "downsample", "K", "method", "seeds", "test acc", "gap (points)", "peak MB",
-            "mem ratio", "analytic ratio", "time s"]]
+    varied = any(r["intensity"] != "usual" for r in rows)
+    out = [["arch", "blocks", "downsample", *(["intensity"] if varied else []), "K", "method", "seeds", "test acc",
+            "gap (points)", "peak MB", "mem ratio", "analytic ratio", "time s"]]
     for r in rows:
         seq = r["method"] == "sequential"
-        out.append([r["arch"], str(r["blocks"]), r["downsample"], str(r["k"] or "-"), r["method"], str(len(r["seeds"])),
-                    pm(r["test_acc"]), pm(r["gap_points"], d=2) if seq else "-", f"{r['peak_mb'][0]:.0f}",
+        out.append([r["arch"], str(r["blocks"]), r["downsample"], *([r["intensity"]] if varied else []),
+                    str(r["k"] or "-"), r["method"], str(len(r["seeds"])), pm(r["test_acc"]),
+                    pm(r["gap_points"], d=2) if seq else "-", f"{r['peak_mb'][0]:.0f}",
                     f"{r['mem_ratio'][0]:.3f}" if seq else "-", f"{r['analytic_ratio']:.3f}" if seq else "-",
                     f"{r['seconds']:.0f}"])
     memory = ("peak MB: CUDA allocator peak" if device == "cuda" else
               f"peak MB: peak resident set, torch included; mem ratio subtracts BASE = {base_mb:.0f} MB from both")
-    return "\n".join([aligned(out), "test acc, gap: mean ± std over seeds; gap: sequential - e2e, same seed; "
-                      "peak MB, mem ratio: means; largest stage / e2e", memory])
+    if one_process:
+        memory += ("; --one-process: every stage of a point ran in one process, so a stage's peak includes what "
+                   "earlier stages left resident (the analytic ratio does not depend on it)")
+    return "\n".join([aligned(out), "test acc, gap: mean ± std over seeds; gap: sequential - e2e, same seed"
+                      + (" and intensity (e2e of the same K-stage network where the intensity is not usual)"
+                         if varied else "")
+                      + "; peak MB, mem ratio: means; largest stage / e2e; time s: training and caching, all seeds",
+                      memory])
 
 
 def target_line(t: dict) -> str:
@@ -285,28 +403,31 @@ def target_line(t: dict) -> str:
     return (f"target ({t['arch']}, K={t['k']}, {t['downsample']}): gap {t['gap_points']:+.2f} ± {t['gap_std']:.2f} "
             f"points (>= -{t['max_gap_points']}: {'met' if t['gap_met'] else 'MISSED'}), mem ratio "
             f"{t['mem_ratio']:.3f} (<= {t['max_mem_ratio']}: {'met' if t['mem_met'] else 'MISSED'}; analytic "
-            f"{t['analytic_ratio']:.3f})")
+            f"{t['analytic_ratio']:.3f})" + ("" if t.get("mem_per_stage", True) else
+                                             " [--one-process: the peaks are not per stage; see the analytic ratio]"))
 
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path, title: str) -> None:
+    """One panel per (downsample, intensity): test accuracy against depth, a line per K and e2e."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.downsamples), figsize=(5.5 * len(args.downsamples), 4.2), squeeze=False,
-                             sharey=True)
+    panels = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
     x = {arch: i for i, arch in enumerate(args.archs)}
-    for ax, downsample in zip(axes[0], args.downsamples):
-        series = [("e2e", None, "k--")] + [(f"sequential K={k}", k, "o-") for k in args.ks]
-        for name, k, style in series:
-            rs = [r for r in rows if r["downsample"] == downsample and r["k"] == k]
-            if rs:
-                ax.errorbar([x[r["arch"]] for r in rs], [r["test_acc"][0] for r in rs],
-                            yerr=[r["test_acc"][1] for r in rs], fmt=style, capsize=3, label=name)
+    for ax, (downsample, inten) in zip(axes[0], panels):
+        mine = [r for r in rows if r["downsample"] == downsample and r["intensity"] == inten]
+        for method, k in dict.fromkeys((r["method"], r["k"]) for r in mine):
+            rs = [r for r in mine if r["method"] == method and r["k"] == k]
+            name = (f"e2e (K={k} network)" if k else "e2e") if method == "e2e" else f"sequential K={k}"
+            ax.errorbar([x[r["arch"]] for r in rs], [r["test_acc"][0] for r in rs], yerr=[r["test_acc"][1] for r in rs],
+                        fmt="k--" if method == "e2e" and not k else ("x--" if method == "e2e" else "o-"), capsize=3,
+                        label=name)
         blocks = {r["arch"]: r["blocks"] for r in rows}
-        ax.set_xticks(list(x.values()), [f"{arch}\n({blocks[arch]} blocks)" for arch in x])
-        ax.set_title(f"{downsample} downsampling", fontsize=10)
+        ax.set_xticks(list(x.values()), [f"{arch}\n({blocks.get(arch, '?')} blocks)" for arch in x])
+        ax.set_title(f"{downsample} downsampling" + ("" if inten == "usual" else f", {inten}"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
     axes[0][0].legend(fontsize=8)
@@ -328,28 +449,41 @@ def children_cpu_s() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="ResNet-20/32, K 2,4, width 8, 2,000 images, 8 epochs "
-                   "at batch 32, 3 seeds: <= 20 min on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="the sweep at width 8 on 2,000 images, 5 epochs of AdamW "
+                   "at batch 64, no early stopping, one process per run: ~18.5 min on 2 CPU cores (see the docstring)")
     p.add_argument("--archs", help="comma-separated seqtrain --arch values (default: resnet20,resnet32,resnet56,"
-                   "resnet18; --quick resnet20,resnet32)")
-    p.add_argument("--ks", help="numbers of stages; larger than a network's blocks are skipped (default: 2,4,8; "
-                   "--quick 2,4)")
+                   "resnet18)")
+    p.add_argument("--ks", help="numbers of stages; larger than a network's blocks are skipped (default: 2,4,8)")
     p.add_argument("--downsamples", default="standard,accelerated", help="schedules, seqtrain --downsample values "
                    "(default: standard,accelerated)")
+    p.add_argument("--stage-convs", nargs="+", default=["usual"], metavar="CONVS", help="convolution intensity "
+                   "axis: conv layers per block for each stage, e.g. usual 1,2 4,2 ('1,2' = the first stage's "
+                   "blocks 1 conv, every later stage 2; default: usual)")
+    p.add_argument("--stage-width", nargs="+", default=["usual"], metavar="MULTS", help="convolution intensity "
+                   "axis: channel multiplier per stage, e.g. usual 0.5,1 (last value repeated; default: usual)")
     p.add_argument("--seeds", help="training seeds; the data stays the same (default: 0,1,2)")
     p.add_argument("--dataset", default="synthetic", help="seqtrain --dataset (default: synthetic, embedded)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="seqtrain --data-dir (default: data)")
     p.add_argument("--n-train", type=int, help="synthetic training images (default: 10000, --quick 2000)")
     p.add_argument("--n-test", type=int, help="synthetic test images (default: 2000, --quick 1000)")
     p.add_argument("--width", type=int, help="first block's channels, 0 = standard (default: 0, --quick 8)")
-    p.add_argument("--max-epochs", type=int, help="epoch cap of every stage and of e2e (default: 12, --quick 8)")
-    p.add_argument("--batch-size", type=int, help="of every stage and of e2e (default: 128, --quick 32)")
+    p.add_argument("--max-epochs", type=int, help="epoch cap of every stage and of e2e (default: 12, --quick 5)")
+    p.add_argument("--batch-size", type=int, help="of every stage and of e2e (default: seqtrain's 128, --quick 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: seqtrain's 0.05, --quick 0.003)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up (default: seqtrain's 1, --quick 1)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="(default: seqtrain's sgd, --quick adamw)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs; --max-epochs or more turns "
+                   "early stopping off (default: seqtrain's 3, --quick 5)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     p.add_argument("--jobs", type=int, help="runs side by side (default: 1, --quick 2)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: CPU cores / jobs on a CPU)")
+    p.add_argument("--one-process", action=argparse.BooleanOptionalAction, help="run each sequential point as "
+                   "one `--stage all` process rather than one process per stage: ~2 s less start-up per stage, "
+                   "but a stage's peak memory includes earlier stages' leftovers (default: off, --quick on)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"), help="output directory")
     args = p.parse_args(argv)
-    for key, value in PRESETS["quick" if args.quick else "full"].items():
+    args.preset = "quick" if args.quick else "full"
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.archs, args.downsamples = args.archs.split(","), args.downsamples.split(",")
@@ -364,13 +498,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def settings_line(args: argparse.Namespace) -> str:
+    """The settings every run used, in words, for the report and the plot."""
+    train = ", ".join(f"{flag(name)} {getattr(args, name)}" for name in TRAINING if getattr(args, name) is not None)
+    return (f"{args.preset} preset: {args.dataset} ({args.n_train:,} train incl. validation, {args.n_test:,} test), "
+            f"width {args.width or 'standard'}, <= {args.max_epochs} epochs, {train or 'seqtrain training defaults'}; "
+            f"{args.jobs} run(s) at a time on {args.threads or 'default'} thread(s)"
+            + (", one process per sequential run" if args.one_process else ", one process per stage"))
+
+
 def check_settings(args: argparse.Namespace) -> None:
     """Every point's flags validated, and the dataset made once, before any run starts (runs share it)."""
-    for arch in args.archs:
-        for downsample in args.downsamples:
-            cfg = Config(arch=arch, width=args.width, downsample=downsample, dataset=args.dataset,
-                         data_dir=str(args.data_dir), n_train=args.n_train, n_test=args.n_test,
-                         max_epochs=args.max_epochs).validate()
+    cfg = None
+    for point in points(args):
+        cfg = Config(arch=point["arch"], width=args.width, downsample=point["downsample"], dataset=args.dataset,
+                     data_dir=str(args.data_dir), n_train=args.n_train, n_test=args.n_test, stages=str(point["stages"]),
+                     stage_convs=point["stage_convs"], stage_width=point["stage_width"],
+                     max_epochs=args.max_epochs).validate()
+    if cfg is None:
+        raise UserError("the sweep has no points: check --archs, --ks and the length of --stage-convs/--stage-width")
     load_raw(cfg)
 
 
@@ -382,22 +528,23 @@ def main(argv: list[str] | None = None) -> None:
         check_settings(args)
     except UserError as e:
         sys.exit(f"benchmarks/accuracy.py: {e}")
+    print(f"accuracy: {settings_line(args)}", file=sys.stderr)
     base_mb = baseline_rss_mb(args)
     rows = summarize(run_sweep(args), args, base_mb)
-    target = target_check(rows)
-    config = {k: getattr(args, k) for k in ("quick", "archs", "ks", "downsamples", "seeds", "dataset", "n_train",
-                                            "n_test", "width", "max_epochs", "batch_size", "jobs", "threads")}
-    print(table(rows, args.device, base_mb))
+    target = target_check(rows, args.one_process)
+    config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "stage_convs",
+                                            "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
+                                            "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
+    print(settings_line(args))
+    print(table(rows, args.device, base_mb, args.one_process))
     print(target_line(target))
-    title = (f"{args.dataset} ({args.n_train} train), width {args.width or 'standard'}, <= {args.max_epochs} epochs "
-             f"at batch {args.batch_size}, "
-             f"{device_description(args.device)}, torch {torch.__version__}")
+    title = f"{settings_line(args)}\n{device_description(args.device)}, torch {torch.__version__}"
     plot(rows, args, args.out / "accuracy.png", title)
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
                "device_name": device_description(args.device), "config": config, "baseline_rss_mb": round(base_mb, 1),
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
-               "rows": [{k: r[k] for k in ("arch", "downsample", "method", "k", "test_acc", "gap_points", "mem_ratio")}
-                        for r in rows]}
+               "rows": [{k: r[k] for k in ("arch", "downsample", "intensity", "method", "k", "test_acc", "gap_points",
+                                           "mem_ratio")} for r in rows]}
     write_json(args.out / "results.json", {"summary": summary, "rows": rows})
     print(json.dumps(summary))
 

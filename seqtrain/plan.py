@@ -27,25 +27,20 @@ import torch
 
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
+from seqtrain.data import describe
 from seqtrain.memory import MB, StepBytes, analytic_step
 from seqtrain.models import (
     USUAL_CONVS,
     BlockSpec,
+    SequentialNet,
     StageModel,
     build_head,
-    build_network,
     build_stage_block,
     feature_shape,
     stage_specs,
 )
-from seqtrain.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from seqtrain.splitting import is_torchvision
 from seqtrain.train import make_optimizer
-
-NUM_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10,
-               "svhn": 10}
-STANDARD_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "mnist": (60_000, 10_000),
-                  "fashion-mnist": (60_000, 10_000), "svhn": (73_257, 26_032)}  # (train, test) images
-IMAGE_SIDES = {"mnist": 28, "fashion-mnist": 28}  # every other dataset: 32 (data.py replicates grayscale to RGB)
 
 # Bytes of one HDF5 shard beyond its data, measured with h5py 3.16 / HDF5 2.0 for shards of up to 64
 # chunks (--shard-mb 64 or less): superblock, three object headers, the chunk index. Larger shards add
@@ -55,14 +50,14 @@ LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
 
 
 def dataset_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) of the images the network sees: three channels, the dataset's side or --image-size when given."""
-    side = cfg.image_size or IMAGE_SIDES.get(cfg.dataset, 32)
-    return 3, side, side
+    """(C, H, W) of the images the network sees (data.describe: no image is decoded)."""
+    return tuple(describe(cfg)["in_shape"])
 
 
 def split_counts(cfg: Config) -> dict[str, int]:
     """Samples per split, carved as data.load_raw carves them: val = round(n_train * val_fraction)."""
-    n_train, n_test = STANDARD_SIZES.get(cfg.dataset, (cfg.n_train, cfg.n_test))
+    info = describe(cfg)
+    n_train, n_test = info["n_train"], info["n_test"]
     n_val = round(n_train * cfg.val_fraction)
     return {"train": n_train - n_val, "val": n_val, "test": n_test}
 
@@ -130,6 +125,32 @@ def block_rows(k: int, first: int, specs: list[BlockSpec], in_shape: tuple[int, 
     return rows
 
 
+def meta_stages(cfg: Config, in_shape: tuple[int, int, int]) -> tuple[list[torch.nn.Module], list[int], list[dict]]:
+    """Every stage's module on the meta device, its number of blocks, and one row per block (block_rows).
+
+    A torchvision:NAME network (seqtrain.splitting) has one row per stage: its first..last module names.
+    """
+    if is_torchvision(cfg.arch):
+        from seqtrain.splitting import meta_stages as torchvision_meta_stages
+        from seqtrain.splitting import torchvision_stage_names, torchvision_stage_shapes
+
+        modules, rows, shape = torchvision_meta_stages(cfg.arch, cfg.split), [], tuple(in_shape)
+        names = torchvision_stage_names(cfg.arch, cfg.split)
+        for k, (module, out) in enumerate(zip(modules, torchvision_stage_shapes(cfg.arch, cfg.split, in_shape))):
+            kind = names[k][0] if len(names[k]) == 1 else f"{names[k][0]}..{names[k][-1]}"
+            rows.append({"index": k, "stage": k, "kind": kind, "in_ch": shape[0], "out_ch": out[0],
+                         "stride": max(1, round(shape[1] / out[1])), "pool": 1, "out_shape": list(out),
+                         "convs": sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())})
+            shape = out
+        return modules, [len(n) for n in names], rows
+    groups, rows, shape = stage_specs(cfg, in_shape[0]), [], tuple(in_shape)
+    for k, specs in enumerate(groups):
+        rows += block_rows(k, len(rows), specs, shape)
+        shape = feature_shape(specs, shape)
+    with torch.device("meta"):
+        return [build_stage_block(specs) for specs in groups], [len(specs) for specs in groups], rows
+
+
 def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
          n_samples: dict[str, int] | None = None) -> dict:
     """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
@@ -138,23 +159,22 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
     to split_counts(cfg).
     """
     in_shape = tuple(in_shape or dataset_shape(cfg))
-    num_classes = num_classes or NUM_CLASSES[cfg.dataset]
+    num_classes = num_classes or describe(cfg)["num_classes"]
     counts = n_samples or split_counts(cfg)
-    stages, blocks, shape = [], [], tuple(in_shape)
-    for k, specs in enumerate(stage_specs(cfg, in_shape[0])):
-        out_shape = feature_shape(specs, shape)
-        blocks += block_rows(k, len(blocks), specs, shape)
+    modules, sizes, blocks = meta_stages(cfg, in_shape)
+    stages, shape = [], tuple(in_shape)
+    for k, block in enumerate(modules):
+        out_shape = tuple([b for b in blocks if b["stage"] == k][-1]["out_shape"])
         with torch.device("meta"):
-            block = build_stage_block(specs)
-            model = StageModel(block, build_head(cfg, specs[-1].out_ch, num_classes))
+            model = StageModel(block, build_head(cfg, out_shape[0], num_classes))
         stages.append({
-            "stage": k, "blocks": len(specs), "parameters": sum(p.numel() for p in block.parameters()),
+            "stage": k, "blocks": sizes[k], "parameters": sum(p.numel() for p in block.parameters()),
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
             "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
             "input_bytes": input_bytes(cfg, k, shape, counts), "cache_bytes": cache_bytes(out_shape, cfg, counts)})
         shape = out_shape
     with torch.device("meta"):
-        net = build_network(cfg, in_shape[0], num_classes)
+        net = SequentialNet(modules, build_head(cfg, shape[0], num_classes))  # = build_network(cfg), on meta
     e2e = {"parameters": sum(p.numel() for p in net.parameters()),
            "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict(), "input_bytes": stages[0]["input_bytes"]}
     largest = max(s["analytic"]["total"] for s in stages)
@@ -195,9 +215,9 @@ def format_plan(p: dict) -> str:
                      mb(a["batch"]), mb(a["total"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
     e2e = p["e2e"]
     a = e2e["analytic"]
-    rows.append(["e2e", str(sum(p["stage_sizes"])), f"{e2e['parameters']:,}", shape_text(p["in_shape"]), "-",
-                 mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]), mb(a["batch"]), mb(a["total"]),
-                 mb(e2e["input_bytes"]), "-"])
+    rows.append(["e2e", str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}",
+                 shape_text(p["in_shape"]), "-", mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
+                 mb(a["batch"]), mb(a["total"]), mb(e2e["input_bytes"]), "-"])
     lines.append(aligned(rows))
 
     t, disk = p["totals"], p["disk"]
@@ -234,7 +254,7 @@ def block_lines(blocks: list[dict]) -> list[str]:
 def block_text(b: dict) -> str:
     """"basic (1 conv) /2 -> 32@16x16": the kind, its convs when not the usual, its reduction, its output."""
     text = b["kind"]
-    if b["convs"] != USUAL_CONVS[b["kind"]]:
+    if b["convs"] != USUAL_CONVS.get(b["kind"]):  # a torchvision stage: always its count
         text += f" ({b['convs']} conv{'s' if b['convs'] > 1 else ''})"
     if b["stride"] * b["pool"] > 1:
         text += f" /{b['stride'] * b['pool']}"

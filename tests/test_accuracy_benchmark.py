@@ -21,10 +21,10 @@ TINY = ["--archs", "resnet20", "--ks", "2", "--seeds", "0", "--downsamples", "st
         "--n-test", "100", "--width", "4", "--max-epochs", "1"]
 
 
-def bench(out, data) -> tuple[subprocess.CompletedProcess, dict]:
+def bench(out, data, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     # One thread per run: a machine busy with other jobs stalls two-threaded runs at every OpenMP barrier.
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--threads", "1", "--out", str(out), "--data-dir",
-                           str(data)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *extra, *TINY, "--threads", "1", "--out", str(out),
+                           "--data-dir", str(data)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -52,6 +52,22 @@ def test_smoke_run_summary_and_reuse(tmp_path):
     # The same runs read again; only mem ratio moves, with the baseline process measured afresh.
     assert [(r["test_acc"], r["gap_points"]) for r in again["rows"]] == [(r["test_acc"], r["gap_points"])
                                                                           for r in summary["rows"]]
+
+
+@pytest.mark.slow
+def test_quick_preset_smoke_run_in_one_process_per_run(tmp_path):
+    out = tmp_path / "out"
+    proc, summary = bench(out, tmp_path / "data", "--quick")  # the quick preset's training, TINY's sizes
+    config = summary["config"]
+    assert config["preset"] == "quick" and config["optimizer"] == "adamw" and config["one_process"] is True
+    assert config["n_train"] == 400 and config["max_epochs"] == 1  # flags override the preset
+    assert proc.stdout.startswith("quick preset: synthetic (400 train")
+    assert "--one-process" in proc.stdout and {(r["method"], r["k"]) for r in summary["rows"]} == {
+        ("e2e", None), ("sequential", 2)}
+    commands = [line for p in (out / "logs").glob("*.log") for line in p.read_text().splitlines()
+                if line.startswith("$ python -m seqtrain.run")]
+    assert sorted(c.split()[5] for c in commands) == ["all", "e2e"]  # one process per run, not per stage
+    assert all("--optimizer adamw" in c and "--patience 5" in c for c in commands)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,3 +103,51 @@ def test_target_check(accuracy, gap, ratio, met):
     target = accuracy.target_check([other, row])
     assert target["measured"] and target["met"] is met and target["gap_points"] == gap
     assert accuracy.target_check([other])["measured"] is False
+
+
+def test_quick_preset_is_the_issues_sweep_with_its_training_settings(accuracy, tmp_path):
+    args = accuracy.parse_args(["--quick", "--out", str(tmp_path)])
+    todo = accuracy.points(args)
+    assert args.archs == ["resnet20", "resnet32", "resnet56", "resnet18"] and args.ks == [2, 4, 8]
+    assert len(todo) == 4 * 2 * 3 * (1 + 3) and args.one_process and args.jobs == 2  # every depth allows K = 8
+    flags = accuracy.seqtrain_flags(args, todo[0])
+    for name in ("--batch-size", "--lr", "--warmup-epochs", "--patience", "--width", "--n-train", "--max-epochs"):
+        assert name in flags
+    assert "quick preset" in accuracy.settings_line(args) and "--patience" in accuracy.settings_line(args)
+    full = accuracy.parse_args(["--out", str(tmp_path)])  # the full preset leaves training to seqtrain's defaults
+    assert not {"--batch-size", "--lr", "--patience"} & set(accuracy.seqtrain_flags(full, accuracy.points(full)[0]))
+    assert not full.one_process
+
+
+def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end(accuracy, tmp_path, monkeypatch):
+    args = accuracy.parse_args(["--archs", "resnet20", "--ks", "2,4", "--seeds", "0", "--downsamples", "standard",
+                                "--stage-convs", "usual", "1,2,2", "--out", str(tmp_path)])
+    todo = accuracy.points(args)
+    usual = [p for p in todo if p["convs"] == "usual"]
+    assert [(p["method"], p["k"], p["stages"]) for p in usual] == [("e2e", None, 1), ("sequential", 2, 2),
+                                                                    ("sequential", 4, 4)]
+    varied = [p for p in todo if p["convs"] != "usual"]  # K = 2 is shorter than the list: skipped
+    assert [(p["method"], p["k"], p["stage_convs"]) for p in varied] == [("e2e", 4, "1,2,2,2"),
+                                                                         ("sequential", 4, "1,2,2,2")]
+    for p in varied:
+        flags = accuracy.seqtrain_flags(args, p)
+        assert flags[flags.index("--stage-convs") + 1] == "1,2,2,2" and flags[flags.index("--stages") + 1] == "4"
+    assert "--stage-convs" not in accuracy.seqtrain_flags(args, usual[1])
+    assert len({p["run_dir"] for p in todo}) == len(todo)
+
+    # Each sequential point is compared with the e2e run of its own network and seed.
+    def result(p, acc):
+        if p["method"] == "e2e":
+            return {"e2e": {"test_acc": acc, "peak_rss_mb": 900.0, "train_seconds": 1.0}}
+        return {"final": {"test_acc": acc}, "stages": [{"peak_rss_mb": 800.0, "cache_peak_rss_mb": 750.0,
+                                                        "train_seconds": 1.0, "cache_seconds": 0.5}]}
+
+    accs = {("e2e", None): 0.5, ("sequential", 2): 0.45, ("sequential", 4): 0.4, ("e2e", 4): 0.6}
+    done = [{**p, "results": result(p, accs[(p["method"], p["k"])] + (p["convs"] != "usual") * 0.01)} for p in todo]
+    monkeypatch.setattr(accuracy, "analytic_ratio", lambda args, point: 0.5)  # plan() is tested elsewhere
+    rows = {(r["intensity"], r["method"], r["k"]): r for r in accuracy.summarize(done, args, base_mb=700.0)}
+    assert rows[("usual", "sequential", 4)]["gap_points"][0] == pytest.approx(-10.0)
+    assert rows[("convs 1,2,2", "sequential", 4)]["gap_points"][0] == pytest.approx(-20.0)
+    assert rows[("convs 1,2,2", "sequential", 4)]["mem_ratio"][0] == pytest.approx(100 / 200)
+    text = accuracy.table(list(rows.values()), "cpu", 700.0, one_process=True)
+    assert "intensity" in text and "convs 1,2,2" in text and "--one-process" in text

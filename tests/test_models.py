@@ -214,3 +214,15 @@ def test_plan_caches_every_view_of_a_training_sample():
     p4, p1 = plan(cfg, n_samples=counts), plan(one, n_samples=counts)
     assert p4["stages"][0]["feature_shape"] == list(shape) and p4["cache_views"] == 4
     assert p4["stages"][0]["cache_bytes"] - p1["stages"][0]["cache_bytes"] == expected - one_view
+
+
+def test_plan_of_a_torchvision_network_has_a_line_per_stage():
+    from seqtrain.plan import format_plan, plan
+    from seqtrain.splitting import torchvision_stage_shapes
+
+    p = plan(Config(arch="torchvision:resnet18", batch_size=2))
+    shapes = torchvision_stage_shapes("torchvision:resnet18", "", (3, 32, 32))
+    assert [b["out_shape"] for b in p["blocks"]] == [list(s) for s in shapes] == [s["feature_shape"]
+                                                                                for s in p["stages"]]
+    assert [b["stride"] for b in p["blocks"]] == [4, 2, 2, 2]  # conv1 and the max-pool, then each layer's first
+    assert "  stage 0: 0 conv1..layer1.1 (5 convs) /4 -> 64@8x8" in format_plan(p)
