@@ -60,7 +60,7 @@ def init(device_name: str) -> torch.device:
                             "GPUs; use --nproc-per-node at most the GPU count")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl")
         return device
     dist.init_process_group("gloo")
     return torch.device("cpu")
