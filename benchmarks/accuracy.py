@@ -66,6 +66,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -431,7 +432,8 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path, title: str) -> 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    # The settings line is long: wrap it rather than let the figure clip it.
+    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
