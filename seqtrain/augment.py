@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seqtrain.data import BatchWrapper
 from seqtrain.errors import UserError
 
 
@@ -104,25 +105,15 @@ def views_of(x: torch.Tensor, ids: torch.Tensor, views: int, seed: int, aug: Aug
 
 
 # --------------------------------------------------------------------------------------------------------
-# Batch wrappers (same interface as data.ImageBatches: set_epoch, num_samples, len, iter of (x, y, ids))
+# Batch wrappers (data.BatchWrapper: the interface of data.ImageBatches)
 
 
-class AugmentedBatches:
+class AugmentedBatches(BatchWrapper):
     """Training batches with a fresh random crop/flip per sample, drawn by (seed, epoch, rank): resumable."""
 
     def __init__(self, batches, aug: Augment, seed: int, rank: int = 0):
-        self.batches, self.aug, self.seed, self.rank, self.epoch = batches, aug, seed, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.batches.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.batches.num_samples
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        super().__init__(batches)
+        self.aug, self.seed, self.rank, self.epoch = aug, seed, rank, 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank + 17)
@@ -130,18 +121,12 @@ class AugmentedBatches:
             yield random_augment(x, self.aug, g), y, ids
 
 
-class ViewBatches:
+class ViewBatches(BatchWrapper):
     """Batches of all V cached views of each sample, [B, V, C, H, W], for writing a training-split cache."""
 
     def __init__(self, batches, views: int, seed: int, aug: Augment):
-        self.batches, self.views, self.seed, self.aug = batches, views, seed, aug
-
-    @property
-    def num_samples(self) -> int:
-        return self.batches.num_samples
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        super().__init__(batches)
+        self.views, self.seed, self.aug = views, seed, aug
 
     def __iter__(self):
         for x, y, ids in self.batches:

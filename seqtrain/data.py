@@ -299,3 +299,23 @@ class ImageBatches:
             x = self.split.x[idx].to(self.device, non_blocking=True).float().div_(255)
             yield (x.sub_(self.mean).div_(self.std), self.split.y[idx].to(self.device, non_blocking=True),
                    self.split.ids[idx])
+
+
+class BatchWrapper:
+    """Base of batch streams that transform another's batches (augmentation, views, a rank's share): the
+    same interface as ImageBatches, with epoch and length passed through."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.batches.num_samples
+
+    def __len__(self) -> int:
+        return len(self.batches)

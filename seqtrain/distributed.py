@@ -23,6 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from seqtrain.data import BatchWrapper
 from seqtrain.errors import UserError
 
 
@@ -115,21 +116,12 @@ def contiguous_part(n: int) -> tuple[int, int]:
     return r * n // w, (r + 1) * n // w
 
 
-class RankShare:
+class RankShare(BatchWrapper):
     """This rank's rows of every global batch of `batches` (rows r, r + W, ...): disjoint across ranks."""
 
     def __init__(self, batches):
-        self.batches, self.rank, self.world = batches, rank(), world_size()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.batches.num_samples
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        super().__init__(batches)
+        self.rank, self.world = rank(), world_size()
 
     def __iter__(self):
         for x, y, ids in self.batches:
