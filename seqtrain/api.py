@@ -10,8 +10,8 @@ trains stage after stage exactly as `--stage all` does (early stopping, HDF5 cac
 after a kill), and returns the composed network: your stages, trained in place, then the last stage's
 auxiliary head. The run directory identifies your network by the structure of its stages (`custom:HASH`
 in config.json), so a changed network retrains instead of reusing caches of another one. Unlike the
-command line, all stages live in one process (they are your objects); each is moved to the device only
-while it trains or caches.
+command line, all stages live in one process (they are your objects); each goes to the device when it
+trains, and the network comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -50,6 +50,6 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
         log(f"seqtrain: {len(stages)} stages of {cfg.arch} on {cfg.dataset}, device {device}, run dir {run.root}")
         results = run_all(cfg, run, raw, device, blocks=stages)
     log("\n" + summary_table(results))
-    net = SequentialNet(stages, final_head(cfg, run)).eval()
+    net = SequentialNet(stages, final_head(cfg, run)).cpu().eval()  # training left the stages on the device
     net.mean, net.std, net.results = raw.mean, raw.std, results
     return net

@@ -109,7 +109,8 @@ class Config:
         if 0 < self.image_size < 8 or self.image_size > 1024:
             raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
         if self.cache_views > 64:
-            raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1-16")
+            raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1 to 64 "
+                            "(2-8 is usual)")
         self.stage_sizes()  # parses --stages and checks it against the network
         self.check_downsample()
         self.stage_convs_list()

@@ -168,8 +168,8 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
         block, out_shape = build_stage(cfg, k, tuple(in_shape))
     else:
         out_shape = stage_shapes([block], tuple(in_shape))[0]
-    if main:
-        check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, counts, cfg.cache_views))
+    # Every rank checks (cheap, one filesystem), so under torchrun all refuse together instead of hanging.
+    check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, counts, cfg.cache_views))
     head = build_head(cfg, out_shape[0], num_classes)
     model = StageModel(block, head).to(device)
     identity = {"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k}
@@ -189,9 +189,15 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
     t0 = time.perf_counter()
     with PeakMemory(device) as cache_mem:
         prefix = f"rank{distributed.rank()}-" if distributed.world_size() > 1 else ""
-        table = write_shards(block, frozen, cache_dir, dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
-                             compression=cfg.compression, autocast=autocast, prefix=prefix)
-    table = merge_tables(distributed.gather(table))
+        try:
+            table, error = write_shards(block, frozen, cache_dir, dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
+                                        compression=cfg.compression, autocast=autocast, prefix=prefix), None
+        except UserError as e:  # e.g. float16 overflow in this rank's slice: the other ranks must stop too
+            table, error = None, e
+    tables = distributed.gather(table if error is None else str(error))
+    if error is not None or any(isinstance(t, str) for t in tables):
+        raise error or UserError(next(t for t in tables if isinstance(t, str)))
+    table = merge_tables(tables)
     result = {
         "val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
         "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),

@@ -113,7 +113,7 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochP
     for i, (x, y, _) in enumerate(bar(batches, desc)):
         if i < progress.step:  # done before an interruption; the order is the same, so skip them
             continue
-        if distributed.any_rank(stop.is_set(), device):  # every rank stops after the same step
+        if stop.is_set() and not distributed.active():
             return False
         progress.lr = get_lr(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
@@ -121,13 +121,18 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochP
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(model, x, y, optimizer, autocast)
-        if distributed.any_rank(not torch.isfinite(loss), device):  # poisoned weights: stop before a checkpoint
+        stop_now, bad = stop.is_set(), not torch.isfinite(loss)
+        if distributed.active():  # one collective per step: every rank stops after the same step, or diverges
+            stop_now, bad = (v > 0 for v in distributed.sum_all([stop_now, bad], device))
+        if bad:  # the weights are poisoned: stop before a checkpoint can save them
             raise Diverged(f"{desc}: the loss is {loss.item()} at step {i + 1} (lr {progress.lr:.3g}); "
                            "the last good checkpoint is kept: rerun with a lower --lr")
         progress.step = i + 1
         progress.loss_sum += loss.item() * len(y)
         progress.correct += (logits.argmax(1) == y).sum().item()
         progress.seen += len(y)
+        if stop_now and distributed.active():
+            return progress.step == steps  # a finished epoch is finished, even if Ctrl-C came at its last step
     return True
 
 
@@ -204,6 +209,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
         optimizer.load_state_dict(ckpt["optimizer"])
         state = {k: ckpt[k] for k in state}
         progress = EpochProgress(**ckpt["progress"])
+        if not distributed.is_main():  # the saved partial sums are rank 0's; the epoch's totals are summed
+            progress = dataclasses.replace(progress, loss_sum=0.0, correct=0, seen=0)
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)

@@ -83,6 +83,5 @@ def test_python_api_trains_a_users_module_and_resumes(tmp_path):
 
     # A different network must not reuse these caches: its structure gives it another identity.
     other = nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3, padding=1), deep=nn.Conv2d(4, 4, 3, padding=1)))
-    settings["run_dir"] = str(tmp_path / "run")
     net3 = seqtrain.train_stages(seqtrain.split(other, at=["deep"]), **{**settings, "max_epochs": 1})
     assert [s["feature_shape"] for s in net3.results["stages"]] == [[4, 32, 32], [4, 32, 32]]
