@@ -34,10 +34,9 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     Returns the final network in eval mode; its `.results` holds the summary table's figures.
     """
     from seqtrain.data import load_raw
-    from seqtrain.files import write_json
     from seqtrain.log import log
     from seqtrain.models import SequentialNet
-    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, resolve_device, run_all
+    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, resolve_device, run_all, write_run_config
     from seqtrain.run import summary_table
 
     stages = list(stages)
@@ -46,7 +45,7 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     raw = load_raw(cfg)
     run = prepare_run_dir(cfg)
     with RunLock(run):
-        write_json(run.config, {**cfg.to_dict(), "normalization": {"mean": raw.mean, "std": raw.std}})
+        write_run_config(run, cfg, raw)
         log(f"seqtrain: {len(stages)} stages of {cfg.arch} on {cfg.dataset}, device {device}, run dir {run.root}")
         results = run_all(cfg, run, raw, device, blocks=stages)
     log("\n" + summary_table(results))

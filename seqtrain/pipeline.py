@@ -358,6 +358,17 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     return run
 
 
+def write_run_config(run: RunDir, cfg: Config, raw: RawData | None) -> None:
+    """config.json: the resolved configuration and the training split's normalization statistics (what
+    model.pt's users normalise with; kept from the previous write when this process loaded no raw data)."""
+    saved = cfg.to_dict()
+    if raw is not None:
+        saved["normalization"] = {"mean": raw.mean, "std": raw.std}
+    elif run.config.exists():
+        saved["normalization"] = read_json(run.config).get("normalization")
+    write_json(run.config, saved)
+
+
 class RunLock:
     """One process per run directory: an exclusive flock, released by the kernel when the holder dies."""
 

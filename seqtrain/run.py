@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import sys
 
 from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
 from seqtrain.errors import UserError
-from seqtrain.files import read_json, write_json
+from seqtrain.files import read_json
 from seqtrain.log import log
 from seqtrain.train import Interrupted
 
@@ -183,6 +182,7 @@ def run(cfg: Config, stage: int | str) -> int:
         run_all,
         run_e2e,
         run_stage,
+        write_run_config,
     )
 
     # Every input is checked before anything is written to the run directory.
@@ -205,12 +205,7 @@ def run(cfg: Config, stage: int | str) -> int:
         # One run per directory; under torchrun rank 0 holds the lock for the group.
         with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
             if distributed.is_main():
-                saved = dataclasses.asdict(cfg)
-                if raw is not None:  # the training split's statistics, which model.pt's users normalise with
-                    saved["normalization"] = {"mean": raw.mean, "std": raw.std}
-                elif run_dir.config.exists():
-                    saved["normalization"] = read_json(run_dir.config).get("normalization")
-                write_json(run_dir.config, saved)
+                write_run_config(run_dir, cfg, raw)
             distributed.barrier()
             log(f"seqtrain: {cfg.arch} in {cfg.num_stages} stages {cfg.stage_sizes()} on {cfg.dataset}, device "
                 f"{device}" + (f" x {world} ranks" if world > 1 else "")
