@@ -75,14 +75,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+from seqtrain.archs import num_blocks  # noqa: E402
 from seqtrain.config import Config, flag  # noqa: E402
 from seqtrain.data import load_raw  # noqa: E402
 from seqtrain.errors import UserError  # noqa: E402
 from seqtrain.files import read_json, sha256_json, write_json  # noqa: E402
 from seqtrain.memory import device_description  # noqa: E402
-from seqtrain.models import num_blocks  # noqa: E402
 from seqtrain.pipeline import RunDir, collect_results, resolve_device, stage_manifest  # noqa: E402
-from seqtrain.plan import aligned, plan  # noqa: E402
+from seqtrain.plan import plan  # noqa: E402
+from seqtrain.report import aligned  # noqa: E402
 
 PRESETS = {
     # For a GPU: every depth of the issue at the default dataset size and epoch cap, seqtrain's training defaults.
@@ -288,32 +289,11 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             sys.exit(f"benchmarks/accuracy.py: {e}")
 
 
-def peak_mb(results: dict, method: str, device: str) -> float:
-    """The largest stage's peak (training or caching, as run.py's table), or e2e's; MB as seqtrain measures it."""
+def peak_mb(results: dict, method: str) -> float:
+    """The largest stage's tensor-level peak (training or caching, as run.py's table), or e2e's."""
     if method == "e2e":
-        return results["e2e"]["peak_cuda_mb" if device == "cuda" else "peak_rss_mb"]
-    if device == "cuda":
-        return max(s["peak_cuda_mb"] for s in results["stages"])
-    return max(max(s["peak_rss_mb"], s["cache_peak_rss_mb"]) for s in results["stages"])
-
-
-BASELINE = """
-import psutil, torch, seqtrain.pipeline
-net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
-net(torch.randn(2, 3, 8, 8)).sum().backward()
-print(psutil.Process().memory_info().rss / 2**20)
-"""
-
-
-def baseline_rss_mb(args: argparse.Namespace) -> float:
-    """Resident set of a fresh process after seqtrain's imports and one tiny conv step: what every peak shares.
-
-    The step matters: torch maps its CPU kernels at first use (+166 MB measured here on top of the imports' 522).
-    """
-    code = BASELINE
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    return float(out)
+        return results["e2e"]["peak_tensor_mb"]
+    return max(s["peak_tensor_mb"] for s in results["stages"])
 
 
 def analytic_ratio(args: argparse.Namespace, point: dict) -> float:
@@ -328,10 +308,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(done: list[dict], args: argparse.Namespace, base_mb: float) -> list[dict]:
+def summarize(done: list[dict], args: argparse.Namespace) -> list[dict]:
     """One row per (arch, downsample, intensity, K or e2e): means and stds over seeds, gaps and memory ratios."""
     e2e = {e2e_key(d): d for d in done if d["method"] == "e2e"}
-    base = base_mb if args.device == "cpu" else 0.0
     groups: dict[tuple, list[dict]] = {}
     for d in done:
         groups.setdefault((d["arch"], d["downsample"], d["convs"], d["swidth"], d["method"], d["k"]), []).append(d)
@@ -340,8 +319,8 @@ def summarize(done: list[dict], args: argparse.Namespace, base_mb: float) -> lis
         acc = [test_acc(d["results"], method) for d in runs]
         ref = [e2e[e2e_key(d)]["results"] for d in runs]
         gap = [100 * (a - r["e2e"]["test_acc"]) for a, r in zip(acc, ref)]
-        peak = [peak_mb(d["results"], method, args.device) for d in runs]
-        ratio = [(p - base) / (peak_mb(r, "e2e", args.device) - base) for p, r in zip(peak, ref)]
+        peak = [peak_mb(d["results"], method) for d in runs]
+        ratio = [p / peak_mb(r, "e2e") for p, r in zip(peak, ref)]
         seq = method == "sequential"
         rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "convs": convs,
                      "swidth": swidth, "intensity": intensity(runs[0]), "method": method, "k": k,
@@ -374,7 +353,7 @@ def target_check(rows: list[dict], one_process: bool = False) -> dict:
 # Report
 
 
-def table(rows: list[dict], device: str, base_mb: float, one_process: bool) -> str:
+def table(rows: list[dict], device: str, one_process: bool) -> str:
     pm = lambda ms, scale=1, d=4: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
     varied = any(r["intensity"] != "usual" for r in rows)
     out = [["arch", "blocks", "downsample", *(["intensity"] if varied else []), "K", "method", "seeds", "test acc",
@@ -386,8 +365,8 @@ def table(rows: list[dict], device: str, base_mb: float, one_process: bool) -> s
                     pm(r["gap_points"], d=2) if seq else "-", f"{r['peak_mb'][0]:.0f}",
                     f"{r['mem_ratio'][0]:.3f}" if seq else "-", f"{r['analytic_ratio']:.3f}" if seq else "-",
                     f"{r['seconds']:.0f}"])
-    memory = ("peak MB: CUDA allocator peak" if device == "cuda" else
-              f"peak MB: peak resident set, torch included; mem ratio subtracts BASE = {base_mb:.0f} MB from both")
+    source = "the CUDA allocator's" if device == "cuda" else "live tensors (MemTracker) over each stage's first steps"
+    memory = f"peak MB: tensor-level peak, {source}; mem ratio: sequential / e2e"
     if one_process:
         memory += ("; --one-process: every stage of a point ran in one process, so a stage's peak includes what "
                    "earlier stages left resident (the analytic ratio does not depend on it)")
@@ -531,19 +510,18 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"benchmarks/accuracy.py: {e}")
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
-    base_mb = baseline_rss_mb(args)
-    rows = summarize(run_sweep(args), args, base_mb)
+    rows = summarize(run_sweep(args), args)
     target = target_check(rows, args.one_process)
     config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
     print(settings_line(args))
-    print(table(rows, args.device, base_mb, args.one_process))
+    print(table(rows, args.device, args.one_process))
     print(target_line(target))
     title = f"{settings_line(args)}\n{device_description(args.device)}, torch {torch.__version__}"
     plot(rows, args, args.out / "accuracy.png", title)
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
-               "device_name": device_description(args.device), "config": config, "baseline_rss_mb": round(base_mb, 1),
+               "device_name": device_description(args.device), "config": config,
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
                "rows": [{k: r[k] for k in ("arch", "downsample", "intensity", "method", "k", "test_acc", "gap_points",
                                            "mem_ratio")} for r in rows]}

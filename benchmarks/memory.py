@@ -54,6 +54,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from seqtrain.archs import CIFAR_RESNETS, block_specs, stage_specs  # noqa: E402
 from seqtrain.cache import (  # noqa: E402
     SPLITS,
     cache_bytes,
@@ -67,17 +68,10 @@ from seqtrain.config import Config, config_hash  # noqa: E402
 from seqtrain.data import RawData, Split  # noqa: E402
 from seqtrain.files import sha256_state_dict, write_json  # noqa: E402
 from seqtrain.memory import MB, ProcessPeak, analytic_step, device_description  # noqa: E402
-from seqtrain.models import (  # noqa: E402
-    CIFAR_RESNETS,
-    StageModel,
-    block_specs,
-    build_head,
-    build_network,
-    build_stage_block,
-    stage_specs,
-)
+from seqtrain.models import StageModel, build_head, build_network, build_stage_block  # noqa: E402
 from seqtrain.pipeline import RunDir, cached_batches, image_batches, resolve_device  # noqa: E402
-from seqtrain.plan import aligned, plan, split_counts  # noqa: E402
+from seqtrain.plan import plan, split_counts  # noqa: E402
+from seqtrain.report import aligned  # noqa: E402
 from seqtrain.train import autocast_for, make_optimizer, train_step  # noqa: E402
 
 IN_SHAPE = (3, 32, 32)
@@ -243,9 +237,9 @@ def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device) -> d
         table = write_shards(block, batches, run.cache(k), dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
                              compression=cfg.compression, autocast=autocast_for(device, cfg.bf16))
     seconds = time.perf_counter() - t0
-    manifest = publish_manifest(run.cache(k), {
-        "stage": k, "config_hash": config_hash(cfg), "input_fingerprint": input_fp,
-        "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": NUM_CLASSES, **table})
+    manifest = publish_manifest(
+        run.cache(k), identity={"stage": k, "config_hash": config_hash(cfg), "input_fingerprint": input_fp},
+        weights_hash=sha256_state_dict(block.state_dict()), num_classes=NUM_CLASSES, table=table)
     samples = sum(table["splits"][s]["count"] for s in SPLITS)
     steps = sum(len(b) for b in batches.values())
     return {"analytic": None, "step_ms": seconds / steps * 1e3, "samples_per_s": samples / seconds,  # mean, not median

@@ -12,6 +12,7 @@ gzip and lzf at 120-160 MB/s (DESIGN.md, "Storage").
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -123,11 +124,12 @@ def clear_cache(cache_dir: Path) -> None:
 
 @torch.no_grad()
 def write_shards(block: torch.nn.Module, batches: dict, cache_dir: Path, *, dtype: str, shard_mb: int,
-                 compression: str, autocast, prefix: str = "") -> dict:
+                 compression: str, autocast, prefix: str = "", memory=None) -> dict:
     """Run every split through the frozen `block` in order and write its shards; returns the split table.
 
     `batches[split]` yields (x, y, ids) in a fixed order, x [B, C, H, W] or, for the train split's views,
-    [B, V, C, H, W]; `autocast` is a context manager factory; `prefix` keeps ranks' shard names apart.
+    [B, V, C, H, W]; `autocast` is a context manager factory; `prefix` keeps ranks' shard names apart;
+    `memory` (a memory.PeakMemory) watches the tensors of the batches it asks for.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not prefix:
@@ -137,7 +139,7 @@ def write_shards(block: torch.nn.Module, batches: dict, cache_dir: Path, *, dtyp
     for split in SPLITS:
         writer = None
         for x, y, ids in bar(batches[split], f"cache {split}"):
-            with autocast():
+            with memory.watch(block, x) if memory else contextlib.nullcontext(), autocast():
                 if x.ndim == 5:  # B, V, C, H, W: every view of a sample goes through the block
                     views = x.shape[1]
                     out = block(x.flatten(0, 1)).unflatten(0, x.shape[:2])
@@ -162,9 +164,15 @@ def merge_tables(tables: list[dict]) -> dict:
     return {**first, "views": max(t["views"] for t in tables), "splits": splits}
 
 
-def publish_manifest(cache_dir: Path, manifest: dict) -> dict:
-    """Write the manifest last; its `fingerprint` identifies this cache's content for the next stage."""
-    manifest = dict(manifest, format=FORMAT)
+def publish_manifest(cache_dir: Path, *, identity: dict, weights_hash: str, num_classes: int, table: dict,
+                     result: dict | None = None) -> dict:
+    """Write the manifest, last: from here on the cache is complete. Its fields are the one definition of a
+    manifest: the stage's `identity` (config_hash, input_fingerprint, stage), the hash of the weights that
+    made the features, the number of classes, the split table of write_shards (feature_shape, views, dtype,
+    compression, splits), the stage's `result` (accuracies, times, memory), and the `fingerprint` that
+    identifies this cache's content for the next stage."""
+    manifest = {**identity, "weights_hash": weights_hash, "num_classes": num_classes, **table,
+                "result": result or {}, "format": FORMAT}
     manifest["fingerprint"] = fingerprint(manifest)
     write_json(cache_dir / MANIFEST, manifest)
     return manifest

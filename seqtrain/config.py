@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from seqtrain.archs import ARCHS, block_specs, feature_shape, num_blocks
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -80,8 +81,6 @@ class Config:
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> Config:
         """Check every value once, before anything is written; raise UserError naming the flag."""
-        from seqtrain.models import num_blocks
-
         self.check_external_arch()
         for name, options in choices().items():
             if name == "arch" and ":" in self.arch:
@@ -125,8 +124,6 @@ class Config:
 
     def stage_sizes(self) -> list[int]:
         """Blocks in each trainable stage, from --stages (a count split evenly, or an explicit list)."""
-        from seqtrain.models import num_blocks
-
         total = num_blocks(self)
         if ":" in self.arch:  # a torchvision or custom network: its stages are fixed by --split or by split()
             if str(self.stages) not in (Config.stages, str(total)):
@@ -151,8 +148,6 @@ class Config:
         return parts
 
     def check_downsample(self) -> None:
-        from seqtrain.models import block_specs, feature_shape, num_blocks
-
         if ":" in self.arch:
             return  # torchvision stages checked their shapes in check_external_arch
         if self.downsample not in ("standard", "accelerated"):
@@ -241,8 +236,6 @@ def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names a thing."""
-    from seqtrain.models import ARCHS
-
     return {"dataset": DATASETS, "augment": AUGMENTS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
             "cache_dtype": CACHE_DTYPES, "compression": COMPRESSIONS, "device": DEVICES}
 

@@ -13,8 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 TMP_SUFFIX = ".tmp"
 
 
@@ -51,12 +49,16 @@ def read_json(path: Path):
 
 def save_torch(path: Path, obj) -> None:
     """torch.save through a temp file; `obj` must hold only tensors and primitives (weights_only loads)."""
+    import torch  # here, not at the top: the command line's --help and errors come before torch loads
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: Path, map_location="cpu"):
+    import torch
+
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -82,6 +84,8 @@ def sha256_json(obj) -> str:
 
 def sha256_state_dict(state: dict) -> str:
     """Hash of a state dict's names, dtypes, shapes and bytes: identifies the weights that made a cache."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()

@@ -36,15 +36,30 @@ class ShardStream(IterableDataset):
         self.mix = max(1, resident_shards - 2)
         self.drop_last, self.epoch, self.views = drop_last, 0, views
 
-    def __iter__(self):
-        worker = get_worker_info()
-        seed = self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
+    def epoch_seed(self) -> int:
+        return self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
+
+    def worker_parts(self, worker: int, num_workers: int) -> list[tuple[str, int, int]]:
+        """This epoch's shard order, and the share of it that worker `worker` of `num_workers` streams."""
         order = self.parts
         if self.shuffle:
-            order = [order[i] for i in torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
-        if worker is not None:
-            order = order[worker.id::worker.num_workers]
-        g = torch.Generator().manual_seed(seed * 101 + (worker.id if worker else 0))
+            g = torch.Generator().manual_seed(self.epoch_seed())
+            order = [order[i] for i in torch.randperm(len(order), generator=g)]
+        return order[worker::num_workers]
+
+    def num_batches(self, num_workers: int) -> int:
+        """Batches this epoch yields. Each worker batches its own shards and keeps (or drops) its own leftover
+        rows, so with workers the count depends on which shards each one streams this epoch."""
+        total = 0
+        for w in range(max(1, num_workers)):
+            rows = sum(b - a for _, a, b in self.worker_parts(w, max(1, num_workers)))
+            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        return total
+
+    def __iter__(self):
+        worker = get_worker_info()
+        order = self.worker_parts(worker.id, worker.num_workers) if worker else self.worker_parts(0, 1)
+        g = torch.Generator().manual_seed(self.epoch_seed() * 101 + (worker.id if worker else 0))
         carry: list[tuple[torch.Tensor, ...]] = []
         for group in grouped(prefetched(order), self.mix):
             x, y, ids = (torch.cat(parts) for parts in zip(*carry, *group))
@@ -139,7 +154,7 @@ class CachedBatches:
         self.stream.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size if self.drop_last else -(-self.num_samples // self.batch_size)
+        return self.stream.num_batches(self.workers)
 
     def __iter__(self):
         pin = self.device.type == "cuda"

@@ -1,10 +1,11 @@
-"""Memory of a piece of work: measured (CUDA allocator, process resident set) and analytic (bytes held for a step).
+"""Memory of a piece of work: measured (tensor peaks, process resident set) and analytic (bytes held for a step).
 
-Three figures, used by the pipeline, `--plan` (plan.py) and benchmarks/memory.py (DESIGN.md, "Memory figures"):
+Used by the pipeline, `--plan` (plan.py), the memory-balanced split (balance.py) and benchmarks/memory.py
+(docs/design.md, "Memory figures"):
 
-- `PeakMemory`: the peak over a block of code inside a long-lived process. On CPU the resident set is
-  sampled by a background thread (psutil, every 20 ms): within one process ru_maxrss only ever grows, so
-  it cannot tell one stage's peak from an earlier stage's.
+- `PeakMemory`: the peaks of one phase of a stage inside a long-lived process: the tensor-level peak (the
+  CUDA allocator's, or on CPU MemTracker's count of live tensors over a few watched steps), its breakdown
+  by kind, and the resident set beside it.
 - `ProcessPeak`: the exact peak of a fresh process's work after its imports (its peak resident set minus
   that after the imports; `import torch` alone is about 0.5 GB of RSS here), or the CUDA allocator's peak.
   The benchmark runs each configuration in its own process to use it.
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import psutil
 import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import _MemRefType as MEM_KIND
 
 from seqtrain.train import train_step
 
@@ -33,12 +36,30 @@ MB = 2**20
 
 
 class PeakMemory:
-    """Context manager; afterwards `.rss_mb` is the peak resident set and `.cuda_mb` the CUDA peak (or None)."""
+    """Context manager over one phase of a stage (its training, or its caching pass): the phase's peaks.
 
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
+    - `tensor_mb`, the figure users compare: on CUDA the allocator's peak over the whole phase
+      (`max_memory_allocated`, with `cuda_reserved_mb` beside it); on CPU the largest total of live tensors
+      over the steps wrapped in `watch()`, counted by PyTorch's MemTracker (a TorchDispatchMode that sees
+      every tensor an op allocates and frees: exact on CPU, where no allocator keeps statistics).
+    - `breakdown_mb`: the watched steps' peak by kind (parameters, gradients, optimizer state, activations,
+      temporaries, the batch), on every device.
+    - `rss_mb`: the process's resident set, sampled by a thread every 20 ms (within one process ru_maxrss only
+      ever grows, so it cannot tell one stage from an earlier one). It includes `import torch`, the raw data,
+      the loader's shards and freed memory glibc keeps: a second figure, never the headline.
+
+    Only the first `watch_steps` calls of `watch()` are tracked: MemTracker slows the ops it sees, and the
+    steps of a phase are alike once the optimizer state exists (after the first step).
+    """
+
+    def __init__(self, device: torch.device, watch_steps: int = 3, interval: float = 0.02):
+        self.device, self.watch_steps, self.interval = device, watch_steps, interval
+        self.watched = 0
+        self.tracked_peak = 0
+        self.breakdown: dict[str, int] = {}
         self.rss_mb: float = 0.0
-        self.cuda_mb: float | None = None
+        self.cuda_allocated: int | None = None
+        self.cuda_reserved: int | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
@@ -63,10 +84,43 @@ class PeakMemory:
         self.rss_mb = round(self._peak / MB, 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+            self.cuda_allocated = torch.cuda.max_memory_allocated(self.device)
+            self.cuda_reserved = torch.cuda.max_memory_reserved(self.device)
+
+    @contextlib.contextmanager
+    def watch(self, *external: torch.nn.Module | torch.optim.Optimizer | torch.Tensor):
+        """Track the tensors of the enclosed step (one of the first `watch_steps`); `external`: the model,
+        optimizer and batch, which exist before the step and are part of what it holds."""
+        if self.watched >= self.watch_steps:
+            yield
+            return
+        self.watched += 1
+        tracker = MemTracker()
+        tracker.track_external(*external)
+        with tracker:
+            yield
+        snaps = tracker.get_tracker_snapshot("peak")
+        snap = next((v for d, v in snaps.items() if d.type == self.device.type), {})
+        if snap.get("Total", 0) > self.tracked_peak:
+            self.tracked_peak = snap["Total"]
+            self.breakdown = {KINDS[k.name]: v for k, v in snap.items() if k != "Total" and k.name in KINDS}
+            self.breakdown["parameters"] = snap.get(MEM_KIND.PARAM, 0) + snap.get(MEM_KIND.BUFFER, 0)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.cuda_allocated if self.cuda_allocated is not None else self.tracked_peak
 
     def as_dict(self) -> dict:
-        return {"peak_rss_mb": self.rss_mb, "peak_cuda_mb": self.cuda_mb}
+        """The phase's figures in MB, as results.json and the manifests carry them."""
+        return {"peak_tensor_mb": round(self.tensor_bytes / MB, 1), "peak_rss_mb": self.rss_mb,
+                "cuda_reserved_mb": None if self.cuda_reserved is None else round(self.cuda_reserved / MB, 1),
+                "tensor_breakdown_mb": {k: round(v / MB, 2) for k, v in self.breakdown.items()},
+                "tensor_source": "cuda allocator" if self.cuda_allocated is not None
+                else f"MemTracker, {self.watched} step(s)"}
+
+
+# MemTracker's kinds of tensor, by the names a user reads in results.json (parameters = PARAM + BUFFER).
+KINDS = {"GRAD": "gradients", "OPT": "optimizer", "ACT": "activations", "TEMP": "temporaries", "OTH": "batch"}
 
 
 # --------------------------------------------------------------------------------------------------------

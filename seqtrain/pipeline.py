@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,13 +45,16 @@ from seqtrain.train import autocast_for, evaluate, fit
 
 
 class RunDir:
-    """The paths of the run-directory contract (DESIGN.md)."""
+    """The paths of the run-directory contract (docs/design.md), and what this run has read of its input."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.config = self.root / "config.json"
         self.final = self.root / "final"
         self.e2e = self.root / "e2e"
+        # Stage 0's input fingerprint, computed once per RunDir (listing a large image folder is not free)
+        # and not once per process: a second train_stages() call must see files added in between.
+        self.input_fingerprints: dict[str, str | None] = {}
 
     def stage(self, k: int) -> Path:
         return self.root / f"stage_{k:02d}"
@@ -65,24 +69,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-_fingerprints: dict[str, str | None] = {}
-
-
-def dataset_fingerprint(cfg: Config) -> str | None:
+def dataset_fingerprint(cfg: Config, run: RunDir) -> str | None:
     """Identifies stage 0's input (the dataset, its image size and validation split, an image folder's files);
-    None when an image folder is not here, so that later stages can run from the caches alone.
-
-    Computed once per process: listing a large image folder is not free.
-    """
+    None when an image folder is not here, so that later stages can run from the caches alone."""
     key = sha256_json([cfg.data_dir, shaping_dict(cfg)])
-    if key not in _fingerprints:
+    if key not in run.input_fingerprints:
         try:
-            _fingerprints[key] = sha256_json(source_fingerprint(cfg))[:16]
+            run.input_fingerprints[key] = sha256_json(source_fingerprint(cfg))[:16]
         except UserError:
             if cfg.dataset != "imagefolder":
                 raise
-            _fingerprints[key] = None
-    return _fingerprints[key]
+            run.input_fingerprints[key] = None
+    return run.input_fingerprints[key]
 
 
 def rebuild_hint(run: RunDir, k: int) -> str:
@@ -104,7 +102,7 @@ def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
     if manifest["config_hash"] != config_hash(cfg):
         return None, f"stage {k}'s cache was made with another configuration"
     if k == 0:
-        expected = dataset_fingerprint(cfg) or manifest["input_fingerprint"]  # no image folder: trust stage 0
+        expected = dataset_fingerprint(cfg, run) or manifest["input_fingerprint"]  # no image folder: trust stage 0
     else:
         previous, why = stage_manifest(cfg, run, k - 1)
         if previous is None:
@@ -137,83 +135,124 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
     """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output.
 
     `block` is stage k's module when the caller holds it (seqtrain.train_stages); otherwise it is built from cfg.
+    Returns the stage's published manifest.
     """
-    stage_dir, cache_dir = run.stage(k), run.cache(k)
-    main = distributed.is_main()  # under torchrun only rank 0 writes files other than its own shards
-    if main:
-        clear_cache(cache_dir)  # stage k is incomplete from here until its new manifest is published
-        (stage_dir / "block.pt").unlink(missing_ok=True)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-
-    if k == 0:
-        assert raw is not None, "stage 0 reads the raw dataset"
-        in_shape, num_classes, input_fp = raw.in_shape, raw.num_classes, dataset_fingerprint(cfg)
-        batches = {s: image_batches(cfg, raw, s, device, train=s == "train") for s in SPLITS}
-        frozen = {s: frozen_image_batches(cfg, raw, s, device) for s in SPLITS}
-        counts = {s: len(getattr(raw, s)) for s in SPLITS}
-    else:
-        prev = require_input_cache(cfg, run, k)
-        in_shape, num_classes, input_fp = tuple(prev["feature_shape"]), prev["num_classes"], prev["fingerprint"]
-        batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train") for s in SPLITS}
-        frozen = {s: frozen_cached_batches(cfg, run.cache(k - 1), prev, s, device) for s in SPLITS}
-        counts = {s: prev["splits"][s]["count"] for s in SPLITS}
-    if len(batches["train"]) == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training split "
-                        f"({batches['train'].num_samples} samples); lower it")
-
+    inputs = stage_inputs(cfg, run, k, raw, device)
     # Only this stage's block and head are built: the process never sees blocks 0..k-1.
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
     if block is None:
-        block, out_shape = build_stage(cfg, k, tuple(in_shape))
+        block, out_shape = build_stage(cfg, k, inputs.in_shape)
     else:
-        out_shape = stage_shapes([block], tuple(in_shape))[0]
+        out_shape = stage_shapes([block], inputs.in_shape)[0]
     # Every rank checks (cheap, one filesystem), so under torchrun all refuse together instead of hanging.
-    check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, counts, cfg.cache_views))
-    head = build_head(cfg, out_shape[0], num_classes)
-    model = StageModel(block, head).to(device)
-    identity = {"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k}
+    check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, inputs.counts, cfg.cache_views))
+    model = StageModel(block, build_head(cfg, out_shape[0], inputs.num_classes)).to(device)
+    identity = {"config_hash": config_hash(cfg), "input_fingerprint": inputs.fingerprint, "stage": k}
+
+    unpublish_stage(run, k)  # stage k is incomplete from here until its new manifest is published
+    log(f"stage {k}/{cfg.num_stages - 1}: {len(block) if isinstance(block, torch.nn.Sequential) else 1} block(s), "
+        f"{sum(p.numel() for p in block.parameters()):,} parameters, input {inputs.in_shape}")
+    result = train_stage(cfg, run, k, model, inputs, identity, device)
+    table, cache_result = cache_stage(cfg, run, k, block, inputs, device)
+    return publish_stage(run, k, block, identity, inputs.num_classes, table, {**result, **cache_result})
+
+
+@dataclass
+class StageInputs:
+    """What stage k reads: batch streams to train and evaluate on, and to cache; the input's shape and identity."""
+
+    in_shape: tuple[int, ...]  # C, H, W of one input sample
+    num_classes: int
+    fingerprint: str | None  # the dataset's (stage 0) or the previous cache's
+    counts: dict[str, int]  # samples per split
+    batches: dict  # split -> batches to train on (train: shuffled, augmented) or evaluate on
+    frozen: dict  # split -> this rank's slice, in order, every view: what the caching pass reads
+
+
+def stage_inputs(cfg: Config, run: RunDir, k: int, raw: RawData | None, device) -> StageInputs:
+    """Stage 0 reads the raw dataset; stage k > 0 the verified cache of stage k-1, and nothing else."""
+    if k == 0:
+        assert raw is not None, "stage 0 reads the raw dataset"
+        inputs = StageInputs(
+            tuple(raw.in_shape), raw.num_classes, dataset_fingerprint(cfg, run),
+            {s: len(getattr(raw, s)) for s in SPLITS},
+            {s: image_batches(cfg, raw, s, device, train=s == "train") for s in SPLITS},
+            {s: frozen_image_batches(cfg, raw, s, device) for s in SPLITS})
+    else:
+        prev = require_input_cache(cfg, run, k)
+        inputs = StageInputs(
+            tuple(prev["feature_shape"]), prev["num_classes"], prev["fingerprint"],
+            {s: prev["splits"][s]["count"] for s in SPLITS},
+            {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train") for s in SPLITS},
+            {s: frozen_cached_batches(cfg, run.cache(k - 1), prev, s, device) for s in SPLITS})
+    if len(inputs.batches["train"]) == 0:
+        per_worker = f" for each of the {cfg.workers} --workers (each batches its own shards)" if cfg.workers else ""
+        raise UserError(f"--batch-size {cfg.batch_size} leaves no full batch of the {inputs.counts['train']} "
+                        f"training samples{per_worker}; lower it" + (" or --workers" if cfg.workers else ""))
+    return inputs
+
+
+def unpublish_stage(run: RunDir, k: int) -> None:
+    """Stage k's cache and weights go before it trains; under torchrun rank 0 does it and the others wait."""
+    if distributed.is_main():
+        clear_cache(run.cache(k))
+        (run.stage(k) / "block.pt").unlink(missing_ok=True)
+        run.stage(k).mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+
+
+def train_stage(cfg: Config, run: RunDir, k: int, model: StageModel, inputs: StageInputs, identity: dict,
+                device) -> dict:
+    """Train block + head to convergence, score the head on the test split, save block.pt; the result's figures."""
     desc = f"stage {k}/{cfg.num_stages - 1}"
-    log(f"{desc}: {len(block) if isinstance(block, torch.nn.Sequential) else 1} block(s), "
-        f"{sum(p.numel() for p in block.parameters()):,} parameters, input {tuple(in_shape)}")
+    with PeakMemory(device) as memory:
+        trained = fit(model, inputs.batches["train"], inputs.batches["val"], cfg, workdir=run.stage(k),
+                      identity=identity, device=device, desc=desc, memory=memory)
+        _, test_acc = evaluate(model, inputs.batches["test"], autocast_for(device, cfg.bf16))
+    if distributed.is_main():
+        save_torch(run.stage(k) / "block.pt", {"block": model.block.state_dict(), "head": model.head.state_dict(),
+                                               "identity": identity, "config": cfg.to_dict()})
+    log(f"{desc}: trained | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}")
+    return {"val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
+            "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
+            "parameters": sum(p.numel() for p in model.block.parameters()), "train_memory": memory.as_dict()}
 
-    with PeakMemory(device) as train_mem:
-        trained = fit(model, batches["train"], batches["val"], cfg, workdir=stage_dir, identity=identity,
-                      device=device, desc=desc)
-        autocast = autocast_for(device, cfg.bf16)
-        _, test_acc = evaluate(model, batches["test"], autocast)
-    if main:
-        save_torch(stage_dir / "block.pt", {"block": block.state_dict(), "head": head.state_dict(),
-                                            "identity": identity, "config": cfg.to_dict()})
 
+def cache_stage(cfg: Config, run: RunDir, k: int, block: torch.nn.Module, inputs: StageInputs,
+                device) -> tuple[dict, dict]:
+    """Push every split through the frozen block into this rank's shards; (merged split table, figures).
+
+    Under torchrun every rank caches its own slice; a rank's error (e.g. float16 overflow) stops them all.
+    """
     t0 = time.perf_counter()
-    with PeakMemory(device) as cache_mem:
-        prefix = f"rank{distributed.rank()}-" if distributed.world_size() > 1 else ""
+    prefix = f"rank{distributed.rank()}-" if distributed.world_size() > 1 else ""
+    with PeakMemory(device) as memory:
         try:
-            table, error = write_shards(block, frozen, cache_dir, dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
-                                        compression=cfg.compression, autocast=autocast, prefix=prefix), None
-        except UserError as e:  # e.g. float16 overflow in this rank's slice: the other ranks must stop too
+            table, error = write_shards(block, inputs.frozen, run.cache(k), dtype=cfg.cache_dtype,
+                                        shard_mb=cfg.shard_mb, compression=cfg.compression,
+                                        autocast=autocast_for(device, cfg.bf16), prefix=prefix, memory=memory), None
+        except UserError as e:
             table, error = None, e
-    tables = distributed.gather(table if error is None else str(error))
+    tables = distributed.gather(table if error is None else str(error))  # also a barrier: every shard exists
     if error is not None or any(isinstance(t, str) for t in tables):
         raise error or UserError(next(t for t in tables if isinstance(t, str)))
-    table = merge_tables(tables)
-    result = {
-        "val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
-        "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
-        "cache_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": train_mem.rss_mb,
-        "peak_cuda_mb": train_mem.cuda_mb, "cache_peak_rss_mb": cache_mem.rss_mb,
-        "parameters": sum(p.numel() for p in block.parameters()),
-    }
-    if main:  # after every rank's shards exist: gather() above is a barrier
-        manifest = publish_manifest(cache_dir, {
-            **identity, "weights_hash": sha256_state_dict(block.state_dict()), "num_classes": num_classes,
-            **table, "result": result,
-        })
-        (stage_dir / "checkpoint.pt").unlink(missing_ok=True)  # the stage is complete: block.pt supersedes it
-    manifest = read_manifest_after_barrier(cache_dir)
-    log(f"{desc}: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f} | "
-        f"cache {cache_bytes(manifest) / 2**20:.1f} MB")
+    return merge_tables(tables), {"cache_seconds": round(time.perf_counter() - t0, 2),
+                                  "cache_memory": memory.as_dict()}
+
+
+def publish_stage(run: RunDir, k: int, block: torch.nn.Module, identity: dict, num_classes: int, table: dict,
+                  result: dict) -> dict:
+    """Rank 0 writes the manifest (the stage is complete from here) and drops the checkpoint; every rank
+    returns the published manifest."""
+    peaks = [result["train_memory"], result["cache_memory"]]
+    result = {**result, "peak_tensor_mb": max(m["peak_tensor_mb"] for m in peaks),
+              "peak_rss_mb": max(m["peak_rss_mb"] for m in peaks)}
+    if distributed.is_main():
+        publish_manifest(run.cache(k), identity=identity, weights_hash=sha256_state_dict(block.state_dict()),
+                         num_classes=num_classes, table=table, result=result)
+        (run.stage(k) / "checkpoint.pt").unlink(missing_ok=True)  # block.pt supersedes it
+    manifest = read_manifest_after_barrier(run.cache(k))
+    log(f"stage {k}: cached | {cache_bytes(manifest) / 2**20:.1f} MB | tensor peak {result['peak_tensor_mb']:.1f} MB")
     return manifest
 
 
@@ -323,21 +362,24 @@ def run_e2e(cfg: Config, run: RunDir, raw: RawData, device) -> dict:
     distributed.barrier()
     torch.manual_seed(cfg.seed)
     net = build_network(cfg, raw.in_shape[0], raw.num_classes).to(device)
-    identity = {"config_hash": config_hash(cfg), "input_fingerprint": dataset_fingerprint(cfg), "stage": "e2e"}
+    identity = {"config_hash": config_hash(cfg), "input_fingerprint": dataset_fingerprint(cfg, run), "stage": "e2e"}
     train, val = image_batches(cfg, raw, "train", device, True), image_batches(cfg, raw, "val", device, False)
     with PeakMemory(device) as mem:
-        trained = fit(net, train, val, cfg, workdir=run.e2e, identity=identity, device=device, desc="e2e")
+        trained = fit(net, train, val, cfg, workdir=run.e2e, identity=identity, device=device, desc="e2e",
+                      memory=mem)
     _, test_acc = evaluate(net, image_batches(cfg, raw, "test", device, False), autocast_for(device, cfg.bf16))
     result = {"val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
               "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
-              "parameters": sum(p.numel() for p in net.parameters()), **mem.as_dict(),
+              "parameters": sum(p.numel() for p in net.parameters()), "train_memory": mem.as_dict(),
+              "peak_tensor_mb": mem.as_dict()["peak_tensor_mb"], "peak_rss_mb": mem.rss_mb,
               "config_hash": config_hash(cfg)}
     if main:
         save_model(run.e2e / "model.pt", net, cfg, raw)
         write_json(run.e2e / "results.json", result)
         (run.e2e / "checkpoint.pt").unlink(missing_ok=True)
     distributed.barrier()
-    log(f"e2e: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}")
+    log(f"e2e: done | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f} | "
+        f"tensor peak {result['peak_tensor_mb']:.1f} MB")
     return result
 
 

@@ -25,20 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, stage_specs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.data import describe
-from seqtrain.memory import MB, StepBytes, analytic_step
-from seqtrain.models import (
-    USUAL_CONVS,
-    BlockSpec,
-    SequentialNet,
-    StageModel,
-    build_head,
-    build_stage_block,
-    feature_shape,
-    stage_specs,
-)
+from seqtrain.memory import StepBytes, analytic_step
+from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
+from seqtrain.report import aligned, mb, shape_text
 from seqtrain.splitting import is_torchvision
 from seqtrain.train import make_optimizer
 
@@ -195,10 +188,6 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
 # Report
 
 
-def mb(n: int) -> str:
-    return f"{n / MB:,.1f}"
-
-
 def format_plan(p: dict) -> str:
     """The plan as a table for people: one row per stage and one for e2e, then totals and free disk."""
     n = p["splits"]
@@ -259,14 +248,3 @@ def block_text(b: dict) -> str:
     if b["stride"] * b["pool"] > 1:
         text += f" /{b['stride'] * b['pool']}"
     return text + f" -> {b['out_shape'][0]}@{shape_text(b['out_shape'][1:])}"
-
-
-def aligned(rows: list[list[str]]) -> str:
-    """Right-aligned columns, the first row a header underlined (also the benchmark's tables)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def shape_text(shape: list[int]) -> str:
-    return "x".join(str(d) for d in shape)

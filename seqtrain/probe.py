@@ -39,7 +39,7 @@ from seqtrain.data import ImageBatches, Split, load_raw
 from seqtrain.errors import UserError
 from seqtrain.files import read_json, write_json
 from seqtrain.pipeline import RunDir, resolve_device, stage_manifest
-from seqtrain.plan import aligned
+from seqtrain.report import aligned
 from seqtrain.run import Parser
 
 PROBE_STEPS = 300  # L-BFGS iteration cap; it stops sooner once the loss stops changing (67 steps, tiny run)

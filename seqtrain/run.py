@@ -15,10 +15,10 @@ import errno
 import sys
 
 from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
-from seqtrain.errors import UserError
+from seqtrain.errors import Interrupted, UserError
 from seqtrain.files import read_json
 from seqtrain.log import log
-from seqtrain.train import Interrupted
+from seqtrain.report import aligned
 
 GROUPS = {
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
@@ -103,24 +103,33 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def summary_table(results: dict) -> str:
-    rows = [("stage", "val acc", "test acc", "epochs", "peak MB", "cache MB", "time s")]
+    """The run's table: per stage and e2e, accuracy, epochs, tensor-level peak memory (the figure to compare:
+    the CUDA allocator's, or on CPU MemTracker's live tensors), the process's RSS beside it, cache and time."""
+    rows = [["stage", "val acc", "test acc", "epochs", "tensor MB", "RSS MB", "cache MB", "time s"]]
     for s in results["stages"]:
-        peak = s["peak_cuda_mb"] if s.get("peak_cuda_mb") is not None else max(s["peak_rss_mb"], s["cache_peak_rss_mb"])
-        rows.append((str(s["stage"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}",
-                     f"{s['epochs']} (best {s['best_epoch']})", f"{peak:.0f}", f"{s['cache_mb']:.1f}",
-                     f"{s['train_seconds'] + s['cache_seconds']:.1f}"))
+        rows.append([str(s["stage"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}",
+                     f"{s['epochs']} (best {s['best_epoch']})", f"{s['peak_tensor_mb']:.1f}", f"{s['peak_rss_mb']:.0f}",
+                     f"{s['cache_mb']:.1f}", f"{s['train_seconds'] + s['cache_seconds']:.1f}"])
     e2e = results.get("e2e")
     if e2e:
-        peak = e2e["peak_cuda_mb"] if e2e.get("peak_cuda_mb") is not None else e2e["peak_rss_mb"]
-        rows.append(("e2e", f"{e2e['val_acc']:.4f}", f"{e2e['test_acc']:.4f}",
-                     f"{e2e['epochs']} (best {e2e['best_epoch']})", f"{peak:.0f}", "-", f"{e2e['train_seconds']:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+        rows.append(["e2e", f"{e2e['val_acc']:.4f}", f"{e2e['test_acc']:.4f}",
+                     f"{e2e['epochs']} (best {e2e['best_epoch']})", f"{e2e['peak_tensor_mb']:.1f}",
+                     f"{e2e['peak_rss_mb']:.0f}", "-", f"{e2e['train_seconds']:.1f}"])
+    lines = [aligned(rows)]
     final = results.get("final")
     if final:
         lines.append(f"final network: test acc {final['test_acc']:.4f} on raw images "
                      f"({final['cached_path_test_acc']:.4f} through the cached features)")
+    lines.append("tensor MB: peak of live tensors, training or caching (CUDA allocator; on CPU MemTracker over\n"
+                 "  the first steps); RSS MB: the whole process's resident set, torch and the data included")
+    if results["stages"]:
+        k, peak = max(((s["stage"], s["peak_tensor_mb"]) for s in results["stages"]), key=lambda t: t[1])
+        if e2e and e2e["peak_tensor_mb"]:
+            lines.append(f"largest stage / e2e (tensor peak): stage {k} {peak:.1f} MB / {e2e['peak_tensor_mb']:.1f} MB "
+                         f"= {peak / e2e['peak_tensor_mb']:.2f}x")
+        else:
+            lines.append(f"largest stage (tensor peak): stage {k} {peak:.1f} MB; run --stage e2e for the ratio to "
+                         "end-to-end training")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqtrain import distributed
-from seqtrain.errors import UserError
+from seqtrain.errors import Interrupted, UserError
 from seqtrain.files import load_torch, save_torch, write_bytes
 from seqtrain.log import bar, counter, log
 
@@ -36,12 +36,6 @@ CHECKPOINT_FORMAT = 1
 
 class Diverged(UserError):
     """The loss became inf or nan; the last good checkpoint is kept."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the current step finished and a checkpoint was written; rerunning resumes."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -106,8 +100,10 @@ class EpochProgress:
 
 
 def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochProgress, *, autocast,
-                    channels_last: bool, stop: threading.Event, desc: str) -> bool:
-    """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished."""
+                    channels_last: bool, stop: threading.Event, desc: str, memory=None) -> bool:
+    """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished.
+
+    `memory` (a memory.PeakMemory) watches the tensors of the steps it asks for."""
     model.train()
     steps, device = len(batches), next(model.parameters()).device
     for i, (x, y, _) in enumerate(bar(batches, desc)):
@@ -120,7 +116,8 @@ def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochP
             group["lr"] = progress.lr
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits = train_step(model, x, y, optimizer, autocast)
+        with memory.watch(model, optimizer, x, y) if memory else contextlib.nullcontext():
+            loss, logits = train_step(model, x, y, optimizer, autocast)
         stop_now, bad = stop.is_set(), not torch.isfinite(loss)
         if distributed.active():  # one collective per step: every rank stops after the same step, or diverges
             stop_now, bad = (v > 0 for v in distributed.sum_all([stop_now, bad], device))
@@ -181,12 +178,12 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
 
 
 def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, identity: dict, device: torch.device,
-        desc: str) -> TrainResult:
+        desc: str, memory=None) -> TrainResult:
     """Train `model` until validation accuracy stops improving; leave it holding the best weights.
 
     `workdir` receives checkpoint.pt and metrics.jsonl. A checkpoint is resumed only when its `identity`
     (the hashes of the configuration and of the input) equals this run's. Ctrl-C finishes the current step,
-    checkpoints, and raises Interrupted.
+    checkpoints, and raises Interrupted. `memory` (a memory.PeakMemory) watches the first training steps.
     """
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
@@ -238,7 +235,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, ide
             epoch = state["epoch"]
             train_batches.set_epoch(epoch)
             finished = train_one_epoch(trained, train_batches, optimizer, cfg, epoch, progress, autocast=autocast,
-                                       channels_last=channels_last, stop=stop, desc=f"{desc} epoch {epoch + 1}")
+                                       channels_last=channels_last, stop=stop, desc=f"{desc} epoch {epoch + 1}",
+                                       memory=memory)
             if not finished:
                 save_checkpoint()
                 raise Interrupted(f"{desc}: interrupted at epoch {epoch + 1}, step {progress.step}; progress is "

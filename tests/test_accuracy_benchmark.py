@@ -35,7 +35,6 @@ def test_smoke_run_summary_and_reuse(tmp_path):
     proc, summary = bench(out, tmp_path / "data")
     assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
     assert summary["config"]["archs"] == ["resnet20"] and summary["config"]["ks"] == [2]
-    assert summary["baseline_rss_mb"] > 100  # torch alone is several hundred MB
     assert summary["target"]["measured"] is False and summary["target"]["arch"] == "resnet32"
     assert "target (resnet32, K=4, accelerated): not measured" in proc.stdout
     rows = {(r["method"], r["k"]): r for r in summary["rows"]}
@@ -138,16 +137,16 @@ def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end
     # Each sequential point is compared with the e2e run of its own network and seed.
     def result(p, acc):
         if p["method"] == "e2e":
-            return {"e2e": {"test_acc": acc, "peak_rss_mb": 900.0, "train_seconds": 1.0}}
-        return {"final": {"test_acc": acc}, "stages": [{"peak_rss_mb": 800.0, "cache_peak_rss_mb": 750.0,
+            return {"e2e": {"test_acc": acc, "peak_tensor_mb": 200.0, "train_seconds": 1.0}}
+        return {"final": {"test_acc": acc}, "stages": [{"peak_tensor_mb": 100.0,
                                                         "train_seconds": 1.0, "cache_seconds": 0.5}]}
 
     accs = {("e2e", None): 0.5, ("sequential", 2): 0.45, ("sequential", 4): 0.4, ("e2e", 4): 0.6}
     done = [{**p, "results": result(p, accs[(p["method"], p["k"])] + (p["convs"] != "usual") * 0.01)} for p in todo]
     monkeypatch.setattr(accuracy, "analytic_ratio", lambda args, point: 0.5)  # plan() is tested elsewhere
-    rows = {(r["intensity"], r["method"], r["k"]): r for r in accuracy.summarize(done, args, base_mb=700.0)}
+    rows = {(r["intensity"], r["method"], r["k"]): r for r in accuracy.summarize(done, args)}
     assert rows[("usual", "sequential", 4)]["gap_points"][0] == pytest.approx(-10.0)
     assert rows[("convs 1,2,2", "sequential", 4)]["gap_points"][0] == pytest.approx(-20.0)
     assert rows[("convs 1,2,2", "sequential", 4)]["mem_ratio"][0] == pytest.approx(100 / 200)
-    text = accuracy.table(list(rows.values()), "cpu", 700.0, one_process=True)
+    text = accuracy.table(list(rows.values()), "cpu", one_process=True)
     assert "intensity" in text and "convs 1,2,2" in text and "--one-process" in text

@@ -267,3 +267,24 @@ def test_damaged_mnist_says_so(tmp_path, capsys):
 def test_svhn_without_scipy_says_what_to_install(tmp_path, capsys):
     err = cli_error(tmp_path, capsys, "--dataset", "svhn", "--data-dir", str(tmp_path / "data"))
     assert "pip install scipy" in err
+
+
+def test_files_added_between_two_api_calls_in_one_process_retrain_stage_0(tmp_path):
+    # The input fingerprint is remembered per run, not per process: a second seqtrain.train_stages() call
+    # in the same session must see the folder as it is now, not reuse the stage-0 cache of the old files.
+    import seqtrain
+
+    root = make_folder(tmp_path / "imgs", per_class=10)
+    settings = dict(dataset="imagefolder", data_dir=str(root), image_size=16, run_dir=str(tmp_path / "run"),
+                    max_epochs=1, batch_size=8, shard_mb=1)
+
+    def stages():
+        torch.manual_seed(0)
+        return [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())]
+
+    first = seqtrain.train_stages(stages(), **settings).results["stages"][0]
+    for cls in CLASSES:
+        for i in range(10, 15):
+            save_image(root / cls / f"rgb_{i:02d}.png", cls, i)
+    second = seqtrain.train_stages(stages(), **settings).results["stages"][0]
+    assert second["cache_mb"] > first["cache_mb"]  # stage 0 cached the 45 images, not the first 30 again

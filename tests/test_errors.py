@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from seqtrain.run import main
 
-from conftest import run_cli, tiny_flags
+from conftest import ROOT, run_cli, tiny_flags
 
 MISTAKES = {
     "unknown dataset": (["--dataset", "imagenet22k"], "--dataset 'imagenet22k' is not known"),
@@ -106,3 +108,12 @@ def test_changing_a_finished_runs_configuration_is_refused(tiny, capsys):
     assert tiny("--stage", "1", "--lr", "0.2") == 2
     assert "was made with --lr 0.05, not 0.2" in capsys.readouterr().err
     assert json.loads((tiny.run_dir / "config.json").read_text()) == before
+
+
+
+def test_help_answers_without_loading_torch():
+    # --help and flag errors come first; importing torch alone takes seconds on a cold start.
+    code = ("import sys\nfrom seqtrain.run import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert "--stage STAGE" in out and out.strip().endswith("torch not loaded"), out[-300:]

@@ -60,3 +60,14 @@ def test_shuffling_mixes_samples_across_resident_shards(cache):
     x, y, ids = next(iter(loader))
     # Two shards are pooled (4 resident: 2 mixed, 1 queued, 1 being read), so a batch spans two shards.
     assert len(set((ids // 64).tolist())) == 2
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_length_counts_the_batches_that_arrive_with_workers(cache, drop_last):
+    # Each worker streams its own shards and keeps or drops its own leftover rows: len() must count that,
+    # or the learning-rate schedule counts the wrong steps (and a batch no worker can fill divides by zero).
+    for batch_size in (50, 300, 900):
+        loader = CachedBatches(*cache, "train", batch_size=batch_size, shuffle=True, drop_last=drop_last, workers=2)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            assert len(loader) == sum(1 for _ in loader), (batch_size, epoch)

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from seqtrain.archs import stage_specs
 from seqtrain.cache import cache_bytes, read_manifest
 from seqtrain.config import Config
 from seqtrain.files import read_json
 from seqtrain.memory import SavedTensorBytes, analytic_step
-from seqtrain.models import StageModel, build_head, build_stage_block, stage_specs
+from seqtrain.models import StageModel, build_head, build_stage_block
 from seqtrain.pipeline import RunDir
 from seqtrain.plan import format_plan, plan
 from seqtrain.train import make_optimizer

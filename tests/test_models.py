@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from seqtrain.archs import block_specs, feature_shape, reductions, stage_specs
 from seqtrain.config import Config
-from seqtrain.models import block_specs, build_network, build_stage_block, feature_shape, reductions, stage_specs
+from seqtrain.models import build_network, build_stage_block
 
 
 @pytest.mark.parametrize("arch, blocks, out_shape", [

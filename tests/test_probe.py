@@ -46,10 +46,10 @@ def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, 
         writer.add(features[split], labels[split], torch.arange(len(labels[split])))
         shards = writer.close()
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
-    return publish_manifest(cache, {
-        "config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k, "weights_hash": "synthetic",
-        "num_classes": 10, "feature_shape": [16, 2, 2], "views": 1, "dtype": "float16",
-        "compression": "none", "splits": splits, "result": {}})
+    return publish_manifest(
+        cache, identity={"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k},
+        weights_hash="synthetic", num_classes=10,
+        table={"feature_shape": [16, 2, 2], "views": 1, "dtype": "float16", "compression": "none", "splits": splits})
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def synthetic_run(tmp_path) -> RunDir:
     g = torch.Generator().manual_seed(0)
     labels = {s: torch.randint(0, 10, (n,), generator=g) for s, n in COUNTS.items()}
     features = {s: class_features(y, g) for s, y in labels.items()}
-    first = write_stage(run, cfg, 0, features, labels, dataset_fingerprint(cfg))
+    first = write_stage(run, cfg, 0, features, labels, dataset_fingerprint(cfg, run))
     shuffled = {s: y[torch.randperm(len(y), generator=g)] for s, y in labels.items()}
     write_stage(run, cfg, 1, features, shuffled, first["fingerprint"])
     assert stage_manifest(cfg, run, 1)[0] is not None, "the synthetic stages must count as complete"

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from seqtrain.archs import stage_specs
 from seqtrain.augment import Augment, AugmentedBatches, crop_flip, view_params, views_of
 from seqtrain.config import Config
 from seqtrain.data import ImageBatches, load_raw
 from seqtrain.files import load_torch
 from seqtrain.loader import CachedBatches
-from seqtrain.models import build_stage_block, stage_specs
+from seqtrain.models import build_stage_block
 
 AUG = Augment(crop=True, flip=True, padding=2)
 

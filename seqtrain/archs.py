@@ -1,0 +1,152 @@
+"""Architectures as plain data: block tables, block counts, downsampling schedules, stage grouping.
+
+Imports nothing that imports torch, so the command line (and `--help`) can name the architectures and
+count their blocks without loading torch; models.py turns these specs into modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seqtrain.config import Config
+
+CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # n = (d-2)/6
+IMAGENET_STYLE_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+VGGS = {  # channel multipliers of the first width; "M" = 2x2 max-pool after the previous conv
+    "vgg11": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),
+    "vgg16": (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"),
+}
+ARCHS = (*CIFAR_RESNETS, *IMAGENET_STYLE_RESNETS, *VGGS)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str  # "stem" (conv-BN-ReLU), "basic" (ResNet basic block) or "conv" (VGG conv-BN-ReLU [+ pool])
+    in_ch: int
+    out_ch: int
+    stride: int = 1  # spatial reduction by the block's first convolution (ResNet blocks and stems)
+    pool: int = 1  # VGG: spatial reduction by a max-pool after the convolution(s)
+    convs: int = 0  # 3x3 convolution layers; 0 = the kind's usual (USUAL_CONVS): --stage-convs sets it
+
+    @property
+    def reduction(self) -> int:
+        return self.stride * self.pool
+
+    @property
+    def num_convs(self) -> int:
+        return self.convs or USUAL_CONVS[self.kind]
+
+
+USUAL_CONVS = {"stem": 1, "basic": 2, "conv": 1}
+
+
+def block_specs(arch: str, width: int = 0, in_channels: int = 3, downsample: str = "standard") -> list[BlockSpec]:
+    """The ordered blocks of a network, with its spatial reductions placed by `downsample` (see schedule())."""
+    specs = standard_specs(arch, width, in_channels)
+    if downsample == "standard":
+        return specs
+    placed = schedule(specs, downsample)
+    if specs[0].kind == "conv":  # VGG reduces by max-pooling after a block's convolution
+        return [replace(s, pool=placed.get(i, 1)) for i, s in enumerate(specs)]
+    return [replace(s, stride=placed.get(i, 1)) for i, s in enumerate(specs)]
+
+
+def reductions(specs: list[BlockSpec]) -> dict[int, int]:
+    """{block index: spatial reduction factor} for every block that reduces."""
+    return {i: s.reduction for i, s in enumerate(specs) if s.reduction > 1}
+
+
+def schedule(specs: list[BlockSpec], downsample: str) -> dict[int, int]:
+    """Where the network reduces resolution: "accelerated", or an explicit "BLOCK:FACTOR,..." list.
+
+    Accelerated downsampling (Ma, Yu, Li, Wang 2020) moves the learning away from the poorly separable
+    shallow, high-resolution layers. Our rule, the same for every network: each reduction moves to the
+    block where the previous reduction was, and the first one moves into the stem (block 0). The final
+    resolution is unchanged; it is reached after fewer blocks. For CIFAR ResNets (reductions at the
+    first blocks of groups 2 and 3) it gives a stride-2 stem and group 2's first block reducing; the
+    last group runs at the final resolution.
+    """
+    if downsample == "accelerated":
+        positions = [i for i, f in reductions(specs).items() for _ in range(f.bit_length() - 1)]  # one per 2x
+        placed: dict[int, int] = {}
+        for new in [0, *positions[:-1]]:
+            placed[new] = placed.get(new, 1) * 2
+        return placed
+    placed = {}
+    for item in downsample.split(","):
+        block, factor = (int(v) for v in item.split(":"))
+        placed[block] = placed.get(block, 1) * factor
+    return placed
+
+
+def standard_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSpec]:
+    """The network's blocks with its usual downsampling; `width` 0 means its standard first width."""
+    if arch in CIFAR_RESNETS:
+        n, w = CIFAR_RESNETS[arch], width or 16
+        specs = [BlockSpec("stem", in_channels, w)]
+        for group, mult in enumerate((1, 2, 4)):
+            for i in range(n):
+                stride = 2 if group > 0 and i == 0 else 1
+                specs.append(BlockSpec("basic", specs[-1].out_ch, w * mult, stride))
+        return specs
+    if arch in IMAGENET_STYLE_RESNETS:
+        w = width or 64  # 3x3 stem without max-pool, as is usual for 32x32 inputs
+        specs = [BlockSpec("stem", in_channels, w)]
+        for group, count in enumerate(IMAGENET_STYLE_RESNETS[arch]):
+            for i in range(count):
+                stride = 2 if group > 0 and i == 0 else 1
+                specs.append(BlockSpec("basic", specs[-1].out_ch, w * 2**group, stride))
+        return specs
+    if arch in VGGS:
+        w, specs, ch = width or 64, [], in_channels
+        for item in VGGS[arch]:
+            if item == "M":
+                specs[-1] = BlockSpec("conv", specs[-1].in_ch, specs[-1].out_ch, pool=2)
+            else:
+                specs.append(BlockSpec("conv", ch, w * item))
+                ch = w * item
+        return specs
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def num_blocks(cfg: Config) -> int:
+    """Blocks of the network; a torchvision:NAME or custom:HASH network has one block per stage."""
+    if cfg.arch.startswith("torchvision:"):
+        from seqtrain.splitting import torchvision_num_stages
+
+        return torchvision_num_stages(cfg.arch, cfg.split)
+    if cfg.arch.startswith("custom:"):  # seqtrain.train_stages() sets --stages to the number of modules it was given
+        return int(cfg.stages)
+    return len(standard_specs(cfg.arch, cfg.width))
+
+
+def stage_specs(cfg: Config, in_channels: int = 3) -> list[list[BlockSpec]]:
+    """The network's blocks grouped into the configured trainable stages, with each stage's convolution
+    intensity applied: --stage-convs sets the conv layers of its blocks (the ResNet stem keeps its one),
+    --stage-width multiplies their output channels (rounded, at least 1); input channels follow."""
+    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample), [], 0
+    convs, widths = cfg.stage_convs_list(), cfg.stage_width_list()
+    ch = in_channels
+    for k, size in enumerate(cfg.stage_sizes()):
+        group = []
+        for s in specs[start:start + size]:
+            if convs is not None and s.kind != "stem":
+                s = replace(s, convs=convs[k])
+            out_ch = max(1, round(s.out_ch * widths[k])) if widths is not None else s.out_ch
+            group.append(replace(s, in_ch=ch, out_ch=out_ch))
+            ch = out_ch
+        out.append(group)
+        start += size
+    return out
+
+
+def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Output shape (C, H, W) of `specs` applied to inputs of `in_shape`, without building anything."""
+    c, h, w = in_shape
+    for s in specs:
+        # A strided 3x3 convolution with padding 1 (and its strided 1x1 shortcut) rounds up; max-pool rounds down.
+        h, w = -(-h // s.stride) // s.pool, -(-w // s.stride) // s.pool
+        c = s.out_ch
+    return c, h, w
