@@ -24,6 +24,7 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashion-mnist", "svhn"
 AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
 HEADS = ("linear", "conv")
 OPTIMIZERS = ("sgd", "adamw")
+BALANCES = ("memory", "blocks")
 CACHE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,7 +49,9 @@ class Config:
     # --- network
     arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16, or torchvision:NAME
     width: int = 0  # channels of the first block; 0 = the architecture's standard width (16 or 64)
-    stages: str = "4"  # number of trainable stages, or blocks per stage as a list, e.g. "3,3,2,2"
+    stages: str = "4"  # number of trainable stages, "auto" (the fewest that fit --memory-budget), or a list "3,3,2,2"
+    balance: str = "memory"  # where --stages K cuts: "memory" (smallest largest stage) or "blocks" (equal counts)
+    memory_budget: str = ""  # with --stages auto: each stage's training and caching memory, e.g. "512MB", "4GB"
     downsample: str = "standard"  # "standard", "accelerated" (every reduction one group earlier), or "BLOCK:FACTOR,..."
     head: str = "conv"  # auxiliary head: "conv" (Belilovsky et al. 2019) or "linear" (pool + linear)
     head_convs: int = 1  # conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3
@@ -110,8 +113,8 @@ class Config:
         if self.cache_views > 64:
             raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1 to 64 "
                             "(2-8 is usual)")
+        self.check_downsample()  # before the stage sizes: a memory-balanced cut builds the network
         self.stage_sizes()  # parses --stages and checks it against the network
-        self.check_downsample()
         self.stage_convs_list()
         self.stage_width_list()
         if self.device == "cuda":
@@ -123,7 +126,8 @@ class Config:
         return self
 
     def stage_sizes(self) -> list[int]:
-        """Blocks in each trainable stage, from --stages (a count split evenly, or an explicit list)."""
+        """Blocks in each trainable stage, from --stages: an explicit list, or a count (or "auto") cut where
+        --balance says (balance.py: by predicted memory, or into equal block counts)."""
         total = num_blocks(self)
         if ":" in self.arch:  # a torchvision or custom network: its stages are fixed by --split or by split()
             if str(self.stages) not in (Config.stages, str(total)):
@@ -131,21 +135,43 @@ class Config:
                                 "stages: place them with --split")
             return [1] * total
         text = str(self.stages).replace(" ", "")
+        if text == "auto" or self.memory_budget:
+            return self.budget_sizes(text)
         try:
             parts = [int(p) for p in text.split(",")]
         except ValueError:
-            raise UserError(f"--stages {self.stages!r} is neither a number nor a list like 3,3,2,2") from None
+            raise UserError(f"--stages {self.stages!r} is neither a number, 'auto' nor a list like 3,3,2,2") from None
         if len(parts) == 1:
             k = parts[0]
             if not 1 <= k <= total:
                 raise UserError(f"--stages {k} is out of range: {self.arch} has {total} blocks, "
                                 f"so use 1 to {total} stages")
+            if self.balance == "memory":
+                from seqtrain.balance import balanced_sizes, block_costs  # torch: not for --help
+
+                return balanced_sizes(block_costs(self, self.in_shape()), k)
             # Earlier stages get the extra blocks: they run at the highest resolution, where blocks are cheap.
             return [total // k + (1 if i < total % k else 0) for i in range(k)]
         if any(p < 1 for p in parts) or sum(parts) != total:
             raise UserError(f"--stages {self.stages} must list positive block counts adding up to "
                             f"{total}, the number of blocks of {self.arch}")
         return parts
+
+    def budget_sizes(self, stages: str) -> list[int]:
+        """--stages auto --memory-budget SIZE: the fewest stages that each fit the budget, balanced by memory."""
+        if stages != "auto" or not self.memory_budget:
+            raise UserError("--stages auto and --memory-budget SIZE go together: give both (e.g. --stages auto "
+                            "--memory-budget 512MB), or neither")
+        from seqtrain.balance import balanced_sizes, block_costs, fewest_stages, parse_size
+
+        costs = block_costs(self, self.in_shape())
+        return balanced_sizes(costs, fewest_stages(costs, parse_size(self.memory_budget), self.batch_size))
+
+    def in_shape(self) -> tuple[int, int, int]:
+        """C, H, W of the images the network sees (every dataset is given three channels)."""
+        from seqtrain.data import image_side
+
+        return 3, image_side(self), image_side(self)
 
     def check_downsample(self) -> None:
         if ":" in self.arch:
@@ -237,6 +263,7 @@ def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names a thing."""
     return {"dataset": DATASETS, "augment": AUGMENTS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
+            "balance": BALANCES,
             "cache_dtype": CACHE_DTYPES, "compression": COMPRESSIONS, "device": DEVICES}
 
 
@@ -250,7 +277,13 @@ def shaping_dict(cfg: Config) -> dict:
 
 
 def config_hash(cfg: Config) -> str:
-    return sha256_json(shaping_dict(cfg))[:16]
+    """Hash of what shapes a run's numbers. --balance and --memory-budget act only through the stage sizes
+    they choose, so those are hashed instead (a split chosen anew by a later seqtrain is then a new run);
+    --stages K --balance blocks hashes as runs made before --balance existed."""
+    shaping = {k: v for k, v in shaping_dict(cfg).items() if k not in ("balance", "memory_budget")}
+    if not (cfg.balance == "blocks" and str(cfg.stages).strip().isdigit()):
+        shaping["stage_sizes"] = cfg.stage_sizes()
+    return sha256_json(shaping)[:16]
 
 
 def flag(name: str) -> str:
@@ -296,6 +329,8 @@ def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool
     """Merge defaults < saved run config < TOML file < flags; refuse to change a run's results-shaping values
     unless `rebuild` (then every stage made with the old values is stale and retrained)."""
     values = Config().to_dict()
+    if saved and "balance" not in saved:  # made before --balance existed: its stages were cut by block count
+        saved = {**saved, "balance": "blocks"}
     if saved:
         values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
     explicit = {**from_file, **from_flags}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, stage_specs
+from seqtrain.balance import block_costs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.data import describe
@@ -155,6 +156,8 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
     num_classes = num_classes or describe(cfg)["num_classes"]
     counts = n_samples or split_counts(cfg)
     modules, sizes, blocks = meta_stages(cfg, in_shape)
+    cut = stage_cut(cfg, in_shape)
+    caching = cut and cut.pop("caching_pass_bytes")
     stages, shape = [], tuple(in_shape)
     for k, block in enumerate(modules):
         out_shape = tuple([b for b in blocks if b["stage"] == k][-1]["out_shape"])
@@ -164,12 +167,16 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
             "stage": k, "blocks": sizes[k], "parameters": sum(p.numel() for p in block.parameters()),
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
             "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
+            "caching_pass_bytes": caching[k] if caching else None,
             "input_bytes": input_bytes(cfg, k, shape, counts), "cache_bytes": cache_bytes(out_shape, cfg, counts)})
         shape = out_shape
     with torch.device("meta"):
         net = SequentialNet(modules, build_head(cfg, shape[0], num_classes))  # = build_network(cfg), on meta
     e2e = {"parameters": sum(p.numel() for p in net.parameters()),
            "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict(), "input_bytes": stages[0]["input_bytes"]}
+    for s in stages:
+        s["train_bytes"] = s["analytic"]["total"]
+    e2e["train_bytes"] = e2e["analytic"]["total"]
     largest = max(s["analytic"]["total"] for s in stages)
     disk_path, free = free_disk(cfg.run_dir)
     return {
@@ -180,8 +187,30 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
         "totals": {"parameters": sum(s["parameters"] for s in stages) + stages[-1]["head_parameters"],
                    "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest,
                    "peak_ratio": largest / e2e["analytic"]["total"]},
-        "disk": {"path": disk_path, "free_bytes": free},
+        "disk": {"path": disk_path, "free_bytes": free}, "cut": cut,
+        "largest_stage_ratio": largest / e2e["train_bytes"],
     }
+
+
+def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
+    """How --stages was turned into block counts, with the block-count split's largest stage beside the chosen
+    one; None for torchvision and custom networks, whose stages are their own."""
+    if ":" in cfg.arch:
+        return None
+    costs = block_costs(cfg, in_shape)
+    sizes = cfg.stage_sizes()
+    even = [len(costs.fixed) // len(sizes) + (1 if i < len(costs.fixed) % len(sizes) else 0)
+            for i in range(len(sizes))]
+
+    def largest(counts: list[int]) -> int:
+        starts = [sum(counts[:m]) for m in range(len(counts))]
+        return max(costs.stage_bytes(a, a + n - 1) for a, n in zip(starts, counts))
+
+    starts = [sum(sizes[:m]) for m in range(len(sizes))]
+    how = ("list" if "," in str(cfg.stages) else "auto" if str(cfg.stages).strip() == "auto" else cfg.balance)
+    return {"how": how, "sizes": sizes, "largest_bytes": largest(sizes), "blocks_sizes": even,
+            "blocks_largest_bytes": largest(even), "budget": cfg.memory_budget or None,
+            "caching_pass_bytes": [costs.cache_bytes(a, a + n - 1) for a, n in zip(starts, sizes)]}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,6 +244,8 @@ def format_plan(p: dict) -> str:
                  "the peak")
     lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the loader's budget of shards")
     lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's {mb(a['total'])} MB")
+    if p["cut"]:
+        lines.append(cut_text(p["cut"]))
     lines.append(f"caches {mb(t['cache_bytes'])} MB on disk in all; {mb(disk['free_bytes'])} MB free at "
                  f"{disk['path']}" + ("  <-- NOT ENOUGH DISK" if short else ""))
     if p["compression"] != "none":
@@ -225,6 +256,19 @@ def format_plan(p: dict) -> str:
                  "/N where it reduces the resolution N-fold, -> output channels @ H x W")
     lines += [f"  stage {k}: {line}" for k, line in enumerate(block_lines(p["blocks"]))]
     return "\n".join(lines)
+
+
+def cut_text(cut: dict) -> str:
+    """Why the stages hold the blocks they hold, in one line."""
+    sizes, even = ",".join(map(str, cut["sizes"])), ",".join(map(str, cut["blocks_sizes"]))
+    why = {"list": "as --stages lists them",
+           "memory": "cut by memory (--balance memory)",
+           "blocks": "cut into equal block counts (--balance blocks)",
+           "auto": f"the fewest stages that each fit --memory-budget {cut['budget']}, cut by memory"}[cut["how"]]
+    text = f"stages {sizes}: {why}, largest {mb(cut['largest_bytes'])} MB"
+    if cut["sizes"] != cut["blocks_sizes"]:
+        text += f"; equal block counts {even}: {mb(cut['blocks_largest_bytes'])} MB"
+    return text
 
 
 def block_lines(blocks: list[dict]) -> list[str]:

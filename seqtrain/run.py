@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import sys
 
 from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
@@ -23,8 +24,8 @@ from seqtrain.report import aligned
 GROUPS = {
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
              "augment", "crop_padding", "cache_views"),
-    "network": ("arch", "width", "stages", "downsample", "stage_convs", "stage_width", "head", "head_convs",
-                "head_width", "split"),
+    "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "stage_convs", "stage_width",
+                "head", "head_convs", "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
     "feature cache": ("cache_dtype", "shard_mb", "resident_shards", "compression"),
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help=f"{helps['run_dir']} (default: {defaults['run_dir']})")
     run.add_argument("--plan", action="store_true", help="print per stage the parameters, feature shape, "
                      "predicted training memory and cache size, with the free disk; trains nothing")
+    run.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object on stdout "
+                     "(stages with blocks, train_bytes, cache_bytes; e2e; largest_stage_ratio), for scripts")
     run.add_argument("--verify", action="store_true", help="check the run directory (every manifest, shard "
                      "checksum and weight file) and report; trains nothing")
     run.add_argument("--rebuild", action="store_true", help="accept flags that change an existing run's "
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "plan", False):
             from seqtrain.plan import format_plan, plan
 
-            print(format_plan(plan(cfg)))
+            planned = plan(cfg)
+            print(json.dumps(planned, indent=1) if getattr(args, "json", False) else format_plan(planned))
             return 0
         if getattr(args, "verify", False):
             return verify(cfg)

@@ -50,7 +50,8 @@ def test_benchmark_summary_is_well_formed(bench):
     for key in RATIOS:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
     assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
-    assert summary["config"]["arch"] == "resnet20" and summary["config"]["stages"] == [5, 5]
+    balanced = Config(arch="resnet20", width=4, stages="2", batch_size=16).validate().stage_sizes()
+    assert summary["config"]["arch"] == "resnet20" and summary["config"]["stages"] == balanced != [5, 5]
     assert summary["largest_stage"] in ("stage 0", "stage 1")
     for t in summary["targets"].values():
         assert t["met"] == (t["value"] <= 1.2 if t["target"] == "<= 1.2" else t["value"] >= 0.9)
@@ -111,5 +112,6 @@ def test_plan_predicts_the_cache_of_a_real_run(tiny):
     assert cache_bytes(manifest) == pytest.approx(p["stages"][0]["cache_bytes"], rel=0.01)
     text = format_plan(p)
     # A line per stage in the table and in the per-block list (where each block leaves the resolution).
-    assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 9
+    assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 10
+    assert "stages 3,7: cut by memory (--balance memory)" in text  # the chosen cut and why
     assert text.splitlines()[-1].startswith(f"  stage {len(p['stages']) - 1}: ")

@@ -27,7 +27,7 @@ def test_block_shapes_match_a_forward_pass(arch, blocks, out_shape):
 
 
 def test_default_resnet18_split_is_stem_plus_layer1_then_one_layer_per_stage():
-    cfg = Config(arch="resnet18", stages="4")
+    cfg = Config(arch="resnet18", stages="4", balance="blocks")
     assert cfg.stage_sizes() == [3, 2, 2, 2]
     assert [g[-1].out_ch for g in stage_specs(cfg)] == [64, 128, 256, 512]
 
@@ -88,7 +88,8 @@ def params(module: torch.nn.Module) -> int:
 
 
 def test_stage_convs_and_width_give_the_shapes_the_specs_predict():
-    cfg = Config(arch="resnet20", width=4, stages="4", stage_convs="1,2,3,4", stage_width="0.5,1,1.5,2")
+    cfg = Config(arch="resnet20", width=4, stages="4", balance="blocks", stage_convs="1,2,3,4",
+                 stage_width="0.5,1,1.5,2")
     groups = stage_specs(cfg)
     assert [[s.num_convs for s in g] for g in groups] == [[1, 1, 1], [2, 2, 2], [3, 3], [4, 4]]  # stem: one conv
     assert [[s.out_ch for s in g] for g in groups] == [[2, 2, 2], [4, 8, 8], [12, 24], [32, 32]]
@@ -110,7 +111,7 @@ def test_stage_convs_and_width_give_the_shapes_the_specs_predict():
 
 
 def test_stage_convs_change_exactly_the_parameters_of_the_removed_or_added_layers():
-    base = Config(arch="resnet20", width=4, stages="4")
+    base = Config(arch="resnet20", width=4, stages="4", balance="blocks")
     usual = [params(build_stage_block(g)) for g in stage_specs(base)]
     # "2,2,2,2" is a ResNet's own block (the stem keeps its single convolution): the same network.
     assert [params(build_stage_block(g)) for g in stage_specs(replace(base, stage_convs="2,2,2,2"))] \
@@ -157,7 +158,7 @@ def test_plan_shows_where_the_resolution_drops():
     from seqtrain.plan import format_plan, plan
 
     def sides(downsample: str) -> tuple[list[int], str]:
-        p = plan(Config(arch="resnet20", width=4, stages="4", downsample=downsample, batch_size=2))
+        p = plan(Config(arch="resnet20", width=4, stages="4", balance="blocks", downsample=downsample, batch_size=2))
         assert [b["index"] for b in p["blocks"]] == list(range(10))
         assert [b["stage"] for b in p["blocks"]] == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
         assert [b["out_shape"] for b in p["blocks"] if b["index"] in (2, 5, 7, 9)] == [
@@ -173,7 +174,8 @@ def test_plan_shows_where_the_resolution_drops():
     assert "  stage 0: 0 stem /2 -> 4@16x16; 1-2 basic -> 4@16x16\n" in text
     assert "  stage 1: 3 basic -> 4@16x16; 4 basic /2 -> 8@8x8; 5 basic -> 8@8x8\n" in text
     assert text.endswith("  stage 3: 8-9 basic -> 16@8x8")
-    convs = format_plan(plan(Config(arch="resnet20", width=4, stages="4", stage_convs="1,2,2,3", batch_size=2)))
+    convs = format_plan(plan(Config(arch="resnet20", width=4, stages="4", balance="blocks", stage_convs="1,2,2,3",
+                                       batch_size=2)))
     assert "stage 0: 0 stem -> 4@32x32; 1-2 basic (1 conv) -> 4@32x32" in convs
     assert "stage 3: 8-9 basic (3 convs) -> 16@8x8" in convs
 

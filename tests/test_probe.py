@@ -56,7 +56,7 @@ def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, 
 def synthetic_run(tmp_path) -> RunDir:
     """Stage 0: separable features; stage 1: the same features with every split's labels shuffled."""
     run = RunDir(tmp_path / "run")
-    cfg = Config(run_dir=str(run.root), arch="resnet20", width=4, stages="2")
+    cfg = Config(run_dir=str(run.root), arch="resnet20", width=4, stages="2", balance="blocks")
     run.root.mkdir()
     write_json(run.config, cfg.to_dict())
     g = torch.Generator().manual_seed(0)
@@ -103,8 +103,9 @@ def test_separability_is_scale_free_and_zero_without_class_structure():
 def tiny_run(tmp_path_factory):
     """A tiny pipeline with its e2e baseline (two stages of a 4-channel ResNet-20), run once for this module."""
     tmp = tmp_path_factory.mktemp("probe")
-    assert seqtrain_main(tiny_flags(tmp, "--stage", "all")) == 0
-    assert seqtrain_main(tiny_flags(tmp, "--stage", "e2e")) == 0
+    # Cut into equal block counts (5, 5), so that the probed depths are easy to name.
+    assert seqtrain_main(tiny_flags(tmp, "--stage", "all", "--balance", "blocks")) == 0
+    assert seqtrain_main(tiny_flags(tmp, "--stage", "e2e", "--balance", "blocks")) == 0
     return RunDir(tmp / "run")
 
 

@@ -24,7 +24,7 @@ def test_cache_that_cannot_fit_is_refused_before_training(tiny, monkeypatch, cap
     monkeypatch.setattr(seqtrain.pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
     assert tiny("--stage", "all") == 2
     err = capsys.readouterr().err
-    assert "stage 0's cache needs 2 MB but" in err and "has 1 MB free" in err
+    assert "stage 0's cache needs 4 MB but" in err and "has 1 MB free" in err
     assert not (tiny.run_dir / "stage_00" / "checkpoint.pt").exists()  # refused before any training
 
 

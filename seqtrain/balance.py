@@ -1,0 +1,212 @@
+"""Where to cut a network into stages: contiguous groups of blocks whose largest training memory is smallest.
+
+    --stages K --balance memory            # K stages, the largest one's predicted memory as small as possible
+    --stages auto --memory-budget 512MB    # the fewest stages that each fit 512 MB, then balanced
+    --stages K --balance blocks            # K stages of (nearly) equal block counts
+
+An even split by block count puts the full-resolution blocks together: CIFAR ResNet-110 at batch 128 in
+4 stages of 14/14/14/13 blocks, stage 0 needs 0.44x of end-to-end training's tensor peak while stage 3
+needs 0.11x. The cost of a stage here is the bytes one training step holds (memory.analytic_step: tensors
+saved for backward, weights, gradients, optimizer state, the batch), composed from per-block figures of
+one pass over the whole network on the "meta" device (no compute, about 0.1 s per 20 blocks):
+
+    cost(i..j) = sum over blocks b in i..j of (saved_b + weights_b + grads_b + optimizer_b)
+                 - what block i saves of its own input (the stage's input is the batch, counted once)
+                 + the batch of block i's input + the head on block j's output
+
+The partition minimising the largest cost is found exactly by dynamic programming (O(K n^2), n blocks).
+A stage must also fit its caching pass: weights plus the largest forward of one of its blocks at the
+caching batch (--batch-size x --cache-views samples), under torch.no_grad.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+from seqtrain.archs import BlockSpec, block_specs, feature_shape
+from seqtrain.config import Config
+from seqtrain.errors import UserError
+from seqtrain.memory import MB, SavedTensorBytes, storage_key, tensor_bytes
+from seqtrain.models import build_block, build_head
+from seqtrain.train import make_optimizer, train_step
+
+NUM_CLASSES = 10  # the head's classes barely matter to its bytes; plan.py counts the real head
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Per-block bytes at the configured batch size, from which any stage's training bytes are composed."""
+
+    fixed: tuple[int, ...]  # saved activations + weights + grads + optimizer state of block b
+    own_input: tuple[int, ...]  # what block b saves of its input storage (0 when an earlier block saved it)
+    batch_in: tuple[int, ...]  # bytes of block b's input batch (x and labels)
+    head: tuple[int, ...]  # the head on block b's output, its input excluded
+    head_input: tuple[int, ...]  # block b's output, when the head saves it and block b itself did not
+    weights: tuple[int, ...]  # parameters and buffers of block b (the caching pass holds them)
+    forward: tuple[int, ...]  # block b's largest no-grad forward at the caching batch: input + output x 2
+
+    def train_bytes(self, i: int, j: int) -> int:
+        """Predicted bytes of one training step of the stage made of blocks i..j (inclusive)."""
+        return (sum(self.fixed[i:j + 1]) - self.own_input[i] + self.batch_in[i] + self.head[j]
+                + self.head_input[j])
+
+    def cache_bytes(self, i: int, j: int) -> int:
+        """Predicted bytes of the caching pass of blocks i..j: their weights and the largest block forward."""
+        return sum(self.weights[i:j + 1]) + max(self.forward[i:j + 1])
+
+    def stage_bytes(self, i: int, j: int) -> int:
+        return max(self.train_bytes(i, j), self.cache_bytes(i, j))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-block costs
+
+
+def specs_of(cfg: Config, in_channels: int) -> list[BlockSpec]:
+    """The network's blocks with the configured downsampling (per-stage intensity applies after the cut)."""
+    return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample)
+
+
+def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
+    """One training step of the whole network on the meta device, its bytes attributed to the blocks."""
+    return _block_costs(cfg.arch, cfg.width, cfg.downsample, cfg.batch_size, cfg.optimizer, cfg.momentum,
+                        cfg.head, cfg.head_convs, cfg.head_width, cfg.cache_views, tuple(in_shape))
+
+
+@functools.lru_cache(maxsize=32)  # validation, --plan and the pipeline ask for the same network's costs
+def _block_costs(arch, width, downsample, batch_size, optimizer, momentum, head, head_convs, head_width,
+                 cache_views, in_shape) -> BlockCosts:
+    cfg = Config(arch=arch, width=width, downsample=downsample, batch_size=batch_size, optimizer=optimizer,
+                 momentum=momentum, head=head, head_convs=head_convs, head_width=head_width, stages="1")
+    specs = specs_of(cfg, in_shape[0])
+    shapes = [tuple(in_shape)] + [feature_shape(specs[:b + 1], tuple(in_shape)) for b in range(len(specs))]
+    with torch.device("meta"):
+        blocks = torch.nn.ModuleList(build_block(s) for s in specs)
+        x = torch.empty(batch_size, *in_shape)  # B, C, H, W
+        y = torch.zeros(batch_size, dtype=torch.long)
+    net = torch.nn.Sequential(*blocks)
+    optim = make_optimizer(cfg, net)
+    weights = [*net.parameters(), *net.buffers()]
+
+    saved = AttributedSaves(exclude=[*weights, x, y])
+    inputs: list[int] = []  # storage key of each block's input, and of its output
+    outputs: list[int] = []
+    for b, block in enumerate(blocks):
+        def enter(module, args, b=b):
+            saved.current = b
+            inputs.append(storage_key(args[0]))
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(lambda module, args, out: outputs.append(storage_key(out)))
+    with saved:  # one step; the loss is the features' mean, which saves nothing of its own
+        net(x).mean().backward()
+        optim.step()
+    first_saver = saved.first_saver
+    fixed, own_input, n = [], [], len(specs)
+    for b, block in enumerate(blocks):
+        params = list(block.parameters())
+        state = [v for p in params for v in optim.state.get(p, {}).values() if torch.is_tensor(v)]
+        fixed.append(sum(saved.storages[k] for k, s in first_saver.items() if s == b)
+                     + tensor_bytes([*params, *block.buffers()]) + tensor_bytes(params) + tensor_bytes(state))
+        own = inputs[b]
+        own_input.append(saved.storages[own] if first_saver.get(own) == b else 0)
+    out_saved = [first_saver.get(outputs[b]) == b for b in range(n)]  # e.g. by a final ReLU, not a max-pool
+    batch_in = [batch_size * int(torch.Size(shapes[b]).numel()) * 4 + y.nbytes for b in range(n)]
+    head_costs = {}
+    for shape in set(shapes[1:]):
+        head_costs[shape] = head_bytes(cfg, shape)
+    head = [head_costs[shapes[b + 1]][0] for b in range(n)]
+    head_input = [head_costs[shapes[b + 1]][1] if not out_saved[b] else 0 for b in range(n)]
+    views = batch_size * max(1, cache_views)
+    forward = [views * 4 * (int(torch.Size(shapes[b]).numel()) + 2 * int(torch.Size(shapes[b + 1]).numel()))
+               for b in range(n)]
+    return BlockCosts(tuple(fixed), tuple(own_input), tuple(batch_in), tuple(head), tuple(head_input),
+                      tuple(tensor_bytes([*blk.parameters(), *blk.buffers()]) for blk in blocks), tuple(forward))
+
+
+class AttributedSaves(SavedTensorBytes):
+    """SavedTensorBytes that also records which block first saved each storage (`current` is the running one)."""
+
+    def __init__(self, exclude: list[torch.Tensor]):
+        super().__init__(exclude)
+        self.current = 0
+        self.first_saver: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = storage_key(t)
+        if key not in self.skip:
+            self.first_saver.setdefault(key, self.current)
+        return super().pack(t)
+
+
+def head_bytes(cfg: Config, shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(the head's step bytes without its input, the bytes of its input when it saves it) on `shape` features."""
+    with torch.device("meta"):
+        head = build_head(cfg, shape[0], NUM_CLASSES)
+        x = torch.empty(cfg.batch_size, *shape, requires_grad=False)
+        y = torch.zeros(cfg.batch_size, dtype=torch.long)
+    optim = make_optimizer(cfg, head)
+    params = list(head.parameters())
+    with SavedTensorBytes(exclude=[*params, *head.buffers(), y]) as saved:
+        train_step(head, x, y, optim)
+    state = [v for s in optim.state.values() for v in s.values() if torch.is_tensor(v)]
+    own = saved.storages.pop(storage_key(x), 0)
+    return saved.bytes + tensor_bytes([*params, *head.buffers()]) + tensor_bytes(params) + tensor_bytes(state), own
+
+
+# --------------------------------------------------------------------------------------------------------
+# Partitions
+
+
+@functools.lru_cache(maxsize=64)  # stage_sizes() is asked often; costs are a frozen, hashable dataclass
+def balanced_sizes(costs: BlockCosts, k: int) -> list[int]:
+    """Block counts of the k contiguous stages whose largest stage_bytes is smallest (exact, by DP)."""
+    n = len(costs.fixed)
+    assert 1 <= k <= n, f"{k} stages of {n} blocks"
+    inf = float("inf")
+    # best[m][j]: the smallest largest cost of splitting blocks 0..j-1 into m stages; cut[m][j]: the last start.
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for m in range(1, k + 1):
+        for j in range(m, n - (k - m) + 1):
+            for i in range(m - 1, j):
+                value = max(best[m - 1][i], costs.stage_bytes(i, j - 1))
+                if value < best[m][j]:
+                    best[m][j], cut[m][j] = value, i
+    sizes, j = [], n
+    for m in range(k, 0, -1):
+        i = cut[m][j]
+        sizes.append(j - i)
+        j = i
+    return sizes[::-1]
+
+
+def fewest_stages(costs: BlockCosts, budget: int, batch_size: int) -> int:
+    """The fewest stages each within `budget` bytes (greedy cuts are optimal for the count); UserError if none."""
+    n, stages, i = len(costs.fixed), 0, 0
+    for b in range(n):
+        if costs.stage_bytes(b, b) > budget:
+            need = costs.stage_bytes(b, b)
+            what = "caching pass" if costs.cache_bytes(b, b) > costs.train_bytes(b, b) else "training step"
+            fits = max(1, int(batch_size * budget / need))
+            raise UserError(f"--memory-budget {budget / MB:,.0f} MB is too small: block {b} alone needs "
+                            f"{need / MB:,.1f} MB for its {what} at --batch-size {batch_size}; give a budget of at "
+                            f"least {need / MB:,.0f} MB or a --batch-size of about {fits}")
+    while i < n:
+        j = i
+        while j + 1 < n and costs.stage_bytes(i, j + 1) <= budget:
+            j += 1
+        stages, i = stages + 1, j + 1
+    return stages
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512MB', '1.5GiB', '800M' as bytes (binary units: 1 MB = 2**20 bytes); UserError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))

@@ -1,0 +1,104 @@
+"""Stages cut by memory: per-block costs compose to the exact analytic bytes of any stage, the partition is
+optimal, --stages auto takes the fewest stages that fit the budget, and --plan --json agrees with the table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from seqtrain.archs import block_specs, feature_shape
+from seqtrain.balance import balanced_sizes, block_costs, fewest_stages, parse_size
+from seqtrain.config import Config
+from seqtrain.memory import MB
+from seqtrain.models import StageModel, build_head, build_stage_block
+from seqtrain.plan import step_bytes
+from seqtrain.run import main
+
+
+@pytest.mark.parametrize("arch,downsample", [("resnet20", "standard"), ("resnet20", "accelerated"),
+                                             ("vgg11", "standard")])
+def test_block_costs_compose_to_the_exact_bytes_of_every_stage(arch, downsample):
+    cfg = Config(arch=arch, width=4, downsample=downsample, batch_size=16, stages="1")
+    in_shape = (3, 32, 32)
+    costs = block_costs(cfg, in_shape)
+    specs = block_specs(arch, 4, 3, downsample)
+    for i, j in itertools.combinations_with_replacement(range(len(specs)), 2):
+        shape = feature_shape(specs[:i], in_shape)
+        with torch.device("meta"):
+            block = build_stage_block(specs[i:j + 1])
+            model = StageModel(block, build_head(cfg, specs[j].out_ch, 10))
+        assert costs.train_bytes(i, j) == step_bytes(cfg, model, shape).total, (i, j)
+
+
+def test_memory_balanced_partition_is_optimal():
+    cfg = Config(arch="resnet20", width=4, batch_size=16, stages="1")
+    costs = block_costs(cfg, (3, 32, 32))
+    n = len(costs.fixed)
+    for k in (2, 3, 4):
+        def largest(sizes):
+            starts = [sum(sizes[:m]) for m in range(len(sizes))]
+            return max(costs.stage_bytes(a, a + s - 1) for a, s in zip(starts, sizes))
+
+        every = [[b - a for a, b in zip((0, *cuts), (*cuts, n))] for cuts in itertools.combinations(range(1, n), k - 1)]
+        best = min(largest(sizes) for sizes in every)
+        sizes = balanced_sizes(costs, k)
+        assert sum(sizes) == n and len(sizes) == k and largest(sizes) == best
+
+
+def test_memory_split_beats_the_block_count_split_at_depth():
+    memory = Config(arch="resnet110", stages="4").validate()
+    blocks = Config(arch="resnet110", stages="4", balance="blocks").validate()
+    costs = block_costs(memory, (3, 32, 32))
+
+    def largest(cfg):
+        starts = [sum(cfg.stage_sizes()[:m]) for m in range(4)]
+        return max(costs.train_bytes(a, a + s - 1) for a, s in zip(starts, cfg.stage_sizes()))
+
+    e2e = costs.train_bytes(0, len(costs.fixed) - 1)
+    assert blocks.stage_sizes() == [14, 14, 14, 13]
+    assert largest(memory) <= 0.30 * e2e < largest(blocks)
+
+
+@pytest.mark.parametrize("budget", ["6MB", "12MB", "40MB"])
+def test_auto_stages_are_the_fewest_that_fit_the_budget(budget):
+    cfg = Config(arch="resnet20", width=4, batch_size=32, stages="auto", memory_budget=budget).validate()
+    costs = block_costs(cfg, (3, 32, 32))
+    sizes, limit = cfg.stage_sizes(), parse_size(budget)
+    starts = [sum(sizes[:m]) for m in range(len(sizes))]
+    assert all(costs.stage_bytes(a, a + s - 1) <= limit for a, s in zip(starts, sizes))
+    if len(sizes) > 1:  # one stage fewer cannot fit, however it is cut
+        fewer = balanced_sizes(costs, len(sizes) - 1)
+        starts = [sum(fewer[:m]) for m in range(len(fewer))]
+        assert max(costs.stage_bytes(a, a + s - 1) for a, s in zip(starts, fewer)) > limit
+    assert fewest_stages(costs, limit, 32) == len(sizes)
+
+
+def test_an_impossible_budget_is_one_line_naming_the_block_and_what_fits(tmp_path, capsys):
+    code = main(["--plan", "--run-dir", str(tmp_path / "run"), "--stages", "auto", "--memory-budget", "1MB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--memory-budget 1 MB is too small: block 0 alone needs" in err and "--batch-size of about" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--stages", "auto"], ["--memory-budget", "64MB"], ["--memory-budget", "lots"]])
+def test_budget_flags_go_together(flags, tmp_path, capsys):
+    assert main(["--plan", "--run-dir", str(tmp_path / "run"), *flags, *(
+        ["--stages", "auto"] if flags[0] == "--memory-budget" and flags[1] == "lots" else [])]) == 2
+    assert "--memory-budget" in capsys.readouterr().err
+
+
+def test_plan_json_parses_and_agrees_with_the_table(tmp_path, capsys):
+    flags = ["--plan", "--run-dir", str(tmp_path / "run"), "--arch", "resnet56", "--stages", "4"]
+    assert main([*flags, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert main(flags) == 0
+    table = capsys.readouterr().out
+    assert [s["blocks"] for s in p["stages"]] == Config(arch="resnet56", stages="4").validate().stage_sizes()
+    largest = max(s["train_bytes"] for s in p["stages"])
+    assert p["largest_stage_ratio"] == pytest.approx(largest / p["e2e"]["train_bytes"])
+    assert f"= {p['largest_stage_ratio']:.2f} x e2e's {p['e2e']['train_bytes'] / MB:,.1f} MB" in table
+    assert all(s["cache_bytes"] > 0 for s in p["stages"])
