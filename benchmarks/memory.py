@@ -54,7 +54,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from seqtrain.archs import CIFAR_RESNETS, block_specs, stage_specs  # noqa: E402
+from seqtrain.archs import block_specs, cifar_resnet_n, stage_specs  # noqa: E402
 from seqtrain.cache import (  # noqa: E402
     SPLITS,
     cache_bytes,
@@ -67,7 +67,7 @@ from seqtrain.cache import (  # noqa: E402
 from seqtrain.config import Config, config_hash  # noqa: E402
 from seqtrain.data import RawData, Split  # noqa: E402
 from seqtrain.files import sha256_state_dict, write_json  # noqa: E402
-from seqtrain.memory import MB, ProcessPeak, analytic_step, device_description  # noqa: E402
+from seqtrain.memory import MB, PeakMemory, ProcessPeak, analytic_step, device_description  # noqa: E402
 from seqtrain.models import StageModel, build_head, build_network, build_stage_block  # noqa: E402
 from seqtrain.pipeline import RunDir, cached_batches, image_batches, resolve_device  # noqa: E402
 from seqtrain.plan import plan, split_counts  # noqa: E402
@@ -84,7 +84,9 @@ PRESETS = {  # samples: training images (val is carved from them, test is a quar
               "warmup": 2, "shard_mb": 4},
 }
 CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as unreliable
-TARGETS = {"floor_ratio": ("<=", 1.2), "loader_efficiency": (">=", 0.9), "depth_stage_spread": ("<=", 0.10)}
+TARGETS = {"floor_ratio": ("<=", 1.15), "rss_floor_ratio": ("<=", 1.5), "loader_efficiency": (">=", 0.9),
+           "depth_stage_spread": ("<=", 0.10)}
+WATCHED_STEPS = 2  # steady training steps whose tensors MemTracker counts, apart from the timed ones
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -195,8 +197,9 @@ class CpuWait:
 
 
 def measure_training(model: nn.Module, batches, cfg: Config, device: torch.device, peak: ProcessPeak,
-                     steps: int, warmup: int) -> dict:
-    """Warm up (the first step counted by analytic_step), reset the peak, then time `steps` steps."""
+                     steps: int, warmup: int, memory: PeakMemory) -> dict:
+    """Warm up (the first step counted by analytic_step), watch the tensors of WATCHED_STEPS steps (MemTracker
+    slows the ops it sees, so these are not timed), reset the process peak, then time `steps` steps."""
     optimizer, autocast = make_optimizer(cfg, model), autocast_for(device, cfg.bf16)
     model.train()
     stream = endless(batches)
@@ -205,6 +208,10 @@ def measure_training(model: nn.Module, batches, cfg: Config, device: torch.devic
     for _ in range(warmup - 1):
         x, y, _ = next(stream)
         train_step(model, x, y, optimizer, autocast)
+    for _ in range(WATCHED_STEPS):
+        x, y, _ = next(stream)
+        with memory.watch(model, optimizer, x, y):
+            train_step(model, x, y, optimizer, autocast)
     synchronize(device)
     peak.reset()
     times = []
@@ -221,9 +228,10 @@ def measure_training(model: nn.Module, batches, cfg: Config, device: torch.devic
             "samples_per_s": steps * cfg.batch_size / sum(times), "cpu_wait": wait.share}
 
 
-def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device) -> dict:
-    """Stage k's caching pass, as pipeline.run_stage runs it, with a fresh block; publishes its manifest."""
-    block = build_stage_block(stage_specs(cfg, IN_SHAPE[0])[k]).to(device).requires_grad_(False)
+def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device, memory: PeakMemory) -> dict:
+    """Stage k's caching pass, as pipeline.run_stage runs it, with a fresh block; publishes its manifest.
+    Its first batches are watched by MemTracker, as in the pipeline, and counted in its time."""
+    block = build_stage_block(stage_specs(cfg, IN_SHAPE[0])[k]).to(device)  # write_shards runs it under no_grad
     if k == 0:
         raw, input_fp = random_raw(cfg), "random-images"
         batches = {s: image_batches(cfg, raw, s, device, train=False) for s in SPLITS}
@@ -235,7 +243,7 @@ def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device) -> d
     t0 = time.perf_counter()
     with CpuWait() as wait:  # write_shards returns once every feature is on disk: no device sync needed
         table = write_shards(block, batches, run.cache(k), dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
-                             compression=cfg.compression, autocast=autocast_for(device, cfg.bf16))
+                             compression=cfg.compression, autocast=autocast_for(device, cfg.bf16), memory=memory)
     seconds = time.perf_counter() - t0
     manifest = publish_manifest(
         run.cache(k), identity={"stage": k, "config_hash": config_hash(cfg), "input_fingerprint": input_fp},
@@ -259,15 +267,23 @@ def child(spec: dict) -> dict:
     """Measure one configuration in this (fresh) process; the result is printed as its last line."""
     device, cfg = torch.device(spec["device"]), Config(**spec["cfg"])
     warm_up_libraries(cfg, device)
+    if device.type == "cuda" and spec.get("memory_limit_mb") and spec["kind"] == "e2e":
+        # The budget as the GPU's whole memory: e2e beyond it fails as it would on a smaller GPU.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_limit_mb"] * MB / total), device)
     peak = ProcessPeak(device)  # everything from here on counts
     run, kind, k = RunDir(spec["run_dir"]), spec["kind"], spec["stage"]
     torch.manual_seed(cfg.seed * 1000 + k)
-    if kind == "cache":
-        result = measure_caching(cfg, run, k, device)
-    else:
-        model, batches = training_job(cfg, run, kind, k, device)
-        result = measure_training(model, batches, cfg, device, peak, spec["steps"], spec["warmup"])
-    return {**result, "peak": peak.read(),
+    with PeakMemory(device, watch_steps=WATCHED_STEPS) as memory:  # tensor level: the figure the ratios compare
+        if kind == "cache":
+            result = measure_caching(cfg, run, k, device, memory)
+        else:
+            model, batches = training_job(cfg, run, kind, k, device)
+            try:
+                result = measure_training(model, batches, cfg, device, peak, spec["steps"], spec["warmup"], memory)
+            except torch.cuda.OutOfMemoryError:
+                return {"oom": True, "device_name": device_description(device)}
+    return {**result, "peak": peak.read(), "tensor": {"peak": memory.tensor_bytes, **memory.as_dict()},
             "device_name": device_description(device)}
 
 
@@ -306,9 +322,9 @@ def measure_all(cfg: Config, args: argparse.Namespace, run_dir: str) -> dict[str
     return rows
 
 
-def peak_of(row: dict, device: str) -> int:
-    """The figure the ratios compare: CUDA allocated bytes on a GPU, RSS above the imports on a CPU."""
-    return row["peak"]["cuda_allocated"] if device == "cuda" else row["peak"]["rss"]
+def peak_of(row: dict) -> int:
+    """The figure the ratios compare: the tensor-level peak (CUDA allocator; on CPU, MemTracker's live tensors)."""
+    return row["tensor"]["peak"]
 
 
 def target(name: str, value: float) -> dict:
@@ -318,18 +334,21 @@ def target(name: str, value: float) -> dict:
 
 def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
     K = len(p["stages"])
-    peak = {name: peak_of(row, device) for name, row in rows.items()}
+    peak = {name: peak_of(row) for name, row in rows.items()}
+    rss = {name: row["peak"]["rss"] for name, row in rows.items()}
     sequential = max([f"stage {k}" for k in range(K)] + [f"cache {k}" for k in range(K)], key=peak.get)
+    rss_sequential = max([f"stage {k}" for k in range(K)] + [f"cache {k}" for k in range(K)], key=rss.get)
     k = max(range(K), key=lambda j: peak[f"stage {j}"])
     analytic = rows[f"stage {k}"]["analytic"]["total"]
-    host = analytic + p["stages"][k]["input_bytes"]  # on CPU the resident set also holds the stage's input
+    host = analytic + p["stages"][k]["input_bytes"]  # the resident set also holds the stage's input
     loader = {j: rows[f"stage {j}"]["samples_per_s"] / rows[f"ram {j}"]["samples_per_s"] for j in range(1, K)}
     return {
         "peak_ratio": peak[sequential] / peak["e2e"], "largest_sequential": sequential,
         "ckpt_ratio": peak["e2e+ckpt"] / peak["e2e"],
         "ckpt_time_ratio": rows["e2e+ckpt"]["step_ms"] / rows["e2e"]["step_ms"],
         "floor_ratio": peak[f"stage {k}"] / analytic, "largest_stage": f"stage {k}",
-        "floor_ratio_host": peak[f"stage {k}"] / host if device == "cpu" else None,
+        "rss_peak_ratio": rss[rss_sequential] / rss["e2e"], "rss_largest_sequential": rss_sequential,
+        "rss_floor_ratio": rss[f"stage {k}"] / host,
         "loader_efficiency": min(loader.values()), "loader_efficiency_by_stage": loader,
         "analytic_peak_ratio": p["totals"]["peak_ratio"],
         "max_cpu_wait": max((row["cpu_wait"] for row in rows.values() if row["cpu_wait"] is not None), default=None),
@@ -354,12 +373,12 @@ def predicted(p: dict, name: str) -> tuple[int | None, int | None]:
 
 def table(rows: dict[str, dict], p: dict, device: str) -> str:
     fmt = lambda n: "-" if n is None else f"{n / MB:,.1f}"  # noqa: E731
-    head = ["config", "alloc MB", "reserved MB", "host RSS MB"] if device == "cuda" else ["config", "peak RSS MB"]
+    head = ["config", "tensor MB", *(["reserved MB"] if device == "cuda" else []), "RSS MB"]
     out = [head + ["analytic MB", "predicted MB", "step ms", "samples/s", "cpu wait", "cache MB", "predicted MB"]]
     order = ["e2e", "e2e+ckpt", *(f"{kind} {k}" for k in range(len(p["stages"])) for kind in ("stage", "ram", "cache"))]
     for name in filter(rows.__contains__, order):
         row, (pred, pred_cache) = rows[name], predicted(p, name)
-        peaks = [row["peak"]["cuda_allocated"], row["peak"]["cuda_reserved"]] if device == "cuda" else []
+        peaks = [row["tensor"]["peak"], *([row["peak"]["cuda_reserved"]] if device == "cuda" else [])]
         analytic = row["analytic"]["total"] if row["analytic"] else None
         wait = "-" if row["cpu_wait"] is None else f"{row['cpu_wait']:.0%}"
         out.append([name, *map(fmt, peaks), fmt(row["peak"]["rss"]), fmt(analytic), fmt(pred),
@@ -376,9 +395,12 @@ def ratio_lines(r: dict, targets: dict) -> str:
         f"(analytic, plan.py: {r['analytic_peak_ratio']:.3f}; one block per stage: {r['finest_analytic_ratio']:.3f})",
         f"ckpt_ratio         {r['ckpt_ratio']:.3f}  e2e+ckpt peak / e2e peak",
         f"ckpt_time_ratio    {r['ckpt_time_ratio']:.3f}  e2e+ckpt step time / e2e step time",
-        f"floor_ratio        {r['floor_ratio']:.3f}  {r['largest_stage']} peak / its analytic bytes"
-        + mark("floor_ratio")
-        + (f"  ({r['floor_ratio_host']:.3f} counting its input's host memory)" if r["floor_ratio_host"] else ""),
+        f"floor_ratio        {r['floor_ratio']:.3f}  {r['largest_stage']} tensor peak / its analytic bytes"
+        + mark("floor_ratio"),
+        f"rss_peak_ratio     {r['rss_peak_ratio']:.3f}  {r['rss_largest_sequential']} RSS peak / e2e RSS peak (the "
+        "process: torch's libraries, the data and the allocator's cache included)",
+        f"rss_floor_ratio    {r['rss_floor_ratio']:.3f}  {r['largest_stage']} RSS peak above imports / (analytic "
+        "bytes + its input's host memory)" + mark("rss_floor_ratio"),
         f"loader_efficiency  {r['loader_efficiency']:.3f}  lowest of cache/RAM samples/s by stage ({by_stage})"
         + mark("loader_efficiency"),
     ]
@@ -399,7 +421,7 @@ def figure():
 
 
 def save(fig, ax, device: str, path: Path, title: str) -> None:
-    ax.set_ylabel("peak CUDA allocated (MB)" if device == "cuda" else "peak RSS above imports (MB)")
+    ax.set_ylabel("tensor peak, " + ("CUDA allocator (MB)" if device == "cuda" else "MemTracker (MB)"))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -410,7 +432,7 @@ def save(fig, ax, device: str, path: Path, title: str) -> None:
 
 
 def plot_stages(rows: dict[str, dict], K: int, device: str, path: Path, title: str) -> None:
-    peak = lambda name: peak_of(rows[name], device) / MB  # noqa: E731
+    peak = lambda name: peak_of(rows[name]) / MB  # noqa: E731
     fig, ax = figure()
     ax.bar([k - 0.2 for k in range(K)], [peak(f"stage {k}") for k in range(K)], 0.4, label="stage k: training")
     ax.bar([k + 0.2 for k in range(K)], [peak(f"cache {k}") for k in range(K)], 0.4, label="stage k: caching pass")
@@ -449,7 +471,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
         rows = measure_all(cfg, args, run_dir)
     r = {**ratios(rows, p, args.device), "finest_analytic_ratio": finest["totals"]["peak_ratio"]}
-    targets = {name: target(name, r[name]) for name in ("floor_ratio", "loader_efficiency")}
+    targets = {name: target(name, r[name]) for name in ("floor_ratio", "rss_floor_ratio", "loader_efficiency")}
     print(table(rows, p, args.device))
     print(ratio_lines(r, targets))
     title = (f"{cfg.arch} (width {cfg.width or 'standard'}) in {cfg.num_stages} stages, batch {cfg.batch_size}, "
@@ -480,7 +502,7 @@ def measure_depth(args: argparse.Namespace, depth: int) -> tuple[dict, Config, d
         stage = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
         e2e = spawn({**base, "run_dir": run_dir, "kind": "e2e", "stage": 0}, args)
     point = {"depth": depth, "stages": cfg.num_stages, "largest_stage": k,
-             "e2e_peak": peak_of(e2e, args.device), "stage_peak": peak_of(stage, args.device),
+             "e2e_peak": peak_of(e2e), "stage_peak": peak_of(stage),
              "e2e_analytic": e2e["analytic"]["total"], "stage_analytic": stage["analytic"]["total"],
              "e2e_step_ms": e2e["step_ms"], "stage_step_ms": stage["step_ms"]}
     return point, cfg, e2e
@@ -532,6 +554,87 @@ def plot_depths(points: list[dict], device: str, path: Path, title: str) -> None
     save(fig, ax, device, path, title)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Deeper than memory allows: --budget-mb
+
+
+def run_budget(args: argparse.Namespace) -> dict:
+    """The deepest CIFAR ResNet whose end-to-end step fits the budget, against seqtrain's stages cut by
+    `--stages auto --memory-budget` at every depth; every peak measured at tensor level, in its own process."""
+    budget = args.budget_mb * MB
+    points = []
+    for depth in args.depths:
+        cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
+        base = {"cfg": cfg.to_dict(), "device": args.device, "steps": args.steps, "warmup": args.warmup,
+                "memory_limit_mb": args.budget_mb}
+        with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
+            e2e = spawn({**base, "run_dir": run_dir, "kind": "e2e", "stage": 0}, args)
+            stages = []
+            for k in range(cfg.num_stages):
+                cache = spawn({**base, "run_dir": run_dir, "kind": "cache", "stage": k}, args)
+                train = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
+                stages.append({"train": peak_of(train), "cache": peak_of(cache)})
+        largest = max(max(s.values()) for s in stages)
+        points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),
+                       "stages": cfg.stage_sizes(), "stage_peaks": stages, "largest_stage_peak": largest,
+                       "fits": largest <= budget})
+    fitting = [pt["depth"] for pt in points if pt["e2e_peak"] is not None and pt["e2e_peak"] <= budget]
+    deepest = max((pt for pt in points if pt["fits"]), key=lambda pt: pt["depth"], default=None)
+    multi = [pt["largest_stage_peak"] for pt in points if len(pt["stages"]) > 1]
+    spread = max(multi) / min(multi) - 1 if len(multi) > 1 else None
+    summary = {**environment(args, e2e), "config": run_settings(args, cfg), "budget_mb": args.budget_mb,
+               "depths": args.depths, "e2e_max_depth": max(fitting, default=None),
+               "seqtrain_depth": deepest and deepest["depth"], "seqtrain_stages": deepest and len(deepest["stages"]),
+               "seqtrain_max_stage_mb": deepest and round(deepest["largest_stage_peak"] / MB, 1),
+               "depth_ratio": deepest and fitting and deepest["depth"] / max(fitting),
+               "multi_stage_spread": spread}
+    write_json(args.out / "budget.json", {"summary": summary, "points": points})
+    print(budget_table(points, budget))
+    print(budget_lines(summary))
+    plot_budget(points, args, args.out / "budget.png",
+                f"CIFAR ResNets, width {args.width or 16}, batch {args.batch_size}, budget {args.budget_mb} MB; "
+                f"{summary['device_name']}, torch {torch.__version__}")
+    return summary
+
+
+def budget_table(points: list[dict], budget: int) -> str:
+    rows = [["depth", "e2e MB", "e2e fits", "stages", "blocks per stage", "largest stage MB", "all stages fit"]]
+    for pt in points:
+        e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
+        rows.append([str(pt["depth"]), e2e, "yes" if pt["e2e_peak"] and pt["e2e_peak"] <= budget else "no",
+                     str(len(pt["stages"])), ",".join(map(str, pt["stages"])),
+                     f"{pt['largest_stage_peak'] / MB:,.1f}", "yes" if pt["fits"] else "NO"])
+    return aligned(rows)
+
+
+def budget_lines(s: dict) -> str:
+    lines = [f"budget {s['budget_mb']} MB: end to end fits up to depth {s['e2e_max_depth'] or '(none measured)'}; "
+             f"seqtrain trains depth {s['seqtrain_depth']} in {s['seqtrain_stages']} stages, every training and "
+             f"caching peak at most {s['seqtrain_max_stage_mb']} MB"]
+    if s["depth_ratio"]:
+        met = "met" if s["depth_ratio"] >= 4 else "MISSED"
+        lines.append(f"depth ratio {s['depth_ratio']:.1f}x (target >= 4: {met})")
+    if s["multi_stage_spread"] is not None:
+        met = "met" if s["multi_stage_spread"] <= 0.10 else "MISSED"
+        lines.append(f"largest stage's peak across the depths cut into 2+ stages: spread "
+                     f"{s['multi_stage_spread']:.1%} (target <= 10%: {met})")
+    return "\n".join(lines)
+
+
+def plot_budget(points: list[dict], args: argparse.Namespace, path: Path, title: str) -> None:
+    depths = [pt["depth"] for pt in points]
+    fig, ax = figure()
+    measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
+    ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
+    ax.plot(depths, [pt["largest_stage_peak"] / MB for pt in points], "o-", color="C0",
+            label="seqtrain, largest stage (--stages auto)")
+    ax.axhline(args.budget_mb, color="k", ls="--", label=f"budget {args.budget_mb} MB")
+    ax.set_xlabel("depth (CIFAR ResNet, 6n+2)")
+    ax.set_xscale("log")
+    ax.set_xticks(depths, [str(d) for d in depths])
+    save(fig, ax, args.device, path, title)
+
+
 def run_settings(args: argparse.Namespace, cfg: Config) -> dict:
     """The settings behind the numbers; `cfg` is any configuration measured (the sweep varies only arch and stages)."""
     keys = ("width", "batch_size", "samples", "steps", "warmup", "shard_mb", "downsample", "quick", "mmap_threshold")
@@ -559,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--downsample", default="standard", help="as seqtrain's --downsample, e.g. accelerated")
     p.add_argument("--depths", help="e.g. 20,32,56,110: sweep CIFAR ResNet depth instead")
     p.add_argument("--blocks-per-stage", type=int, default=3, help="--depths: blocks in every stage (default: 3)")
+    p.add_argument("--budget-mb", type=int, help="the deepest ResNet end to end fits in this many MB (tensor peak), "
+                   "against seqtrain's --stages auto --memory-budget at each of --depths (default 8,14,20,32,56,110)")
     p.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="set glibc's MALLOC_MMAP_THRESHOLD_ in "
                    "every child, e.g. 131072: freed tensors then leave the resident set at once (default: glibc's "
                    "adaptive threshold, which a plain run gets)")
@@ -570,11 +675,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the first warm-up step is the analytic one)")
+    if args.budget_mb and not args.depths:
+        args.depths = "8,14,20,32,56,110"
     if args.depths:
         args.depths = sorted(int(d) for d in args.depths.split(","))
-        unknown = [d for d in args.depths if f"resnet{d}" not in CIFAR_RESNETS]
+        unknown = [d for d in args.depths if not cifar_resnet_n(f"resnet{d}")]
         if unknown:
-            p.error(f"--depths {unknown[0]} is not a CIFAR ResNet depth; choose from 20, 32, 44, 56, 110")
+            p.error(f"--depths {unknown[0]} is not a CIFAR ResNet depth 6n+2 (8, 14, 20, 32, 56, 110, ...)")
     args.device = resolve_device(args.device).type
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
@@ -588,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = run_depths(args) if args.depths else run_stages(args)
+    summary = run_budget(args) if args.budget_mb else run_depths(args) if args.depths else run_stages(args)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary))
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from seqtrain.config import Config
 
-CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # n = (d-2)/6
+CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # n = (d-2)/6; any
+# depth 6n+2 (resnet8, resnet1202, ...) is also a CIFAR ResNet: cifar_resnet_n() reads n from the name
 IMAGENET_STYLE_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 VGGS = {  # channel multipliers of the first width; "M" = 2x2 max-pool after the previous conv
     "vgg11": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),
@@ -81,10 +82,23 @@ def schedule(specs: list[BlockSpec], downsample: str) -> dict[int, int]:
     return placed
 
 
+def cifar_resnet_n(arch: str) -> int | None:
+    """n of a CIFAR ResNet named by its depth 6n + 2 (resnet20: 3, resnet1202: 200); None for other names.
+    resnet18 and resnet34 are not of this form: they are the ImageNet-style networks."""
+    depth = arch.removeprefix("resnet")
+    if arch.startswith("resnet") and depth.isdigit() and int(depth) >= 8 and (int(depth) - 2) % 6 == 0:
+        return (int(depth) - 2) // 6
+    return None
+
+
+def is_known_arch(arch: str) -> bool:
+    return arch in ARCHS or cifar_resnet_n(arch) is not None
+
+
 def standard_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[BlockSpec]:
     """The network's blocks with its usual downsampling; `width` 0 means its standard first width."""
-    if arch in CIFAR_RESNETS:
-        n, w = CIFAR_RESNETS[arch], width or 16
+    if cifar_resnet_n(arch):
+        n, w = cifar_resnet_n(arch), width or 16
         specs = [BlockSpec("stem", in_channels, w)]
         for group, mult in enumerate((1, 2, 4)):
             for i in range(n):

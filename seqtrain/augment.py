@@ -2,7 +2,7 @@
 augmented views of every training sample that a stage caches for the stages after it.
 
 An augmentation of the image cannot be replayed on cached features (flipping a feature map is not
-flipping the image; DESIGN.md, "Augmentation"). So each stage caches V views of every training sample,
+flipping the image; docs/design.md, "Augmentation"). So each stage caches V views of every training sample,
 view 0 un-augmented and views 1..V-1 crops/flips of it, and the next stage draws one view per sample per
 epoch (loader.py). A view is a pure function of (seed, view, sample id), so a view propagates through
 the stages unchanged: view v of stage k's cache is blocks 0..k applied to the same augmented image.

@@ -1,13 +1,13 @@
 """A stage's cached output features: HDF5 shards per split, and the manifest that makes them a cache.
 
-Layout (DESIGN.md, "The run directory"): `cache/{split}-{index:05d}.h5` holds `features` [n, C, H, W]
+Layout (docs/design.md, "The run directory"): `cache/{split}-{index:05d}.h5` holds `features` [n, C, H, W]
 (float16 by default), `labels` [n] and `ids` [n], with a fixed number of samples per shard (the last
 one of a split may hold fewer). With --cache-views V > 1 the train split's features are [n, V, C, H, W]:
 V augmented views per sample, view 0 plain (augment.py). Under torchrun each rank writes the shards of
 its own contiguous slice of samples, `{split}-rank{r}-{index:05d}.h5`, and rank 0 writes the manifest.
 `cache/manifest.json` is written last: a stage is complete exactly when a valid manifest exists. Shards
 are chunked along the sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here,
-gzip and lzf at 120-160 MB/s (DESIGN.md, "Storage").
+gzip and lzf at 120-160 MB/s (docs/design.md, "Storage").
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def verify_shards(cache_dir: Path, manifest: dict, checksums: bool = True) -> No
 def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole shard in one contiguous read: features (stored dtype), labels, ids as CPU tensors.
 
-    Never fancy-index a chunked dataset (measured ~50x slower than contiguous reads, DESIGN.md).
+    Never fancy-index a chunked dataset (measured ~50x slower than contiguous reads, docs/design.md).
     """
     try:
         with h5py.File(path, "r") as f:

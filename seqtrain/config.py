@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from seqtrain.archs import ARCHS, block_specs, feature_shape, num_blocks
+from seqtrain.archs import ARCHS, block_specs, feature_shape, is_known_arch, num_blocks
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -47,7 +47,7 @@ class Config:
     crop_padding: int = 4  # random crop: pixels of zero padding on each side before cropping back, 2-4 at 32x32
     cache_views: int = 1  # augmented views of each training sample cached per stage (view 0 plain); disk grows V-fold
     # --- network
-    arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR, 6n+2), resnet18/34, vgg11/vgg16, or torchvision:NAME
+    arch: str = "resnet20"  # CIFAR resnet20/32/44/56/110 or any depth 6n+2, resnet18/34, vgg11/16, torchvision:NAME
     width: int = 0  # channels of the first block; 0 = the architecture's standard width (16 or 64)
     stages: str = "4"  # number of trainable stages, "auto" (the fewest that fit --memory-budget), or a list "3,3,2,2"
     balance: str = "memory"  # where --stages K cuts: "memory" (smallest largest stage) or "blocks" (equal counts)
@@ -73,8 +73,8 @@ class Config:
     # --- cache
     cache_dtype: str = "float16"  # stored feature precision: float16 halves disk, float32 is exact
     shard_mb: int = 32  # target size of one HDF5 shard; the loader holds a few of them in memory
-    resident_shards: int = 4  # shards the loader may hold at once (2 mixed, 1 queued, 1 being read)
-    compression: str = "none"  # "lzf" or "gzip" save disk at ~10x slower reads (DESIGN.md)
+    loader_mb: int = 128  # host memory of the cache loader: two shuffle pools of shards, one read while one is used
+    compression: str = "none"  # "lzf" or "gzip" save disk at ~10x slower reads (docs/design.md)
     # --- device
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     bf16: bool = False  # CUDA only: bfloat16 autocast for training and caching
@@ -86,8 +86,8 @@ class Config:
         """Check every value once, before anything is written; raise UserError naming the flag."""
         self.check_external_arch()
         for name, options in choices().items():
-            if name == "arch" and ":" in self.arch:
-                continue  # torchvision:NAME and custom:HASH, checked above
+            if name == "arch" and (":" in self.arch or is_known_arch(self.arch)):
+                continue  # torchvision:NAME and custom:HASH, checked above; any CIFAR ResNet depth 6n+2
             if getattr(self, name) not in options:
                 raise UserError(f"{flag(name)} {getattr(self, name)!r} is not known; choose one of: "
                                 + ", ".join(options))
@@ -106,8 +106,8 @@ class Config:
             raise UserError("--n-train is too small to carve a validation split; use at least 100")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise UserError("--lr must be > 0, --weight-decay >= 0, --momentum in [0, 1), --warmup-epochs >= 0")
-        if self.resident_shards < 3:
-            raise UserError(f"--resident-shards must be at least 3, got {self.resident_shards}")
+        if self.loader_mb < 1:
+            raise UserError(f"--loader-mb must be at least 1, got {self.loader_mb}")
         if 0 < self.image_size < 8 or self.image_size > 1024:
             raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
         if self.cache_views > 64:

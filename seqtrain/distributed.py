@@ -4,7 +4,7 @@
 
 torchrun starts one process per GPU (NCCL) or per CPU worker (gloo) and sets RANK, LOCAL_RANK and
 WORLD_SIZE; a plain `python -m seqtrain.run` is a world of one and none of this is active. The division
-of labour (DESIGN.md, "Distributed"):
+of labour (docs/design.md, "Distributed"):
 
 - training: every rank draws the same global batch order from (seed, epoch) and keeps its own rows
   (`RankShare`), so --batch-size is the global batch and every rank takes the same number of steps;

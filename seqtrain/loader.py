@@ -1,13 +1,16 @@
-"""Streaming loader for cached features: bounded memory, shuffled every epoch, the next shard prefetched.
+"""Streaming loader for cached features: bounded memory, shuffled every epoch, the next pool read meanwhile.
 
-Each epoch the shard order is permuted, shards are read whole (one contiguous read each, DESIGN.md
-"Reading"), `mix` of them are pooled into a buffer whose samples are shuffled together, and a background
-thread reads the next shard meanwhile. In steady state `resident_shards` shards are in memory: `mix` in
-the buffer, one waiting in the queue and one being read; while a new group is pooled (`torch.cat`) the
-group's shards and the pooled copy coexist for a moment. float16 becomes float32 in torch, per batch.
+Each epoch the shard order is permuted and shards are read whole (one contiguous read each, docs/design.md
+"Reading") straight into one of two pre-allocated pools (h5py `read_direct`, no intermediate copy): while
+the consumer draws shuffled batches from one pool, a background thread fills the other with the next
+shards. So the loader's host memory is the two pools, `--loader-mb` in all, never a pool and its parts at
+once. Rows left over when a pool runs out (fewer than a batch) move to the front of the next pool and are
+shuffled with it. Batches leave in the cache's dtype; float16 becomes float32 on the device (half the
+host-to-device bytes on a GPU).
 
-With DataLoader worker processes each worker streams a disjoint subset of the shards; HDF5 files are only
-ever opened inside the process that reads them (h5py handles cannot cross fork or spawn).
+With DataLoader worker processes each worker streams a disjoint subset of the shards with its own two
+pools; HDF5 files are only ever opened inside the process that reads them (h5py handles cannot cross fork
+or spawn).
 
 A train split cached with V augmented views ([n, V, C, H, W]) yields one view per sample, drawn anew each
 epoch (`views="draw"`), or all of them for the next stage's caching pass (`views="all"`).
@@ -19,21 +22,25 @@ import queue
 import threading
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seqtrain.cache import read_shard
+from seqtrain.cache import CorruptCache
 
 
 class ShardStream(IterableDataset):
-    """Yields CPU batches (x float32, y, ids) from one split's shards; picklable (holds only paths)."""
+    """Yields CPU batches (x in the cache's dtype, y, ids) from one split's shards; picklable (holds only paths)."""
 
     def __init__(self, parts: list[tuple[Path, int, int]], batch_size: int, *, shuffle: bool, seed: int,
-                 resident_shards: int, drop_last: bool, views: str = "draw"):
+                 pool_rows: int, drop_last: bool, views: str = "draw"):
         # parts: (shard path, first row, end row) -- whole shards, or a rank's contiguous slice of them
         self.parts = [(str(p), a, b) for p, a, b in parts]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.mix = max(1, resident_shards - 2)
+        # At least one shard, at most the whole split: a small cache gets small pools.
+        self.pool_rows = max(min(pool_rows, sum(b - a for _, a, b in self.parts)),
+                             max((b - a for _, a, b in self.parts), default=1))
         self.drop_last, self.epoch, self.views = drop_last, 0, views
 
     def epoch_seed(self) -> int:
@@ -60,83 +67,140 @@ class ShardStream(IterableDataset):
         worker = get_worker_info()
         order = self.worker_parts(worker.id, worker.num_workers) if worker else self.worker_parts(0, 1)
         g = torch.Generator().manual_seed(self.epoch_seed() * 101 + (worker.id if worker else 0))
-        carry: list[tuple[torch.Tensor, ...]] = []
-        for group in grouped(prefetched(order), self.mix):
-            x, y, ids = (torch.cat(parts) for parts in zip(*carry, *group))
-            del group, carry  # only the pooled buffer stays resident
-            n = len(y)
-            perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-            full = n // self.batch_size * self.batch_size
-            for i in range(0, full, self.batch_size):
-                idx = perm[i:i + self.batch_size]
-                yield self.pick(x, idx, g), y[idx], ids[idx]
-            rest = perm[full:]
-            carry = [(x[rest], y[rest], ids[rest])] if len(rest) else []
-            del x, y, ids
-        if carry and not self.drop_last:
-            x, y, ids = carry[0]
-            yield self.pick(x, torch.arange(len(y)), g), y, ids
+        if not order:
+            return
+        front = self.batch_size  # each pool keeps room before its shards for the previous pool's leftover rows
+        held = None  # (pool, its leftover rows) while they wait to be moved into the next pool
+        with Pools(order, self.pool_rows, front) as pools:
+            for pool, n in pools:
+                c = 0
+                if held is not None:
+                    prev, rest = held
+                    c = len(rest)
+                    for mine, theirs in zip(pool.tensors(), prev.tensors()):
+                        mine[front - c:front] = theirs[rest]
+                    pools.release(prev)
+                perm = torch.randperm(c + n, generator=g) if self.shuffle else torch.arange(c + n)
+                perm += front - c
+                full = (c + n) // self.batch_size * self.batch_size
+                for i in range(0, full, self.batch_size):
+                    idx = perm[i:i + self.batch_size]
+                    yield self.pick(pool.x, idx, g), pool.y[idx], pool.ids[idx]
+                held = (pool, perm[full:]) if full < c + n else None
+                if held is None:
+                    pools.release(pool)
+            if held is not None and not self.drop_last:
+                pool, rest = held
+                yield self.pick(pool.x, rest, g), pool.y[rest], pool.ids[rest]
 
     def pick(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Rows `idx` as float32; of a [n, V, C, H, W] split, one random view each (or all, or view 0)."""
+        """Rows `idx` (a copy); of a [n, V, C, H, W] split, one random view each (or all, or view 0)."""
         if x.ndim == 5 and self.views == "draw":
-            return x[idx, torch.randint(x.shape[1], (len(idx),), generator=g)].float()
+            return x[idx, torch.randint(x.shape[1], (len(idx),), generator=g)]
         if x.ndim == 5 and self.views == "plain":
-            return x[idx, 0].float()
-        return x[idx].float()
+            return x[idx, 0]
+        return x[idx]
 
 
-def prefetched(parts: list[tuple[str, int, int]]):
-    """Read shards (rows [a, b) of each) in a background thread, one ahead of the consumer; torch releases the
-    GIL while it computes, so reading the next shard overlaps with training on the current one."""
-    q: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
+class Pool:
+    """One pre-allocated buffer of `rows` samples: features, labels, ids (shape and dtype from the shards)."""
 
-    def read_all():
+    def __init__(self, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype):
+        self.x = torch.empty(rows, *row_shape, dtype=dtype)
+        self.y = torch.empty(rows, dtype=torch.int64)
+        self.ids = torch.empty(rows, dtype=torch.int64)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x, self.y, self.ids
+
+
+class Pools:
+    """Two pools; a background thread reads whole shards (rows [a, b) of each) straight into the free one,
+    after its first `front` rows, while the consumer draws from the other. Iterating yields (pool, rows
+    read); `release` hands a pool back to be filled again. torch and h5py release the GIL while they work,
+    so reading the next shards overlaps training on the current ones."""
+
+    def __init__(self, parts: list[tuple[str, int, int]], rows: int, front: int):
+        self.parts, self.rows, self.front = parts, rows, front
+        self.filled: queue.Queue = queue.Queue(maxsize=1)
+        self.free: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+
+    def __enter__(self) -> Pools:
+        row_shape, dtype = shard_layout(self.parts[0][0])
+        for _ in range(2):
+            self.free.put(Pool(self.front + self.rows, row_shape, dtype))
+        self.thread = threading.Thread(target=self.fill_all, daemon=True, name="shard-prefetch")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()  # a consumer that stops early (Ctrl-C, an error) must not leave the reader blocked
+        self.free.put(None)
+
+    def fill_all(self) -> None:
         try:
-            for p, a, b in parts:
-                item = tuple(t[a:b] for t in read_shard(Path(p)))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            parts = list(self.parts)
+            while parts:
+                pool = self.free.get()
+                if pool is None or self.stop.is_set():
                     return
-            q.put(None)
+                n = 0
+                while parts and n + parts[0][2] - parts[0][1] <= self.rows:
+                    path, a, b = parts.pop(0)
+                    read_shard_into(Path(path), a, b, pool, self.front + n)
+                    n += b - a
+                self.hand_over((pool, n))
+            self.hand_over(None)
         except BaseException as e:  # handed to the consumer, which re-raises it where it is seen
-            q.put(e)
+            self.hand_over(e)
 
-    thread = threading.Thread(target=read_all, daemon=True, name="shard-prefetch")
-    thread.start()
-    try:
-        while (item := q.get()) is not None:
+    def hand_over(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.filled.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while (item := self.filled.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
+
+    def release(self, pool: Pool) -> None:
+        self.free.put(pool)
 
 
-def grouped(items, size: int):
-    group = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
+def shard_layout(path: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """The row shape and dtype of a shard's features, from its metadata (nothing is read)."""
+    try:
+        with h5py.File(path, "r") as f:
+            d = f["features"]
+            return tuple(d.shape[1:]), torch.from_numpy(np.empty(0, dtype=d.dtype)).dtype
+    except (OSError, KeyError) as e:
+        raise CorruptCache(f"{path} cannot be read ({e})") from None
+
+
+def read_shard_into(path: Path, a: int, b: int, pool: Pool, at: int) -> None:
+    """Rows [a, b) of a shard into `pool` at row `at`: one contiguous read per dataset, no intermediate copy."""
+    try:
+        with h5py.File(path, "r") as f:
+            for name, dest in (("features", pool.x), ("labels", pool.y), ("ids", pool.ids)):
+                f[name].read_direct(dest.numpy(), np.s_[a:b], np.s_[at:at + b - a])
+    except (OSError, KeyError, TypeError) as e:
+        raise CorruptCache(f"{path} cannot be read ({e})") from None
 
 
 class CachedBatches:
     """(x, y, ids) batches of one split of a stage cache, on `device`; the same interface as ImageBatches."""
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, resident_shards: int = 4, workers: int = 0,
+                 seed: int = 0, drop_last: bool = False, loader_mb: int = 128, workers: int = 0,
                  device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None):
-        """`rows` = (start, end): only that contiguous range of the split's samples, in manifest order."""
+        """`rows` = (start, end): only that contiguous range of the split's samples, in manifest order;
+        `loader_mb`: host memory for the two pools (each holds at least one shard, whatever the bound)."""
         parts, start = [], 0
         lo, hi = rows if rows is not None else (0, manifest["splits"][split]["count"])
         for s in manifest["splits"][split]["shards"]:
@@ -147,7 +211,10 @@ class CachedBatches:
         self.num_samples, self.batch_size = hi - lo, batch_size
         self.drop_last = drop_last
         self.workers, self.device = workers, torch.device(device)
-        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, resident_shards=resident_shards,
+        info = manifest["splits"][split]
+        row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
+        pool_rows = loader_mb * 2**20 // 2 // row_bytes - batch_size  # two pools, each with room for leftovers
+        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, pool_rows=pool_rows,
                                   drop_last=drop_last, views=views)
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,5 +229,5 @@ class CachedBatches:
             batches = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=pin)
         else:
             batches = (tuple(t.pin_memory() for t in b) if pin else b for b in self.stream)
-        for x, y, ids in batches:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), ids
+        for x, y, ids in batches:  # float16 goes to the device as it is stored and becomes float32 there
+            yield x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True), ids

@@ -280,7 +280,7 @@ def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, dev
     """Cached-feature batches to train on (one random view per sample) or to evaluate on, this rank's share."""
     batches = CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=train,
                             seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=train,
-                            resident_shards=cfg.resident_shards, workers=cfg.workers, device=device,
+                            loader_mb=cfg.loader_mb, workers=cfg.workers, device=device,
                             views="draw" if train else "plain")
     return distributed.RankShare(batches) if distributed.world_size() > 1 else batches
 
@@ -299,7 +299,7 @@ def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
 def frozen_cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device) -> CachedBatches:
     """What stage k > 0 caches: this rank's contiguous slice of the previous cache, every view of each sample."""
     rows = distributed.contiguous_part(manifest["splits"][split]["count"])
-    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, resident_shards=cfg.resident_shards,
+    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, loader_mb=cfg.loader_mb,
                          workers=cfg.workers, device=device, views="all", rows=rows)
 
 

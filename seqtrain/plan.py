@@ -92,13 +92,15 @@ def cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> 
 
 def input_bytes(cfg: Config, k: int, in_shape: tuple[int, ...], counts: dict[str, int]) -> int:
     """Host memory of stage k's input beside the step: for stage 0 (and e2e) the raw uint8 dataset, held
-    whole in RAM; for later stages the loader's budget, --resident-shards shards of the previous cache."""
+    whole in RAM; for later stages the loader's two pools (--loader-mb, at least a shard each, at most the split,
+    each with room for a batch of leftover rows), as loader.CachedBatches sizes them."""
     if k == 0:
         return sum(counts.values()) * int(np.prod(in_shape))
     row_shp = row_shape(in_shape, cfg, "train")  # with --cache-views, a sample's row holds all its views
-    per_shard = samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb)
-    resident = min(counts["train"], cfg.resident_shards * per_shard)
-    return resident * int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
+    row = int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
+    per_shard = min(counts["train"], samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb))
+    pool = max(min(cfg.loader_mb * 2**20 // 2 // row - cfg.batch_size, counts["train"]), per_shard)
+    return 2 * (pool + cfg.batch_size) * row
 
 
 def free_disk(path: str | Path) -> tuple[str, int]:
@@ -265,7 +267,7 @@ def cut_text(cut: dict) -> str:
            "memory": "cut by memory (--balance memory)",
            "blocks": "cut into equal block counts (--balance blocks)",
            "auto": f"the fewest stages that each fit --memory-budget {cut['budget']}, cut by memory"}[cut["how"]]
-    text = f"stages {sizes}: {why}, largest {mb(cut['largest_bytes'])} MB"
+    text = f"stages {sizes}: {why}; predicted peak of the largest {mb(cut['largest_bytes'])} MB"
     if cut["sizes"] != cut["blocks_sizes"]:
         text += f"; equal block counts {even}: {mb(cut['blocks_largest_bytes'])} MB"
     return text

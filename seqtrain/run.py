@@ -28,7 +28,7 @@ GROUPS = {
                 "head", "head_convs", "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
-    "feature cache": ("cache_dtype", "shard_mb", "resident_shards", "compression"),
+    "feature cache": ("cache_dtype", "shard_mb", "loader_mb", "compression"),
     "device": ("device", "bf16", "channels_last", "workers"),
 }
 

@@ -30,7 +30,7 @@ def test_block_costs_compose_to_the_exact_bytes_of_every_stage(arch, downsample)
         with torch.device("meta"):
             block = build_stage_block(specs[i:j + 1])
             model = StageModel(block, build_head(cfg, specs[j].out_ch, 10))
-        assert costs.train_bytes(i, j) == step_bytes(cfg, model, shape).total, (i, j)
+        assert costs.floor_bytes(i, j) == step_bytes(cfg, model, shape).total, (i, j)
 
 
 def test_memory_balanced_partition_is_optimal():
@@ -55,9 +55,9 @@ def test_memory_split_beats_the_block_count_split_at_depth():
 
     def largest(cfg):
         starts = [sum(cfg.stage_sizes()[:m]) for m in range(4)]
-        return max(costs.train_bytes(a, a + s - 1) for a, s in zip(starts, cfg.stage_sizes()))
+        return max(costs.floor_bytes(a, a + s - 1) for a, s in zip(starts, cfg.stage_sizes()))
 
-    e2e = costs.train_bytes(0, len(costs.fixed) - 1)
+    e2e = costs.floor_bytes(0, len(costs.fixed) - 1)
     assert blocks.stage_sizes() == [14, 14, 14, 13]
     assert largest(memory) <= 0.30 * e2e < largest(blocks)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from seqtrain import loader as loader_module
 from seqtrain.cache import ShardWriter
 from seqtrain.loader import CachedBatches
 
@@ -41,7 +42,7 @@ def test_unshuffled_reads_every_sample_in_order(cache):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shuffled_epochs_cover_every_sample_once_in_a_new_order(cache, workers):
-    loader = CachedBatches(*cache, "train", batch_size=50, shuffle=True, seed=3, resident_shards=4, workers=workers)
+    loader = CachedBatches(*cache, "train", batch_size=50, shuffle=True, seed=3, workers=workers)
     first, second = epoch_ids(loader, 0), epoch_ids(loader, 1)
     assert sorted(first) == list(range(N)) and sorted(second) == list(range(N))
     assert (first != second).any()
@@ -54,12 +55,26 @@ def test_drop_last_drops_only_the_final_partial_batch(cache):
     assert len(loader) == N // 96 and len(ids) == N // 96 * 96 and len(set(ids)) == len(ids)
 
 
-def test_shuffling_mixes_samples_across_resident_shards(cache):
-    loader = CachedBatches(*cache, "train", batch_size=64, shuffle=True, resident_shards=4)
-    loader.set_epoch(0)
-    x, y, ids = next(iter(loader))
-    # Two shards are pooled (4 resident: 2 mixed, 1 queued, 1 being read), so a batch spans two shards.
-    assert len(set((ids // 64).tolist())) == 2
+def test_pools_stay_within_the_loader_budget_and_mix_shards(tmp_path, monkeypatch):
+    # 1,000 rows of 2 KiB in shards of 64 (128 KiB): a 1 MiB budget gives two pools of two shards each.
+    writer = ShardWriter(tmp_path, "train", samples_per_shard=64, dtype="float16", compression="none")
+    ids = torch.arange(N)
+    writer.add(ids.float().view(-1, 1, 1, 1).expand(N, 1, 32, 32) / 8, ids % 10, ids)
+    manifest = {"splits": {"train": {"count": N, "shards": writer.close()}}}
+    pools = []
+    monkeypatch.setattr(loader_module.Pool, "__init__", record(loader_module.Pool.__init__, pools))
+    loader = CachedBatches(tmp_path, manifest, "train", batch_size=64, shuffle=True, loader_mb=1)
+    batches = list(loader)
+    assert len(pools) == 2 and sum(p.x.nbytes + p.y.nbytes + p.ids.nbytes for p in pools) <= 2**20
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(N))
+    assert all(len(set((b[2] // 64).tolist())) >= 2 for b in batches)  # every batch spans shards
+
+
+def record(init, pools):
+    def wrapped(self, *args, **kw):
+        init(self, *args, **kw)
+        pools.append(self)
+    return wrapped
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
