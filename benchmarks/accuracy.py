@@ -66,25 +66,29 @@ import resource
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from seqtrain.archs import num_blocks  # noqa: E402
-from seqtrain.config import Config, flag  # noqa: E402
-from seqtrain.data import load_raw  # noqa: E402
-from seqtrain.errors import UserError  # noqa: E402
-from seqtrain.files import read_json, sha256_json, write_json  # noqa: E402
-from seqtrain.memory import device_description  # noqa: E402
-from seqtrain.pipeline import RunDir, collect_results, resolve_device, stage_manifest  # noqa: E402
-from seqtrain.plan import plan  # noqa: E402
-from seqtrain.report import aligned  # noqa: E402
+try:
+    from benchmarks import accuracy_report
+    from benchmarks.common import require_plotting
+except ImportError:  # python benchmarks/accuracy.py: this folder is on sys.path, the repository root is not
+    import accuracy_report
+    from common import require_plotting
+from seqtrain.archs import num_blocks
+from seqtrain.config import Config, flag
+from seqtrain.data import load_raw
+from seqtrain.distributed import resolve_device
+from seqtrain.errors import UserError
+from seqtrain.files import read_json, sha256_json, write_json
+from seqtrain.memory import device_description
+from seqtrain.pipeline import RunDir, collect_results, stage_manifest
+from seqtrain.plan import plan
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: every run starts here, with this checkout's seqtrain
 PRESETS = {
     # For a GPU: every depth of the issue at the default dataset size and epoch cap, seqtrain's training defaults.
     "full": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 10_000,
@@ -166,7 +170,7 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
         run_seqtrain(["--stage", "e2e", *flags], log, args.threads)
     if point["method"] == "sequential" and not (results and results["final"]):
         for k in range(0 if args.one_process else point["k"]):  # one process per stage: its peak is its own
-            if not (run.config.exists() and stage_manifest(load_config(run), run, k)[0]):
+            if not (run.config.exists() and stage_manifest(run_config(run), run, k)[0]):
                 run_seqtrain(["--stage", str(k), *flags], log, args.threads)
         run_seqtrain(["--stage", "all", *flags], log, args.threads)  # assembles and evaluates the final network
     results = existing_results(run)
@@ -177,7 +181,7 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
     return {**point, "results": results, "seconds": round(seconds, 1)}
 
 
-def load_config(run: RunDir) -> Config:
+def run_config(run: RunDir) -> Config:
     return Config.from_dict(read_json(run.config))  # config.json also holds the run's normalisation statistics
 
 
@@ -185,7 +189,7 @@ def existing_results(run: RunDir) -> dict | None:
     """collect_results of a run directory (None when it has no config yet); `final` only when it is current."""
     if not run.config.exists():
         return None
-    cfg = load_config(run)
+    cfg = run_config(run)
     results = collect_results(cfg, run)
     last, _ = stage_manifest(cfg, run, cfg.num_stages - 1)
     if results["final"] and (last is None or results["final"]["fingerprint"] != last["fingerprint"]):
@@ -353,71 +357,6 @@ def target_check(rows: list[dict], one_process: bool = False) -> dict:
 # Report
 
 
-def table(rows: list[dict], device: str, one_process: bool) -> str:
-    pm = lambda ms, scale=1, d=4: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
-    varied = any(r["intensity"] != "usual" for r in rows)
-    out = [["arch", "blocks", "downsample", *(["intensity"] if varied else []), "K", "method", "seeds", "test acc",
-            "gap (points)", "peak MB", "mem ratio", "analytic ratio", "time s"]]
-    for r in rows:
-        seq = r["method"] == "sequential"
-        out.append([r["arch"], str(r["blocks"]), r["downsample"], *([r["intensity"]] if varied else []),
-                    str(r["k"] or "-"), r["method"], str(len(r["seeds"])), pm(r["test_acc"]),
-                    pm(r["gap_points"], d=2) if seq else "-", f"{r['peak_mb'][0]:.0f}",
-                    f"{r['mem_ratio'][0]:.3f}" if seq else "-", f"{r['analytic_ratio']:.3f}" if seq else "-",
-                    f"{r['seconds']:.0f}"])
-    source = "the CUDA allocator's" if device == "cuda" else "live tensors (MemTracker) over each stage's first steps"
-    memory = f"peak MB: tensor-level peak, {source}; mem ratio: sequential / e2e"
-    if one_process:
-        memory += ("; --one-process: every stage of a point ran in one process, so a stage's peak includes what "
-                   "earlier stages left resident (the analytic ratio does not depend on it)")
-    return "\n".join([aligned(out), "test acc, gap: mean ± std over seeds; gap: sequential - e2e, same seed"
-                      + (" and intensity (e2e of the same K-stage network where the intensity is not usual)"
-                         if varied else "")
-                      + "; peak MB, mem ratio: means; largest stage / e2e; time s: training and caching, all seeds",
-                      memory])
-
-
-def target_line(t: dict) -> str:
-    if not t["measured"]:
-        return f"target ({t['arch']}, K={t['k']}, {t['downsample']}): not measured by this sweep"
-    return (f"target ({t['arch']}, K={t['k']}, {t['downsample']}): gap {t['gap_points']:+.2f} ± {t['gap_std']:.2f} "
-            f"points (>= -{t['max_gap_points']}: {'met' if t['gap_met'] else 'MISSED'}), mem ratio "
-            f"{t['mem_ratio']:.3f} (<= {t['max_mem_ratio']}: {'met' if t['mem_met'] else 'MISSED'}; analytic "
-            f"{t['analytic_ratio']:.3f})" + ("" if t.get("mem_per_stage", True) else
-                                             " [--one-process: the peaks are not per stage; see the analytic ratio]"))
-
-
-def plot(rows: list[dict], args: argparse.Namespace, path: Path, title: str) -> None:
-    """One panel per (downsample, intensity): test accuracy against depth, a line per K and e2e."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
-    x = {arch: i for i, arch in enumerate(args.archs)}
-    for ax, (downsample, inten) in zip(axes[0], panels):
-        mine = [r for r in rows if r["downsample"] == downsample and r["intensity"] == inten]
-        for method, k in dict.fromkeys((r["method"], r["k"]) for r in mine):
-            rs = [r for r in mine if r["method"] == method and r["k"] == k]
-            name = (f"e2e (K={k} network)" if k else "e2e") if method == "e2e" else f"sequential K={k}"
-            ax.errorbar([x[r["arch"]] for r in rs], [r["test_acc"][0] for r in rs], yerr=[r["test_acc"][1] for r in rs],
-                        fmt="k--" if method == "e2e" and not k else ("x--" if method == "e2e" else "o-"), capsize=3,
-                        label=name)
-        blocks = {r["arch"]: r["blocks"] for r in rows}
-        ax.set_xticks(list(x.values()), [f"{arch}\n({blocks.get(arch, '?')} blocks)" for arch in x])
-        ax.set_title(f"{downsample} downsampling" + ("" if inten == "usual" else f", {inten}"), fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
-    axes[0][0].legend(fontsize=8)
-    # The settings line is long: wrap it rather than let the figure clip it.
-    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def children_cpu_s() -> float:
     """CPU seconds of every run so far: beside the wall time, it tells a busy machine from slow work."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -503,6 +442,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_plotting("benchmarks/accuracy.py")
     t0 = time.perf_counter()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     try:
@@ -515,17 +455,13 @@ def main(argv: list[str] | None = None) -> None:
     config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
-    print(settings_line(args))
-    print(table(rows, args.device, args.one_process))
-    print(target_line(target))
-    title = f"{settings_line(args)}\n{device_description(args.device)}, torch {torch.__version__}"
-    plot(rows, args, args.out / "accuracy.png", title)
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
-               "device_name": device_description(args.device), "config": config,
+               "device_name": device_description(args.device), "config": config, "settings": settings_line(args),
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
                "rows": [{k: r[k] for k in ("arch", "downsample", "intensity", "method", "k", "test_acc", "gap_points",
                                            "mem_ratio")} for r in rows]}
-    write_json(args.out / "results.json", {"summary": summary, "rows": rows})
+    write_json(args.out / "results.json", {"summary": summary, "rows": rows})  # before anything is drawn
+    accuracy_report.report(args.out)
     print(json.dumps(summary))
 
 

@@ -1,11 +1,14 @@
 """Peak memory, step time and cache disk of every stage of sequential training, against end-to-end
 back-propagation with and without activation checkpointing: the measurement behind seqtrain's claim.
 
-Run from the repository root:
+Run from the repository root (matplotlib draws the plots: pip install -e ".[bench]"):
 
-    .venv/bin/python benchmarks/memory.py                        # CIFAR ResNet-18, 4 stages, batch 128, CUDA if any
-    .venv/bin/python benchmarks/memory.py --device cpu --quick   # ResNet-20, width 16, batch 64: ~1 min, 2 cores
-    .venv/bin/python benchmarks/memory.py --depths 20,32,56,110  # e2e vs largest-stage peak across ResNet depths
+    python -m benchmarks.memory                           # CIFAR ResNet-18, 4 stages, batch 128, CUDA if any
+    python -m benchmarks.memory --device cpu --quick      # ResNet-20, width 16, batch 64: ~1 min, 2 cores
+    python -m benchmarks.memory --quick --budget-mb 64    # deeper than memory allows: e2e vs --stages auto
+    python -m benchmarks.memory_report OUT                # reprint and redraw from OUT's JSON, measuring nothing
+
+(`python benchmarks/memory.py ...` works the same.)
 
 Each configuration runs in a fresh subprocess (this script with --child), so every peak is its own:
   e2e       the whole network (models.build_network) trained by train.train_step
@@ -21,20 +24,25 @@ It measures memory and speed, not accuracy: images are random uint8 tensors held
 normalises them as it does real ones) and every block is freshly initialised rather than trained; neither
 changes a shape, a byte or a FLOP. Caches are read right after they are written, so from the page cache.
 
-Per configuration: the peak memory (CUDA: max_memory_allocated and max_memory_reserved after warm-up; CPU:
-the child's peak resident set minus that after its imports and a one-weight step that loads what torch
-loads lazily, see memory.ProcessPeak), the analytic bytes of its first step (memory.analytic_step) beside
-plan.py's prediction, the median step time (the next batch included), samples/s over the total time (so
-the loader's occasional stalls count), the share of time tasks waited for a CPU (other jobs make timings
-meaningless; flagged above 25%), and each cache's bytes on disk beside plan.py's. Output: a table,
-OUT/memory.json, OUT/memory.png and, last, a JSON line with the ratios:
-  peak_ratio         largest sequential peak (a stage or a caching pass) / e2e peak
+Per configuration: the tensor-level peak, the figure every ratio compares (CUDA: max_memory_allocated, with
+max_memory_reserved beside it; CPU: MemTracker's count of live tensors over 2 steady training steps watched
+apart from the timed ones, or over the caching pass's first batches, see memory.PeakMemory); the process's
+resident set above its imports beside it (memory.ProcessPeak); the analytic bytes of its first step
+(memory.analytic_step) beside plan.py's prediction; the median step time (the next batch included);
+samples/s over the total time (so the loader's stalls count); the share of time tasks waited for a CPU
+(other jobs make timings meaningless; flagged above 25%); each cache's bytes on disk beside plan.py's.
+Output: a table, OUT/memory.json, OUT/memory.png and, last, a JSON line with the ratios:
+  peak_ratio         largest sequential tensor peak (a stage or a caching pass) / e2e tensor peak
   ckpt_ratio         e2e+ckpt peak / e2e peak; ckpt_time_ratio its step time / e2e step time
-  floor_ratio        measured peak of the largest training stage / its analytic bytes     (target <= 1.2)
+  floor_ratio        tensor peak of the largest training stage / plan.py's predicted peak  (target <= 1.15)
+  rss_peak_ratio     the same as peak_ratio, with process RSS above imports
+  rss_floor_ratio    RSS of the largest stage / (its analytic bytes + its input's host memory)  (target <= 1.5)
   loader_efficiency  the lowest over stages k >= 1 of samples/s from the cache / from RAM (target >= 0.9)
---depths writes OUT/depths.json and OUT/depths.png (target: the largest stage's peak flat within 10%).
-A missed target is printed and marked, never dropped. On CPU, glibc's adaptive mmap threshold keeps freed
-activations resident (about 2x the analytic bytes here); --mmap-threshold 131072 shows the peaks without it.
+--budget-mb measures, at each of --depths, end to end and every stage cut by --stages auto --memory-budget,
+and writes OUT/budget.json and OUT/budget.png. The JSON is written before anything is drawn (by
+memory_report.py). A missed target is printed and marked, never dropped. On CPU, glibc's adaptive mmap
+threshold keeps freed activations resident (the RSS figures); --mmap-threshold 131072 shows the resident
+set without it.
 """
 
 from __future__ import annotations
@@ -53,26 +61,25 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from seqtrain.archs import block_specs, cifar_resnet_n, stage_specs  # noqa: E402
-from seqtrain.cache import (  # noqa: E402
-    SPLITS,
-    cache_bytes,
-    clear_cache,
-    publish_manifest,
-    read_manifest,
-    read_shard,
-    write_shards,
-)
-from seqtrain.config import Config, config_hash  # noqa: E402
-from seqtrain.data import RawData, Split  # noqa: E402
-from seqtrain.files import sha256_state_dict, write_json  # noqa: E402
-from seqtrain.memory import MB, PeakMemory, ProcessPeak, analytic_step, device_description  # noqa: E402
-from seqtrain.models import StageModel, build_head, build_network, build_stage_block  # noqa: E402
-from seqtrain.pipeline import RunDir, cached_batches, image_batches, resolve_device  # noqa: E402
-from seqtrain.plan import plan, split_counts  # noqa: E402
-from seqtrain.report import aligned  # noqa: E402
-from seqtrain.train import autocast_for, make_optimizer, train_step  # noqa: E402
+try:
+    from benchmarks import memory_report
+    from benchmarks.common import CpuWait, require_plotting, target
+    from benchmarks.memory_report import peak_of
+except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, the repository root is not
+    import memory_report
+    from common import CpuWait, require_plotting, target
+    from memory_report import peak_of
+from seqtrain.archs import block_specs, cifar_resnet_n, stage_specs
+from seqtrain.cache import SPLITS, cache_bytes, clear_cache, publish_manifest, read_manifest, read_shard, write_shards
+from seqtrain.config import Config, config_hash
+from seqtrain.data import RawData, Split
+from seqtrain.distributed import resolve_device
+from seqtrain.files import sha256_state_dict, write_json
+from seqtrain.memory import MB, PeakMemory, ProcessPeak, analytic_step, device_description
+from seqtrain.models import StageModel, build_head, build_network, build_stage_block
+from seqtrain.pipeline import RunDir, cached_batches, image_batches
+from seqtrain.plan import plan, split_counts
+from seqtrain.train import autocast_for, make_optimizer, train_step
 
 IN_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
@@ -83,9 +90,7 @@ PRESETS = {  # samples: training images (val is carved from them, test is a quar
     "quick": {"arch": "resnet20", "width": 16, "stages": "4", "batch_size": 64, "samples": 1024, "steps": 8,
               "warmup": 2, "shard_mb": 4},
 }
-CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as unreliable
-TARGETS = {"floor_ratio": ("<=", 1.15), "rss_floor_ratio": ("<=", 1.5), "loader_efficiency": (">=", 0.9),
-           "depth_stage_spread": ("<=", 0.10)}
+TARGETS = {"floor_ratio": ("<=", 1.15), "rss_floor_ratio": ("<=", 1.5), "loader_efficiency": (">=", 0.9)}
 WATCHED_STEPS = 2  # steady training steps whose tensors MemTracker counts, apart from the timed ones
 
 
@@ -170,30 +175,6 @@ def endless(batches):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class CpuWait:
-    """The share of a block's wall time during which some task waited for a CPU (Linux PSI; None elsewhere).
-    Near 0 on an idle machine; other jobs push it up, and with them OpenMP stalls that make step times
-    meaningless (measured here: a 10 ms step took 2.8 s while another benchmark ran)."""
-
-    @staticmethod
-    def total_us() -> int | None:
-        try:
-            with open("/proc/pressure/cpu") as f:
-                return int(f.readline().rsplit("total=", 1)[1])  # "some avg10=.. avg60=.. avg300=.. total=US"
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def __enter__(self) -> CpuWait:
-        self.share: float | None = None
-        self.w0, self.t0 = self.total_us(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        w1 = self.total_us()
-        if self.w0 is not None and w1 is not None:
-            self.share = (w1 - self.w0) / 1e6 / (time.perf_counter() - self.t0)
 
 
 def measure_training(model: nn.Module, batches, cfg: Config, device: torch.device, peak: ProcessPeak,
@@ -322,16 +303,6 @@ def measure_all(cfg: Config, args: argparse.Namespace, run_dir: str) -> dict[str
     return rows
 
 
-def peak_of(row: dict) -> int:
-    """The figure the ratios compare: the tensor-level peak (CUDA allocator; on CPU, MemTracker's live tensors)."""
-    return row["tensor"]["peak"]
-
-
-def target(name: str, value: float) -> dict:
-    op, bound = TARGETS[name]
-    return {"value": value, "target": f"{op} {bound}", "met": value <= bound if op == "<=" else value >= bound}
-
-
 def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
     K = len(p["stages"])
     peak = {name: peak_of(row) for name, row in rows.items()}
@@ -340,13 +311,15 @@ def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
     rss_sequential = max([f"stage {k}" for k in range(K)] + [f"cache {k}" for k in range(K)], key=rss.get)
     k = max(range(K), key=lambda j: peak[f"stage {j}"])
     analytic = rows[f"stage {k}"]["analytic"]["total"]
+    predicted_peak = p["stages"][k]["train_bytes"]  # plan.py: the floor + backward's transient gradients
     host = analytic + p["stages"][k]["input_bytes"]  # the resident set also holds the stage's input
     loader = {j: rows[f"stage {j}"]["samples_per_s"] / rows[f"ram {j}"]["samples_per_s"] for j in range(1, K)}
     return {
         "peak_ratio": peak[sequential] / peak["e2e"], "largest_sequential": sequential,
         "ckpt_ratio": peak["e2e+ckpt"] / peak["e2e"],
         "ckpt_time_ratio": rows["e2e+ckpt"]["step_ms"] / rows["e2e"]["step_ms"],
-        "floor_ratio": peak[f"stage {k}"] / analytic, "largest_stage": f"stage {k}",
+        "floor_ratio": peak[f"stage {k}"] / predicted_peak, "floor_only_ratio": peak[f"stage {k}"] / analytic,
+        "largest_stage": f"stage {k}",
         "rss_peak_ratio": rss[rss_sequential] / rss["e2e"], "rss_largest_sequential": rss_sequential,
         "rss_floor_ratio": rss[f"stage {k}"] / host,
         "loader_efficiency": min(loader.values()), "loader_efficiency_by_stage": loader,
@@ -357,91 +330,6 @@ def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
 
 # --------------------------------------------------------------------------------------------------------
 # Report
-
-
-def predicted(p: dict, name: str) -> tuple[int | None, int | None]:
-    """plan.py's (analytic bytes, cache bytes) for a row; None where the row has no such figure."""
-    kind, _, k = name.partition(" ")
-    if kind == "e2e":
-        return p["e2e"]["analytic"]["total"], None
-    if kind in ("stage", "ram"):
-        return p["stages"][int(k)]["analytic"]["total"], None
-    if kind == "cache":
-        return None, p["stages"][int(k)]["cache_bytes"]
-    return None, None  # e2e+ckpt: plan.py does not model recomputation
-
-
-def table(rows: dict[str, dict], p: dict, device: str) -> str:
-    fmt = lambda n: "-" if n is None else f"{n / MB:,.1f}"  # noqa: E731
-    head = ["config", "tensor MB", *(["reserved MB"] if device == "cuda" else []), "RSS MB"]
-    out = [head + ["analytic MB", "predicted MB", "step ms", "samples/s", "cpu wait", "cache MB", "predicted MB"]]
-    order = ["e2e", "e2e+ckpt", *(f"{kind} {k}" for k in range(len(p["stages"])) for kind in ("stage", "ram", "cache"))]
-    for name in filter(rows.__contains__, order):
-        row, (pred, pred_cache) = rows[name], predicted(p, name)
-        peaks = [row["tensor"]["peak"], *([row["peak"]["cuda_reserved"]] if device == "cuda" else [])]
-        analytic = row["analytic"]["total"] if row["analytic"] else None
-        wait = "-" if row["cpu_wait"] is None else f"{row['cpu_wait']:.0%}"
-        out.append([name, *map(fmt, peaks), fmt(row["peak"]["rss"]), fmt(analytic), fmt(pred),
-                    f"{row['step_ms']:.1f}", f"{row['samples_per_s']:,.0f}", wait, fmt(row.get("cache_bytes")),
-                    fmt(pred_cache)])
-    return aligned(out)
-
-
-def ratio_lines(r: dict, targets: dict) -> str:
-    mark = lambda name: f"  target {targets[name]['target']}: {'met' if targets[name]['met'] else 'MISSED'}"  # noqa: E731
-    by_stage = ", ".join(f"{k}: {v:.2f}" for k, v in r["loader_efficiency_by_stage"].items())
-    lines = [
-        f"peak_ratio         {r['peak_ratio']:.3f}  {r['largest_sequential']} peak / e2e peak "
-        f"(analytic, plan.py: {r['analytic_peak_ratio']:.3f}; one block per stage: {r['finest_analytic_ratio']:.3f})",
-        f"ckpt_ratio         {r['ckpt_ratio']:.3f}  e2e+ckpt peak / e2e peak",
-        f"ckpt_time_ratio    {r['ckpt_time_ratio']:.3f}  e2e+ckpt step time / e2e step time",
-        f"floor_ratio        {r['floor_ratio']:.3f}  {r['largest_stage']} tensor peak / its analytic bytes"
-        + mark("floor_ratio"),
-        f"rss_peak_ratio     {r['rss_peak_ratio']:.3f}  {r['rss_largest_sequential']} RSS peak / e2e RSS peak (the "
-        "process: torch's libraries, the data and the allocator's cache included)",
-        f"rss_floor_ratio    {r['rss_floor_ratio']:.3f}  {r['largest_stage']} RSS peak above imports / (analytic "
-        "bytes + its input's host memory)" + mark("rss_floor_ratio"),
-        f"loader_efficiency  {r['loader_efficiency']:.3f}  lowest of cache/RAM samples/s by stage ({by_stage})"
-        + mark("loader_efficiency"),
-    ]
-    if r["max_cpu_wait"] is not None and r["max_cpu_wait"] > CONTENDED:
-        lines.append(f"WARNING: tasks waited for a CPU during up to {r['max_cpu_wait']:.0%} of a configuration's "
-                     "timed steps: other jobs were running, so step times and the time ratios are unreliable")
-    return "\n".join(lines)
-
-
-def figure():
-    """A new matplotlib figure and axes; matplotlib is imported here, only by the parent, for files only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(7, 4))
-
-
-def save(fig, ax, device: str, path: Path, title: str) -> None:
-    ax.set_ylabel("tensor peak, " + ("CUDA allocator (MB)" if device == "cuda" else "MemTracker (MB)"))
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def plot_stages(rows: dict[str, dict], K: int, device: str, path: Path, title: str) -> None:
-    peak = lambda name: peak_of(rows[name]) / MB  # noqa: E731
-    fig, ax = figure()
-    ax.bar([k - 0.2 for k in range(K)], [peak(f"stage {k}") for k in range(K)], 0.4, label="stage k: training")
-    ax.bar([k + 0.2 for k in range(K)], [peak(f"cache {k}") for k in range(K)], 0.4, label="stage k: caching pass")
-    ax.scatter([k - 0.2 for k in range(K)], [rows[f"stage {k}"]["analytic"]["total"] / MB for k in range(K)],
-               marker="_", s=600, color="k", label="stage k: analytic bytes")
-    ax.axhline(peak("e2e"), color="C3", label="end to end")
-    ax.axhline(peak("e2e+ckpt"), color="C3", ls="--", label="end to end + checkpointing")
-    ax.set_xticks(range(K), [f"stage {k}" for k in range(K)])
-    save(fig, ax, device, path, title)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -471,87 +359,12 @@ def run_stages(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
         rows = measure_all(cfg, args, run_dir)
     r = {**ratios(rows, p, args.device), "finest_analytic_ratio": finest["totals"]["peak_ratio"]}
-    targets = {name: target(name, r[name]) for name in ("floor_ratio", "rss_floor_ratio", "loader_efficiency")}
-    print(table(rows, p, args.device))
-    print(ratio_lines(r, targets))
-    title = (f"{cfg.arch} (width {cfg.width or 'standard'}) in {cfg.num_stages} stages, batch {cfg.batch_size}, "
-             f"{rows['e2e']['device_name']}, torch {torch.__version__}")
-    plot_stages(rows, cfg.num_stages, args.device, args.out / "memory.png", title)
+    targets = {name: target(name, r[name], TARGETS) for name in TARGETS}
     settings = {"arch": cfg.arch, "stages": cfg.stage_sizes(), **run_settings(args, cfg)}
     summary = {**environment(args, rows["e2e"]), "config": settings, **r, "targets": targets}
-    write_json(args.out / "memory.json", {"summary": summary, "rows": rows, "plan": p})
+    write_json(args.out / "memory.json", {"summary": summary, "rows": rows, "plan": p})  # before anything is drawn
+    memory_report.report(args.out)
     return summary
-
-
-def stages_of(arch: str, width: int, per_stage: int) -> str:
-    """`per_stage` blocks in every stage, the remainder in the last: the --stages list for the sweep."""
-    n = len(block_specs(arch, width))
-    return ",".join(map(str, [per_stage] * (n // per_stage) + ([n % per_stage] if n % per_stage else [])))
-
-
-def measure_depth(args: argparse.Namespace, depth: int) -> tuple[dict, Config, dict]:
-    """e2e and the stage plan.py predicts largest (after the caches it reads) at one depth: (point, cfg, e2e row)."""
-    arch = f"resnet{depth}"
-    cfg = bench_config(args, arch=arch, stages=stages_of(arch, args.width, args.blocks_per_stage))
-    p = plan(cfg, IN_SHAPE, NUM_CLASSES)
-    k = max(range(cfg.num_stages), key=lambda j: p["stages"][j]["analytic"]["total"])
-    base = {"cfg": cfg.to_dict(), "device": args.device, "steps": args.steps, "warmup": args.warmup}
-    with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
-        for j in range(k):  # the caches stage k reads from, in order
-            spawn({**base, "run_dir": run_dir, "kind": "cache", "stage": j}, args)
-        stage = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
-        e2e = spawn({**base, "run_dir": run_dir, "kind": "e2e", "stage": 0}, args)
-    point = {"depth": depth, "stages": cfg.num_stages, "largest_stage": k,
-             "e2e_peak": peak_of(e2e), "stage_peak": peak_of(stage),
-             "e2e_analytic": e2e["analytic"]["total"], "stage_analytic": stage["analytic"]["total"],
-             "e2e_step_ms": e2e["step_ms"], "stage_step_ms": stage["step_ms"]}
-    return point, cfg, e2e
-
-
-def run_depths(args: argparse.Namespace) -> dict:
-    """The depth sweep: does e2e's peak grow with depth while the largest stage's stays flat?"""
-    points = []
-    for depth in args.depths:
-        point, cfg, e2e = measure_depth(args, depth)
-        points.append(point)
-    e2e_peaks = [pt["e2e_peak"] for pt in points]
-    spread = lambda key: max(pt[key] for pt in points) / min(pt[key] for pt in points) - 1  # noqa: E731
-    t = target("depth_stage_spread", spread("stage_peak"))
-    summary = {**environment(args, e2e), "config": run_settings(args, cfg), "depths": args.depths,
-               "blocks_per_stage": args.blocks_per_stage,
-               "e2e_grows": all(a < b for a, b in zip(e2e_peaks, e2e_peaks[1:])),
-               "e2e_growth": e2e_peaks[-1] / e2e_peaks[0], "analytic_stage_spread": spread("stage_analytic"),
-               "targets": {"depth_stage_spread": t}}
-    print(depth_table(points))
-    # The largest stage of a shallow net may be another group of blocks (depth 20: the stem's), so the
-    # analytic spread says how much of the measured one comes from the split rather than from depth.
-    print(f"e2e peak grows with depth: {summary['e2e_grows']} (x{summary['e2e_growth']:.2f} from depth "
-          f"{args.depths[0]} to {args.depths[-1]}); largest stage's peak spread {t['value']:.1%} (analytic "
-          f"{summary['analytic_stage_spread']:.1%}), target {t['target']}: {'met' if t['met'] else 'MISSED'}")
-    plot_depths(points, args.device, args.out / "depths.png",
-                f"CIFAR ResNets, {args.blocks_per_stage} blocks per stage, batch {args.batch_size}, "
-                f"{summary['device_name']}, torch {torch.__version__}")
-    write_json(args.out / "depths.json", {"summary": summary, "points": points})
-    return summary
-
-
-def depth_table(points: list[dict]) -> str:
-    rows = [["depth", "stages", "largest stage", "e2e MB", "stage MB", "e2e analytic MB", "stage analytic MB"]]
-    for pt in points:
-        rows.append([str(pt["depth"]), str(pt["stages"]), str(pt["largest_stage"]),
-                     *(f"{pt[key] / MB:,.1f}" for key in ("e2e_peak", "stage_peak", "e2e_analytic", "stage_analytic"))])
-    return aligned(rows)
-
-
-def plot_depths(points: list[dict], device: str, path: Path, title: str) -> None:
-    depths = [pt["depth"] for pt in points]
-    fig, ax = figure()
-    ax.plot(depths, [pt["e2e_peak"] / MB for pt in points], "o-", color="C3", label="end to end (measured)")
-    ax.plot(depths, [pt["stage_peak"] / MB for pt in points], "o-", color="C0", label="largest stage (measured)")
-    ax.plot(depths, [pt["e2e_analytic"] / MB for pt in points], ":", color="C3", label="end to end (analytic)")
-    ax.plot(depths, [pt["stage_analytic"] / MB for pt in points], ":", color="C0", label="largest stage (analytic)")
-    ax.set_xlabel("depth")
-    save(fig, ax, device, path, title)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -575,7 +388,8 @@ def run_budget(args: argparse.Namespace) -> dict:
                 train = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
                 stages.append({"train": peak_of(train), "cache": peak_of(cache)})
         largest = max(max(s.values()) for s in stages)
-        points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),
+        points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e),
+                       "e2e_oom": e2e.get("oom"),
                        "stages": cfg.stage_sizes(), "stage_peaks": stages, "largest_stage_peak": largest,
                        "fits": largest <= budget})
     fitting = [pt["depth"] for pt in points if pt["e2e_peak"] is not None and pt["e2e_peak"] <= budget]
@@ -588,51 +402,9 @@ def run_budget(args: argparse.Namespace) -> dict:
                "seqtrain_max_stage_mb": deepest and round(deepest["largest_stage_peak"] / MB, 1),
                "depth_ratio": deepest and fitting and deepest["depth"] / max(fitting),
                "multi_stage_spread": spread}
-    write_json(args.out / "budget.json", {"summary": summary, "points": points})
-    print(budget_table(points, budget))
-    print(budget_lines(summary))
-    plot_budget(points, args, args.out / "budget.png",
-                f"CIFAR ResNets, width {args.width or 16}, batch {args.batch_size}, budget {args.budget_mb} MB; "
-                f"{summary['device_name']}, torch {torch.__version__}")
+    write_json(args.out / "budget.json", {"summary": summary, "points": points})  # before anything is drawn
+    memory_report.report(args.out)
     return summary
-
-
-def budget_table(points: list[dict], budget: int) -> str:
-    rows = [["depth", "e2e MB", "e2e fits", "stages", "blocks per stage", "largest stage MB", "all stages fit"]]
-    for pt in points:
-        e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
-        rows.append([str(pt["depth"]), e2e, "yes" if pt["e2e_peak"] and pt["e2e_peak"] <= budget else "no",
-                     str(len(pt["stages"])), ",".join(map(str, pt["stages"])),
-                     f"{pt['largest_stage_peak'] / MB:,.1f}", "yes" if pt["fits"] else "NO"])
-    return aligned(rows)
-
-
-def budget_lines(s: dict) -> str:
-    lines = [f"budget {s['budget_mb']} MB: end to end fits up to depth {s['e2e_max_depth'] or '(none measured)'}; "
-             f"seqtrain trains depth {s['seqtrain_depth']} in {s['seqtrain_stages']} stages, every training and "
-             f"caching peak at most {s['seqtrain_max_stage_mb']} MB"]
-    if s["depth_ratio"]:
-        met = "met" if s["depth_ratio"] >= 4 else "MISSED"
-        lines.append(f"depth ratio {s['depth_ratio']:.1f}x (target >= 4: {met})")
-    if s["multi_stage_spread"] is not None:
-        met = "met" if s["multi_stage_spread"] <= 0.10 else "MISSED"
-        lines.append(f"largest stage's peak across the depths cut into 2+ stages: spread "
-                     f"{s['multi_stage_spread']:.1%} (target <= 10%: {met})")
-    return "\n".join(lines)
-
-
-def plot_budget(points: list[dict], args: argparse.Namespace, path: Path, title: str) -> None:
-    depths = [pt["depth"] for pt in points]
-    fig, ax = figure()
-    measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
-    ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
-    ax.plot(depths, [pt["largest_stage_peak"] / MB for pt in points], "o-", color="C0",
-            label="seqtrain, largest stage (--stages auto)")
-    ax.axhline(args.budget_mb, color="k", ls="--", label=f"budget {args.budget_mb} MB")
-    ax.set_xlabel("depth (CIFAR ResNet, 6n+2)")
-    ax.set_xscale("log")
-    ax.set_xticks(depths, [str(d) for d in depths])
-    save(fig, ax, args.device, path, title)
 
 
 def run_settings(args: argparse.Namespace, cfg: Config) -> dict:
@@ -660,8 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: 3, --quick 2)")
     p.add_argument("--shard-mb", type=int, help="cache shard size (default: 32, --quick 4)")
     p.add_argument("--downsample", default="standard", help="as seqtrain's --downsample, e.g. accelerated")
-    p.add_argument("--depths", help="e.g. 20,32,56,110: sweep CIFAR ResNet depth instead")
-    p.add_argument("--blocks-per-stage", type=int, default=3, help="--depths: blocks in every stage (default: 3)")
+    p.add_argument("--depths", help="with --budget-mb: the CIFAR ResNet depths (6n+2) to measure (default: "
+                   "8,14,20,32,56,110)")
     p.add_argument("--budget-mb", type=int, help="the deepest ResNet end to end fits in this many MB (tensor peak), "
                    "against seqtrain's --stages auto --memory-budget at each of --depths (default 8,14,20,32,56,110)")
     p.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="set glibc's MALLOC_MMAP_THRESHOLD_ in "
@@ -675,6 +447,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the first warm-up step is the analytic one)")
+    if args.depths and not args.budget_mb:
+        p.error("--depths goes with --budget-mb: each depth is cut by --stages auto --memory-budget")
     if args.budget_mb and not args.depths:
         args.depths = "8,14,20,32,56,110"
     if args.depths:
@@ -693,9 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    require_plotting("benchmarks/memory.py")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = run_budget(args) if args.budget_mb else run_depths(args) if args.depths else run_stages(args)
+    summary = run_budget(args) if args.budget_mb else run_stages(args)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary))
 

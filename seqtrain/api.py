@@ -34,10 +34,11 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     Returns the final network in eval mode; its `.results` holds the summary table's figures.
     """
     from seqtrain.data import load_raw
+    from seqtrain.distributed import resolve_device
     from seqtrain.log import log
     from seqtrain.models import SequentialNet
-    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, resolve_device, run_all, write_run_config
-    from seqtrain.run import summary_table
+    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, run_all, write_run_config
+    from seqtrain.report import summary_table
 
     stages = list(stages)
     cfg = Config.from_dict({**settings, "arch": custom_arch(stages), "stages": str(len(stages))}).validate()

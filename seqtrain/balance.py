@@ -26,16 +26,19 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seqtrain.archs import BlockSpec, block_specs, feature_shape
-from seqtrain.config import Config
 from seqtrain.errors import UserError
 from seqtrain.memory import MB, SavedTensorBytes, storage_key, tensor_bytes
 from seqtrain.models import build_block, build_head
 from seqtrain.train import make_optimizer, train_step
+
+if TYPE_CHECKING:
+    from seqtrain.config import Config
 
 NUM_CLASSES = 10  # the head's classes barely matter to its bytes; plan.py counts the real head
 
@@ -96,17 +99,20 @@ def specs_of(cfg: Config, in_channels: int) -> list[BlockSpec]:
     return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample)
 
 
+_costs: dict[tuple, BlockCosts] = {}  # validation, --plan and the pipeline ask for the same network's costs
+
+
 def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
     """One training step of the whole network on the meta device, its bytes attributed to the blocks."""
-    return _block_costs(cfg.arch, cfg.width, cfg.downsample, cfg.batch_size, cfg.optimizer, cfg.momentum,
-                        cfg.head, cfg.head_convs, cfg.head_width, cfg.cache_views, tuple(in_shape))
+    key = (cfg.arch, cfg.width, cfg.downsample, cfg.batch_size, cfg.optimizer, cfg.momentum, cfg.weight_decay,
+           cfg.head, cfg.head_convs, cfg.head_width, cfg.cache_views, tuple(in_shape))
+    if key not in _costs:
+        _costs[key] = measure_block_costs(cfg, tuple(in_shape))
+    return _costs[key]
 
 
-@functools.lru_cache(maxsize=32)  # validation, --plan and the pipeline ask for the same network's costs
-def _block_costs(arch, width, downsample, batch_size, optimizer, momentum, head, head_convs, head_width,
-                 cache_views, in_shape) -> BlockCosts:
-    cfg = Config(arch=arch, width=width, downsample=downsample, batch_size=batch_size, optimizer=optimizer,
-                 momentum=momentum, head=head, head_convs=head_convs, head_width=head_width, stages="1")
+def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
+    batch_size, cache_views = cfg.batch_size, cfg.cache_views
     specs = specs_of(cfg, in_shape[0])
     shapes = [tuple(in_shape)] + [feature_shape(specs[:b + 1], tuple(in_shape)) for b in range(len(specs))]
     with torch.device("meta"):

@@ -103,12 +103,6 @@ class ShardWriter:
                             "sha256": sha256_file(path)})
 
 
-def predicted_bytes(feature_shape: tuple[int, ...], dtype: str, counts: dict[str, int], views: int = 1) -> int:
-    """Feature bytes of a cache, V views per training sample (HDF5 adds well under 1% for labels, ids, headers)."""
-    rows = sum(n * (views if split == "train" else 1) for split, n in counts.items())
-    return int(np.prod(feature_shape)) * np.dtype(dtype).itemsize * rows
-
-
 def samples_per_shard(feature_shape: tuple[int, ...], dtype: str, shard_mb: int) -> int:
     per_sample = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
     return max(1, shard_mb * 2**20 // per_sample)

@@ -6,7 +6,7 @@ reads cached features instead (loader.py). Sources (--dataset):
   cifar10/100, mnist, fashion-mnist, svhn   torchvision's files in --data-dir (--download fetches them)
   imagefolder    --data-dir/CLASS/*.png|jpg|... (imagefolder.py)
 Every image reaches the network as uint8 [3, H, W]: grayscale is replicated to three channels, and
---image-size resizes once here, at load time. `describe` gives the shapes and counts without decoding.
+--image-size resizes once here, at load time. `dataset_info` gives the shapes and counts without decoding.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def image_side(cfg) -> int:
     return synthetic.SIZE if cfg.dataset == "synthetic" else KNOWN[cfg.dataset].side
 
 
-def describe(cfg) -> dict:
+def dataset_info(cfg) -> dict:
     """{"in_shape", "num_classes", "n_train", "n_test"} of the configured dataset, without decoding an image.
 
     n_train counts the whole training set, before the validation split is carved from it.

@@ -48,10 +48,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init(device_name: str) -> torch.device:
     """This process's device; under torchrun also joins the process group (NCCL on CUDA, gloo on CPU)."""
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = resolve_device(device_name).type
     if not launched():
         return torch.device(device_name)
     if device_name == "cuda":

@@ -25,7 +25,6 @@ from seqtrain.cache import (
     cache_bytes,
     clear_cache,
     merge_tables,
-    predicted_bytes,
     publish_manifest,
     read_manifest,
     read_manifest_after_barrier,
@@ -40,6 +39,7 @@ from seqtrain.loader import CachedBatches
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
 from seqtrain.models import SequentialNet, StageModel, build_head, build_network, build_stage
+from seqtrain.plan import predicted_cache_bytes
 from seqtrain.splitting import stage_shapes
 from seqtrain.train import autocast_for, evaluate, fit
 
@@ -61,12 +61,6 @@ class RunDir:
 
     def cache(self, k: int) -> Path:
         return self.stage(k) / "cache"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def dataset_fingerprint(cfg: Config, run: RunDir) -> str | None:
@@ -145,7 +139,7 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
     else:
         out_shape = stage_shapes([block], inputs.in_shape)[0]
     # Every rank checks (cheap, one filesystem), so under torchrun all refuse together instead of hanging.
-    check_disk(run, k, predicted_bytes(out_shape, cfg.cache_dtype, inputs.counts, cfg.cache_views))
+    check_disk(run, k, predicted_cache_bytes(tuple(out_shape), cfg, inputs.counts))
     model = StageModel(block, build_head(cfg, out_shape[0], inputs.num_classes)).to(device)
     identity = {"config_hash": config_hash(cfg), "input_fingerprint": inputs.fingerprint, "stage": k}
 

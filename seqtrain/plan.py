@@ -29,7 +29,7 @@ from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, stage_specs
 from seqtrain.balance import block_costs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
-from seqtrain.data import describe
+from seqtrain.data import dataset_info
 from seqtrain.memory import StepBytes, analytic_step
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
 from seqtrain.report import aligned, mb, shape_text
@@ -44,13 +44,13 @@ LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
 
 
 def dataset_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) of the images the network sees (data.describe: no image is decoded)."""
-    return tuple(describe(cfg)["in_shape"])
+    """(C, H, W) of the images the network sees (data.dataset_info: no image is decoded)."""
+    return tuple(dataset_info(cfg)["in_shape"])
 
 
 def split_counts(cfg: Config) -> dict[str, int]:
     """Samples per split, carved as data.load_raw carves them: val = round(n_train * val_fraction)."""
-    info = describe(cfg)
+    info = dataset_info(cfg)
     n_train, n_test = info["n_train"], info["n_test"]
     n_val = round(n_train * cfg.val_fraction)
     return {"train": n_train - n_val, "val": n_val, "test": n_test}
@@ -78,7 +78,7 @@ def row_shape(shape: tuple[int, ...], cfg: Config, split: str) -> tuple[int, ...
     return (cfg.cache_views, *shape) if split == "train" and cfg.cache_views > 1 else tuple(shape)
 
 
-def cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> int:
+def predicted_cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str, int]) -> int:
     """Bytes on disk of one stage's cache of `shape` features, every split (train with its views), uncompressed."""
     total = 0
     for split in SPLITS:
@@ -155,7 +155,7 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
     to split_counts(cfg).
     """
     in_shape = tuple(in_shape or dataset_shape(cfg))
-    num_classes = num_classes or describe(cfg)["num_classes"]
+    num_classes = num_classes or dataset_info(cfg)["num_classes"]
     counts = n_samples or split_counts(cfg)
     modules, sizes, blocks = meta_stages(cfg, in_shape)
     cut = stage_cut(cfg, in_shape)
@@ -170,16 +170,19 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
             "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
             "caching_pass_bytes": caching[k] if caching else None,
-            "input_bytes": input_bytes(cfg, k, shape, counts), "cache_bytes": cache_bytes(out_shape, cfg, counts)})
+            "input_bytes": input_bytes(cfg, k, shape, counts),
+            "cache_bytes": predicted_cache_bytes(out_shape, cfg, counts)})
         shape = out_shape
     with torch.device("meta"):
         net = SequentialNet(modules, build_head(cfg, shape[0], num_classes))  # = build_network(cfg), on meta
     e2e = {"parameters": sum(p.numel() for p in net.parameters()),
            "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict(), "input_bytes": stages[0]["input_bytes"]}
+    # The predicted peak: the floor plus backward's transient gradients (an activation's and its input's).
     for s in stages:
-        s["train_bytes"] = s["analytic"]["total"]
-    e2e["train_bytes"] = e2e["analytic"]["total"]
-    largest = max(s["analytic"]["total"] for s in stages)
+        own = [b for b in blocks if b["stage"] == s["stage"]]
+        s["train_bytes"] = s["analytic"]["total"] + transient_bytes(cfg, own)
+    e2e["train_bytes"] = e2e["analytic"]["total"] + transient_bytes(cfg, blocks)
+    largest = max(s["train_bytes"] for s in stages)
     disk_path, free = free_disk(cfg.run_dir)
     return {
         "arch": cfg.arch, "width": cfg.width, "stage_sizes": cfg.stage_sizes(), "batch_size": cfg.batch_size,
@@ -188,10 +191,16 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
         "compression": cfg.compression, "bf16": cfg.bf16, "stages": stages, "blocks": blocks, "e2e": e2e,
         "totals": {"parameters": sum(s["parameters"] for s in stages) + stages[-1]["head_parameters"],
                    "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest,
-                   "peak_ratio": largest / e2e["analytic"]["total"]},
+                   "peak_ratio": largest / e2e["train_bytes"]},
         "disk": {"path": disk_path, "free_bytes": free}, "cut": cut,
         "largest_stage_ratio": largest / e2e["train_bytes"],
     }
+
+
+def transient_bytes(cfg: Config, blocks: list[dict]) -> int:
+    """Backward's transient gradients at their largest: two float32 activations of the largest block output
+    (measured with MemTracker as its "temporaries"; balance.BlockCosts.train_bytes counts the same)."""
+    return 2 * 4 * cfg.batch_size * max(int(np.prod(b["out_shape"])) for b in blocks)
 
 
 def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
@@ -227,25 +236,26 @@ def format_plan(p: dict) -> str:
              f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}{views}/{n['val']:,}/{n['test']:,} "
              "train/val/test samples"]
     rows = [["stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
-             "train MB", "input (host) MB", "cache MB"]]
+             "floor MB", "peak MB", "input (host) MB", "cache MB"]]
     for s in p["stages"]:
         a = s["analytic"]
         rows.append([str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
                      shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
-                     mb(a["batch"]), mb(a["total"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
+                     mb(a["batch"]), mb(a["total"]), mb(s["train_bytes"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
     e2e = p["e2e"]
     a = e2e["analytic"]
     rows.append(["e2e", str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}",
                  shape_text(p["in_shape"]), "-", mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
-                 mb(a["batch"]), mb(a["total"]), mb(e2e["input_bytes"]), "-"])
+                 mb(a["batch"]), mb(a["total"]), mb(e2e["train_bytes"]), mb(e2e["input_bytes"]), "-"])
     lines.append(aligned(rows))
 
     t, disk = p["totals"], p["disk"]
     short = t["cache_bytes"] > disk["free_bytes"]
-    lines.append("train MB: activations saved for backward + weights, grads, optimizer state + batch, a floor for "
-                 "the peak")
-    lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the loader's budget of shards")
-    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's {mb(a['total'])} MB")
+    lines.append("floor MB: activations saved for backward + weights, grads, optimizer state + batch; peak MB: the "
+                 "floor + backward's transient gradients (2 activations), the predicted tensor peak")
+    lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the loader's two pools (--loader-mb)")
+    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's "
+                 f"{mb(e2e['train_bytes'])} MB (predicted peaks)")
     if p["cut"]:
         lines.append(cut_text(p["cut"]))
     lines.append(f"caches {mb(t['cache_bytes'])} MB on disk in all; {mb(disk['free_bytes'])} MB free at "

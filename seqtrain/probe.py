@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from seqtrain.cache import read_shard
 from seqtrain.config import Config
 from seqtrain.data import ImageBatches, Split, load_raw
-from seqtrain.errors import UserError
+from seqtrain.distributed import resolve_device
+from seqtrain.errors import Parser, UserError
 from seqtrain.files import read_json, write_json
-from seqtrain.pipeline import RunDir, resolve_device, stage_manifest
+from seqtrain.pipeline import RunDir, stage_manifest
 from seqtrain.report import aligned
-from seqtrain.run import Parser
 
 PROBE_STEPS = 300  # L-BFGS iteration cap; it stops sooner once the loss stops changing (67 steps, tiny run)
 PROBE_L2 = 1e-4  # keeps the optimum finite on separable features, too weak to cost accuracy

@@ -21,3 +21,34 @@ def mb(n: int) -> str:
 def shape_text(shape: list[int]) -> str:
     """[16, 32, 32] as 16x32x32."""
     return "x".join(str(d) for d in shape)
+
+
+def summary_table(results: dict) -> str:
+    """The run's table: per stage and e2e, accuracy, epochs, tensor-level peak memory (the figure to compare:
+    the CUDA allocator's, or on CPU MemTracker's live tensors), the process's RSS beside it, cache and time."""
+    rows = [["stage", "val acc", "test acc", "epochs", "tensor MB", "RSS MB", "cache MB", "time s"]]
+    for s in results["stages"]:
+        rows.append([str(s["stage"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}",
+                     f"{s['epochs']} (best {s['best_epoch']})", f"{s['peak_tensor_mb']:.1f}", f"{s['peak_rss_mb']:.0f}",
+                     f"{s['cache_mb']:.1f}", f"{s['train_seconds'] + s['cache_seconds']:.1f}"])
+    e2e = results.get("e2e")
+    if e2e:
+        rows.append(["e2e", f"{e2e['val_acc']:.4f}", f"{e2e['test_acc']:.4f}",
+                     f"{e2e['epochs']} (best {e2e['best_epoch']})", f"{e2e['peak_tensor_mb']:.1f}",
+                     f"{e2e['peak_rss_mb']:.0f}", "-", f"{e2e['train_seconds']:.1f}"])
+    lines = [aligned(rows)]
+    final = results.get("final")
+    if final:
+        lines.append(f"final network: test acc {final['test_acc']:.4f} on raw images "
+                     f"({final['cached_path_test_acc']:.4f} through the cached features)")
+    lines.append("tensor MB: peak of live tensors, training or caching (CUDA allocator; on CPU MemTracker over\n"
+                 "  the first steps); RSS MB: the whole process's resident set, torch and the data included")
+    if results["stages"]:
+        k, peak = max(((s["stage"], s["peak_tensor_mb"]) for s in results["stages"]), key=lambda t: t[1])
+        if e2e and e2e["peak_tensor_mb"]:
+            lines.append(f"largest stage / e2e (tensor peak): stage {k} {peak:.1f} MB / {e2e['peak_tensor_mb']:.1f} MB "
+                         f"= {peak / e2e['peak_tensor_mb']:.2f}x")
+        else:
+            lines.append(f"largest stage (tensor peak): stage {k} {peak:.1f} MB; run --stage e2e for the ratio to "
+                         "end-to-end training")
+    return "\n".join(lines)

@@ -15,28 +15,11 @@ import errno
 import json
 import sys
 
-from seqtrain.config import FIELD_TYPES, Config, choices, config_hash, field_help, read_toml, resolve
-from seqtrain.errors import Interrupted, UserError
+from seqtrain.config import FIELD_TYPES, GROUPS, Config, choices, config_hash, field_help, read_toml, resolve
+from seqtrain.errors import Interrupted, Parser, UserError
 from seqtrain.files import read_json
 from seqtrain.log import log
-from seqtrain.report import aligned
-
-GROUPS = {
-    "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
-             "augment", "crop_padding", "cache_views"),
-    "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "stage_convs", "stage_width",
-                "head", "head_convs", "head_width", "split"),
-    "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
-                                       "batch_size", "max_epochs", "patience", "min_delta", "seed"),
-    "feature cache": ("cache_dtype", "shard_mb", "loader_mb", "compression"),
-    "device": ("device", "bf16", "channels_last", "workers"),
-}
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line, no usage block: the message names the flag, --help has the rest.
-        raise UserError(f"{message} (see --help)")
+from seqtrain.report import summary_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", default="all", help="'all': every stage then the final network, skipping "
                      "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
                      "K-1's cache; 'e2e': the end-to-end baseline")
-    run.add_argument("--run-dir", help=f"{helps['run_dir']} (default: {defaults['run_dir']})")
     run.add_argument("--plan", action="store_true", help="print per stage the parameters, feature shape, "
                      "predicted training memory and cache size, with the free disk; trains nothing")
     run.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object on stdout "
@@ -60,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="defaults from a TOML file (keys: long flag names); "
                      "flags given here override it")
     for title, names in GROUPS.items():
-        group = p.add_argument_group(title)
+        group = run if title == "what to run" else p.add_argument_group(title)
         for name in names:
             kind = FIELD_TYPES[name]
             text = f"{helps[name]} (default: {defaults[name]})"
@@ -85,7 +67,7 @@ def parse_stage(text: str, num_stages: int) -> int | str:
     return k
 
 
-def load_config(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
     flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
     from_file = read_toml(args.config) if getattr(args, "config", None) else {}
     run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
@@ -102,48 +84,13 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Summary
-
-
-def summary_table(results: dict) -> str:
-    """The run's table: per stage and e2e, accuracy, epochs, tensor-level peak memory (the figure to compare:
-    the CUDA allocator's, or on CPU MemTracker's live tensors), the process's RSS beside it, cache and time."""
-    rows = [["stage", "val acc", "test acc", "epochs", "tensor MB", "RSS MB", "cache MB", "time s"]]
-    for s in results["stages"]:
-        rows.append([str(s["stage"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}",
-                     f"{s['epochs']} (best {s['best_epoch']})", f"{s['peak_tensor_mb']:.1f}", f"{s['peak_rss_mb']:.0f}",
-                     f"{s['cache_mb']:.1f}", f"{s['train_seconds'] + s['cache_seconds']:.1f}"])
-    e2e = results.get("e2e")
-    if e2e:
-        rows.append(["e2e", f"{e2e['val_acc']:.4f}", f"{e2e['test_acc']:.4f}",
-                     f"{e2e['epochs']} (best {e2e['best_epoch']})", f"{e2e['peak_tensor_mb']:.1f}",
-                     f"{e2e['peak_rss_mb']:.0f}", "-", f"{e2e['train_seconds']:.1f}"])
-    lines = [aligned(rows)]
-    final = results.get("final")
-    if final:
-        lines.append(f"final network: test acc {final['test_acc']:.4f} on raw images "
-                     f"({final['cached_path_test_acc']:.4f} through the cached features)")
-    lines.append("tensor MB: peak of live tensors, training or caching (CUDA allocator; on CPU MemTracker over\n"
-                 "  the first steps); RSS MB: the whole process's resident set, torch and the data included")
-    if results["stages"]:
-        k, peak = max(((s["stage"], s["peak_tensor_mb"]) for s in results["stages"]), key=lambda t: t[1])
-        if e2e and e2e["peak_tensor_mb"]:
-            lines.append(f"largest stage / e2e (tensor peak): stage {k} {peak:.1f} MB / {e2e['peak_tensor_mb']:.1f} MB "
-                         f"= {peak / e2e['peak_tensor_mb']:.2f}x")
-        else:
-            lines.append(f"largest stage (tensor peak): stage {k} {peak:.1f} MB; run --stage e2e for the ratio to "
-                         "end-to-end training")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Main
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        cfg = load_config(args)
+        cfg = config_from_args(args)
         if getattr(args, "plan", False):
             from seqtrain.plan import format_plan, plan
 

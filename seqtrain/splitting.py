@@ -216,7 +216,7 @@ def trunk_names(arch: str) -> tuple[str, ...]:
     return tuple(name for name, _ in trunk_children(meta_model(arch), TORCHVISION[arch.removeprefix(PREFIX)]))
 
 
-def describe(names: tuple[str, ...]) -> str:
+def name_range(names: tuple[str, ...]) -> str:
     """"conv1, bn1, relu, maxpool, layer1.0..layer1.1, ...": runs of one group shortened, for messages."""
     parts, run = [], []
     for name in [*names, ""]:
@@ -235,7 +235,7 @@ def stage_name_groups(arch: str, split: str) -> tuple[tuple[str, ...], ...]:
     at = [s for s in split.replace(" ", "").split(",") if s] or list(TORCHVISION[arch.removeprefix(PREFIX)].natural)
     # A group name stands for its first element, so "--split layer3" means "layer3.0".
     at = [next((n for n in names if n.startswith(a + ".")), a) if a not in names else a for a in at]
-    valid = describe(names) + " (a group such as layer3 or features means its first element)"
+    valid = name_range(names) + " (a group such as layer3 or features means its first element)"
     return tuple(tuple(g) for g in cut(list(names), at, f"--split {split} of --arch {arch}", valid))
 
 

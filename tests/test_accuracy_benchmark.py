@@ -4,7 +4,6 @@ target check follow their definitions."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks import accuracy, accuracy_report
 from seqtrain.files import read_json
 
 from conftest import ROOT
@@ -39,7 +39,9 @@ def test_smoke_run_summary_and_reuse(tmp_path):
     assert "target (resnet32, K=4, accelerated): not measured" in proc.stdout
     rows = {(r["method"], r["k"]): r for r in summary["rows"]}
     assert set(rows) == {("e2e", None), ("sequential", 2)}
-    assert all(0 <= r["test_acc"][0] <= 1 for r in rows.values()) and rows[("e2e", None)]["gap_points"] == [0, 0]
+    seq, e2e = rows[("sequential", 2)], rows[("e2e", None)]
+    assert seq["gap_points"][0] == pytest.approx(100 * (seq["test_acc"][0] - e2e["test_acc"][0]))
+    assert e2e["gap_points"] == [0, 0]
     saved = read_json(out / "results.json")
     assert saved["summary"] == summary and len(saved["rows"]) == 2
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -73,15 +75,7 @@ def test_quick_preset_smoke_run_in_one_process_per_run(tmp_path):
 # The sweep's definitions, without training
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_points_skip_k_beyond_the_depth_and_run_e2e_once(accuracy, tmp_path):
+def test_points_skip_k_beyond_the_depth_and_run_e2e_once(tmp_path):
     args = accuracy.parse_args(["--archs", "resnet18,resnet20", "--ks", "2,8,10", "--seeds", "0,1",
                                 "--out", str(tmp_path)])
     todo = accuracy.points(args)
@@ -95,7 +89,7 @@ def test_points_skip_k_beyond_the_depth_and_run_e2e_once(accuracy, tmp_path):
 
 @pytest.mark.parametrize(("gap", "ratio", "met"), [(-0.5, 0.2, True), (2.0, 0.3, True), (-1.5, 0.2, False),
                                                    (0.0, 0.35, False)])
-def test_target_check(accuracy, gap, ratio, met):
+def test_target_check(gap, ratio, met):
     row = {"method": "sequential", "arch": "resnet32", "k": 4, "downsample": "accelerated", "gap_points": (gap, 0.1),
            "mem_ratio": (ratio, 0.01), "analytic_ratio": 0.25}
     other = {**row, "k": 2, "gap_points": (-50.0, 0.0)}
@@ -104,7 +98,7 @@ def test_target_check(accuracy, gap, ratio, met):
     assert accuracy.target_check([other])["measured"] is False
 
 
-def test_quick_preset_is_the_issues_sweep_with_its_training_settings(accuracy, tmp_path):
+def test_quick_preset_is_the_issues_sweep_with_its_training_settings(tmp_path):
     args = accuracy.parse_args(["--quick", "--out", str(tmp_path)])
     todo = accuracy.points(args)
     assert args.archs == ["resnet20", "resnet32", "resnet56", "resnet18"] and args.ks == [2, 4, 8]
@@ -118,7 +112,7 @@ def test_quick_preset_is_the_issues_sweep_with_its_training_settings(accuracy, t
     assert not full.one_process
 
 
-def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end(accuracy, tmp_path, monkeypatch):
+def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end(tmp_path, monkeypatch):
     args = accuracy.parse_args(["--archs", "resnet20", "--ks", "2,4", "--seeds", "0", "--downsamples", "standard",
                                 "--stage-convs", "usual", "1,2,2", "--out", str(tmp_path)])
     todo = accuracy.points(args)
@@ -148,5 +142,5 @@ def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end
     assert rows[("usual", "sequential", 4)]["gap_points"][0] == pytest.approx(-10.0)
     assert rows[("convs 1,2,2", "sequential", 4)]["gap_points"][0] == pytest.approx(-20.0)
     assert rows[("convs 1,2,2", "sequential", 4)]["mem_ratio"][0] == pytest.approx(100 / 200)
-    text = accuracy.table(list(rows.values()), "cpu", one_process=True)
+    text = accuracy_report.table(list(rows.values()), "cpu", one_process=True)
     assert "intensity" in text and "convs 1,2,2" in text and "--one-process" in text

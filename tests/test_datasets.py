@@ -16,7 +16,7 @@ from PIL import Image
 from seqtrain import load_model
 from seqtrain.augment import default_augment
 from seqtrain.config import Config
-from seqtrain.data import describe, load_raw, source_fingerprint
+from seqtrain.data import dataset_info, load_raw, source_fingerprint
 from seqtrain.imagefolder import TEST_SHARE, decode, list_folder
 from seqtrain.run import main
 
@@ -131,7 +131,7 @@ def test_train_and_test_subtrees_are_honoured(tmp_path):
 def test_describe_agrees_with_load_raw(tmp_path):
     for cfg in (folder_cfg(make_folder(tmp_path / "imgs"), image_size=12), Config(data_dir=str(tmp_path / "syn"),
                                                                                   n_train=200, n_test=50)):
-        info, raw = describe(cfg), load_raw(cfg)
+        info, raw = dataset_info(cfg), load_raw(cfg)
         assert info["in_shape"] == raw.in_shape and info["num_classes"] == raw.num_classes
         assert (info["n_train"], info["n_test"]) == (len(raw.train) + len(raw.val), len(raw.test))
 

@@ -57,9 +57,15 @@ def test_benchmark_summary_is_well_formed(bench):
     for t in summary["targets"].values():
         op, bound = t["target"].split()
         assert t["met"] == (t["value"] <= float(bound) if op == "<=" else t["value"] >= float(bound))
-    # Tensor level: the largest stage's measured peak sits on its analytic floor, plus transients.
-    assert 1.0 <= summary["floor_ratio"] < 1.5
+    # Tensor level: the largest stage measured against plan.py's predicted peak, which errs on the safe side.
+    assert 0.85 <= summary["floor_ratio"] <= 1.15 and summary["floor_only_ratio"] >= 1.0
     assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The report redraws from the JSON alone, as a module: nothing is measured again.
+    (out / "memory.png").unlink()
+    report = subprocess.run([sys.executable, "-m", "benchmarks.memory_report", str(out)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "peak_ratio" in report.stdout and (out / "memory.png").exists()
     saved = read_json(out / "memory.json")
     assert set(saved["rows"]) == {"e2e", "e2e+ckpt", "stage 0", "stage 1", "ram 1", "cache 0", "cache 1"}
     assert all(row["peak"]["rss"] > 0 for row in saved["rows"].values())

@@ -194,21 +194,21 @@ def test_plan_follows_the_dataset_and_image_size():
 
 def test_plan_caches_every_view_of_a_training_sample():
     from seqtrain.cache import samples_per_shard
-    from seqtrain.plan import cache_bytes, shard_bytes
+    from seqtrain.plan import predicted_cache_bytes, shard_bytes
 
     cfg = Config(arch="resnet20", width=4, stages="1,9", cache_views=4, shard_mb=1)  # stage 0: the stem
     one = Config(arch="resnet20", width=4, stages="1,9", shard_mb=1)
     shape, n = (4, 32, 32), 1000
     for split in ("val", "test"):  # one view: unchanged
         counts = {"train": 0, "val": 0, "test": 0, split: n}
-        assert cache_bytes(shape, cfg, counts) == cache_bytes(shape, one, counts)
+        assert predicted_cache_bytes(shape, cfg, counts) == predicted_cache_bytes(shape, one, counts)
     per_shard = samples_per_shard((4, *shape), "float16", 1)  # whole rows of 4 views per shard
     assert per_shard == 2**20 // (4 * 4 * 32 * 32 * 2) == 32
     full, rest = divmod(n, per_shard)
     row = 4 * 4 * 32 * 32 * 2
     expected = full * shard_bytes(per_shard, row) + shard_bytes(rest, row)
-    assert cache_bytes(shape, cfg, {"train": n, "val": 0, "test": 0}) == expected
-    one_view = cache_bytes(shape, one, {"train": n, "val": 0, "test": 0})
+    assert predicted_cache_bytes(shape, cfg, {"train": n, "val": 0, "test": 0}) == expected
+    one_view = predicted_cache_bytes(shape, one, {"train": n, "val": 0, "test": 0})
     assert n * row < expected < 1.05 * n * row and 3.9 < expected / one_view < 4.1
     # plan() passes the configuration on: the same stage's cache, views and all.
     from seqtrain.plan import plan

@@ -132,10 +132,15 @@ def test_e2e_baseline_is_recorded_beside_the_sequential_result(tiny, capsys):
     assert tiny("--stage", "all") == 0
     assert tiny("--stage", "e2e") == 0
     e2e = json.loads((tiny.run_dir / "e2e" / "results.json").read_text())
-    assert 0 <= e2e["test_acc"] <= 1 and 1 <= e2e["epochs"] <= 3
-    assert load_model(tiny.run_dir / "e2e" / "model.pt") is not None
+    assert 1 <= e2e["epochs"] <= 3 and e2e["peak_tensor_mb"] > 0
+    # The saved e2e network is the one whose test accuracy was recorded.
+    net, raw = load_model(tiny.run_dir / "e2e" / "model.pt"), load_raw(Config(n_train=400, n_test=100,
+                                                                               data_dir=str(tiny.data_dir)))
+    x, y, _ = next(iter(ImageBatches(raw.test, net.mean, net.std, batch_size=100)))
+    with torch.no_grad():
+        assert (net(x).argmax(1) == y).float().mean().item() == pytest.approx(e2e["test_acc"], abs=1e-6)
     table = capsys.readouterr().out.split("stage  val acc")[-1]
-    assert "e2e" in table and "final network" in table
+    assert "e2e" in table and "final network" in table and "largest stage / e2e (tensor peak)" in table
 
 
 def test_config_file_sets_defaults_and_flags_override(tiny, tmp_path):

@@ -1,0 +1,100 @@
+"""The accuracy benchmark's report: the table, the target line and the plot, from results.json.
+
+    python -m benchmarks.accuracy_report OUT    # reprint OUT's table and redraw OUT/accuracy.png
+
+It reads what benchmarks/accuracy.py wrote and never trains, so a figure can be redrawn at any time.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+from seqtrain.files import read_json
+from seqtrain.report import aligned
+
+
+def table(rows: list[dict], device: str, one_process: bool) -> str:
+    pm = lambda ms, scale=1, d=4: f"{ms[0] * scale:.{d}f} ± {ms[1] * scale:.{d}f}"  # noqa: E731
+    varied = any(r["intensity"] != "usual" for r in rows)
+    out = [["arch", "blocks", "downsample", *(["intensity"] if varied else []), "K", "method", "seeds", "test acc",
+            "gap (points)", "peak MB", "mem ratio", "analytic ratio", "time s"]]
+    for r in rows:
+        seq = r["method"] == "sequential"
+        out.append([r["arch"], str(r["blocks"]), r["downsample"], *([r["intensity"]] if varied else []),
+                    str(r["k"] or "-"), r["method"], str(len(r["seeds"])), pm(r["test_acc"]),
+                    pm(r["gap_points"], d=2) if seq else "-", f"{r['peak_mb'][0]:.0f}",
+                    f"{r['mem_ratio'][0]:.3f}" if seq else "-", f"{r['analytic_ratio']:.3f}" if seq else "-",
+                    f"{r['seconds']:.0f}"])
+    source = "the CUDA allocator's" if device == "cuda" else "live tensors (MemTracker) over each stage's first steps"
+    memory = f"peak MB: tensor-level peak, {source}; mem ratio: sequential / e2e"
+    if one_process:
+        memory += ("; --one-process: every stage of a point ran in one process, so a stage's peak includes what "
+                   "earlier stages left resident (the analytic ratio does not depend on it)")
+    return "\n".join([aligned(out), "test acc, gap: mean ± std over seeds; gap: sequential - e2e, same seed"
+                      + (" and intensity (e2e of the same K-stage network where the intensity is not usual)"
+                         if varied else "")
+                      + "; peak MB, mem ratio: means; largest stage / e2e; time s: training and caching, all seeds",
+                      memory])
+
+
+def target_line(t: dict) -> str:
+    if not t["measured"]:
+        return f"target ({t['arch']}, K={t['k']}, {t['downsample']}): not measured by this sweep"
+    return (f"target ({t['arch']}, K={t['k']}, {t['downsample']}): gap {t['gap_points']:+.2f} ± {t['gap_std']:.2f} "
+            f"points (>= -{t['max_gap_points']}: {'met' if t['gap_met'] else 'MISSED'}), mem ratio "
+            f"{t['mem_ratio']:.3f} (<= {t['max_mem_ratio']}: {'met' if t['mem_met'] else 'MISSED'}; analytic "
+            f"{t['analytic_ratio']:.3f})" + ("" if t.get("mem_per_stage", True) else
+                                             " [--one-process: the peaks are not per stage; see the analytic ratio]"))
+
+
+def plot(rows: list[dict], archs: list[str], path: Path, title: str) -> None:
+    """One panel per (downsample, intensity): test accuracy against depth, a line per K and e2e."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    x = {arch: i for i, arch in enumerate(archs)}
+    for ax, (downsample, inten) in zip(axes[0], panels):
+        mine = [r for r in rows if r["downsample"] == downsample and r["intensity"] == inten]
+        for method, k in dict.fromkeys((r["method"], r["k"]) for r in mine):
+            rs = [r for r in mine if r["method"] == method and r["k"] == k]
+            name = (f"e2e (K={k} network)" if k else "e2e") if method == "e2e" else f"sequential K={k}"
+            ax.errorbar([x[r["arch"]] for r in rs], [r["test_acc"][0] for r in rs], yerr=[r["test_acc"][1] for r in rs],
+                        fmt="k--" if method == "e2e" and not k else ("x--" if method == "e2e" else "o-"), capsize=3,
+                        label=name)
+        blocks = {r["arch"]: r["blocks"] for r in rows}
+        ax.set_xticks(list(x.values()), [f"{arch}\n({blocks.get(arch, '?')} blocks)" for arch in x])
+        ax.set_title(f"{downsample} downsampling" + ("" if inten == "usual" else f", {inten}"), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[0][0].legend(fontsize=8)
+    # The settings line is long: wrap it rather than let the figure clip it.
+    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path) -> None:
+    """Reprint the table and target line of OUT/results.json and redraw OUT/accuracy.png."""
+    if not (out / "results.json").exists():
+        sys.exit(f"benchmarks/accuracy_report.py: no results.json in {out}; run benchmarks/accuracy.py")
+    saved = read_json(out / "results.json")
+    s, rows = saved["summary"], saved["rows"]
+    one_process = s["config"].get("one_process", False)
+    print(s.get("settings", ""))
+    print(table(rows, s["device"], one_process))
+    print(target_line(s["target"]))
+    title = f"{s.get('settings', '')}\n{s['device_name']}, torch {s['torch']}"
+    plot(rows, s["config"]["archs"], out / "accuracy.png", title)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m benchmarks.accuracy_report OUT")
+    report(Path(sys.argv[1]))

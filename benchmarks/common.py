@@ -1,0 +1,69 @@
+"""What the benchmarks share: their figures, the CPU-contention gauge, targets, and the plotting library check.
+
+Imports no benchmark and nothing heavy; matplotlib is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+
+def require_plotting(script: str) -> None:
+    """Stop before measuring, not after, when the plots cannot be drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.exit(f"{script}: matplotlib draws this benchmark's plots and is not installed; "
+                 'install it with: pip install -e ".[bench]"')
+
+
+def target(name: str, value: float, targets: dict[str, tuple[str, float]]) -> dict:
+    """A measured value against its target: {"value", "target" ("<= 1.15"), "met"}."""
+    op, bound = targets[name]
+    return {"value": value, "target": f"{op} {bound}", "met": value <= bound if op == "<=" else value >= bound}
+
+
+def figure():
+    """A new matplotlib figure and axes, drawn to files only (the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4))
+
+
+def save_figure(fig, ax, path: Path, title: str, ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class CpuWait:
+    """The share of a block's wall time during which some task waited for a CPU (Linux PSI; None elsewhere).
+    Near 0 on an idle machine; other jobs push it up, and with them OpenMP stalls that make step times
+    meaningless (measured here: a 10 ms step took 2.8 s while another benchmark ran)."""
+
+    @staticmethod
+    def total_us() -> int | None:
+        try:
+            with open("/proc/pressure/cpu") as f:
+                return int(f.readline().rsplit("total=", 1)[1])  # "some avg10=.. avg60=.. avg300=.. total=US"
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def __enter__(self) -> CpuWait:
+        self.share: float | None = None
+        self.w0, self.t0 = self.total_us(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        w1 = self.total_us()
+        if self.w0 is not None and w1 is not None:
+            self.share = (w1 - self.w0) / 1e6 / (time.perf_counter() - self.t0)
