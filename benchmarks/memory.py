@@ -20,7 +20,7 @@ Each configuration runs in a fresh subprocess (this script with --child), so eve
   ram k     stage k fed from the same features preloaded into RAM as float32: for loader_efficiency (its
             peak holds the whole split in RAM, so only its speed is compared)
 
-It measures memory and speed, not accuracy: images are random uint8 tensors held in memory (data.ImageBatches
+It measures memory and speed, not accuracy: images are random uint8 tensors held in memory (batches.ImageBatches
 normalises them as it does real ones) and every block is freshly initialised rather than trained; neither
 changes a shape, a byte or a FLOP. Caches are read right after they are written, so from the page cache.
 

@@ -11,7 +11,7 @@ def __getattr__(name: str):
 
         return train_stages
     if name == "load_model":
-        from seqtrain.models import load_model
+        from seqtrain.api import load_model
 
         return load_model
     if name == "split":

@@ -1,4 +1,4 @@
-"""The Python entry point: train your own network's stages with the same pipeline as the command line.
+"""The Python API: train your own network's stages with the same pipeline as the command line, and load a saved network.
 
     import seqtrain
     stages = seqtrain.split(trunk, at=["layer2", "layer3", "layer4"])      # any sequence of named children
@@ -16,10 +16,14 @@ trains, and the network comes back on the CPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
 from seqtrain.config import Config
-from seqtrain.files import sha256_json
+from seqtrain.errors import UserError
+from seqtrain.files import load_torch, sha256_json
+from seqtrain.models import SequentialNet, build_network
 
 
 def custom_arch(stages: list[nn.Module]) -> str:
@@ -36,7 +40,6 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     from seqtrain.data import load_raw
     from seqtrain.distributed import resolve_device
     from seqtrain.log import log
-    from seqtrain.models import SequentialNet
     from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, run_all, write_run_config
     from seqtrain.report import summary_table
 
@@ -53,3 +56,16 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     net = SequentialNet(stages, final_head(cfg, run)).cpu().eval()  # training left the stages on the device
     net.mean, net.std, net.results = raw.mean, raw.std, results
     return net
+
+
+def load_model(path: str | Path) -> SequentialNet:
+    """Rebuild a saved network (final/model.pt or e2e/model.pt) in eval mode; its dict has config and stats."""
+    saved = load_torch(Path(path))
+    cfg = Config(**saved["config"])
+    if cfg.arch.startswith("custom:"):
+        raise UserError(f"{path} holds a network given to seqtrain.train_stages(), which only your code can rebuild: "
+                        "split it as before and load torch.load(path)['model'] into SequentialNet(stages, head)")
+    net = build_network(cfg, saved["in_channels"], saved["num_classes"])
+    net.load_state_dict(saved["model"])
+    net.mean, net.std = saved["mean"], saved["std"]  # per-channel input normalisation, as lists
+    return net.eval()

@@ -14,13 +14,17 @@ side and cut a window of the original size back out (He et al. 2016's CIFAR reci
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqtrain.data import BatchWrapper
+from seqtrain.batches import BatchWrapper
 from seqtrain.errors import UserError
+
+if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
+    from seqtrain.config import Config
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def default_augment(dataset: str) -> str:
     return "none"
 
 
-def augment_for(cfg) -> Augment:
+def augment_for(cfg: Config) -> Augment:
     """The augmentation --augment asks for ("auto": the dataset's usual, default_augment)."""
     mode = default_augment(cfg.dataset) if cfg.augment == "auto" else cfg.augment
     aug = Augment(crop="crop" in mode and cfg.crop_padding > 0, flip="flip" in mode, padding=cfg.crop_padding)

@@ -67,12 +67,12 @@ class BlockCosts:
         (an activation's gradient and its input's, both alive at once; MemTracker counts them as temporaries)."""
         return self.floor_bytes(i, j) + 2 * max(self.activation[i:j + 1])
 
-    def cache_bytes(self, i: int, j: int) -> int:
+    def caching_bytes(self, i: int, j: int) -> int:
         """Predicted bytes of the caching pass of blocks i..j: their weights and the largest block forward."""
         return sum(self.weights[i:j + 1]) + max(self.forward[i:j + 1])
 
     def stage_bytes(self, i: int, j: int) -> int:
-        return max(self.train_bytes(i, j), self.cache_bytes(i, j))
+        return max(self.train_bytes(i, j), self.caching_bytes(i, j))
 
     @functools.cache  # noqa: B019 (one per BlockCosts, which lru-caches hold anyway)
     def ending(self) -> list[np.ndarray]:
@@ -231,7 +231,7 @@ def fewest_stages(costs: BlockCosts, budget: int, batch_size: int) -> int:
     for b in range(n):
         need = int(ending[b][b])
         if need > budget:
-            what = "caching pass" if costs.cache_bytes(b, b) > costs.train_bytes(b, b) else "training step"
+            what = "caching pass" if costs.caching_bytes(b, b) > costs.train_bytes(b, b) else "training step"
             fits = max(1, int(batch_size * budget / need))
             raise UserError(f"--memory-budget {budget / MB:,.0f} MB is too small: block {b} alone needs "
                             f"{need / MB:,.1f} MB for its {what} at --batch-size {batch_size}; give a budget of at "

@@ -15,7 +15,7 @@ import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from seqtrain import imagefolder, synthetic
 from seqtrain.errors import UserError
 from seqtrain.files import write_bytes
+
+if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
+    from seqtrain.config import Config
 
 
 @dataclass
@@ -78,7 +81,7 @@ KNOWN = {
 }
 
 
-def image_side(cfg) -> int:
+def image_side(cfg: Config) -> int:
     """The side of the square images the network sees: --image-size, or the dataset's own."""
     if cfg.image_size:
         return cfg.image_size
@@ -87,7 +90,7 @@ def image_side(cfg) -> int:
     return synthetic.SIZE if cfg.dataset == "synthetic" else KNOWN[cfg.dataset].side
 
 
-def dataset_info(cfg) -> dict:
+def dataset_info(cfg: Config) -> dict:
     """{"in_shape", "num_classes", "n_train", "n_test"} of the configured dataset, without decoding an image.
 
     n_train counts the whole training set, before the validation split is carved from it.
@@ -104,7 +107,7 @@ def dataset_info(cfg) -> dict:
     return {"in_shape": (3, side, side), "n_train": counts[0], "n_test": counts[1], "num_classes": counts[2]}
 
 
-def source_fingerprint(cfg) -> dict:
+def source_fingerprint(cfg: Config) -> dict:
     """What identifies stage 0's input: any change here makes every cache built on the old input stale."""
     fp = {"dataset": cfg.dataset, "image_size": image_side(cfg), "data_seed": cfg.data_seed,
           "val_fraction": cfg.val_fraction}
@@ -121,7 +124,7 @@ def source_fingerprint(cfg) -> dict:
 # Sources: each returns uint8 NCHW arrays (x_train, y_train, x_test, y_test) at the dataset's own size
 
 
-def synthetic_arrays(cfg) -> tuple[np.ndarray, ...]:
+def synthetic_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
     """The synthetic dataset, generated on first use and kept in --data-dir (a few seconds to make)."""
     path = Path(cfg.data_dir) / f"synthetic-{cfg.n_train}-{cfg.n_test}-seed{cfg.data_seed}.npz"
     if path.exists():
@@ -143,7 +146,7 @@ def synthetic_arrays(cfg) -> tuple[np.ndarray, ...]:
     return x_train, y_train, x_test, y_test
 
 
-def torchvision_arrays(cfg) -> tuple[np.ndarray, ...]:
+def torchvision_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
     """A torchvision dataset from --data-dir, read through its bulk arrays, not a PIL image per __getitem__."""
     name, root = cfg.dataset, Path(cfg.data_dir)
     if name == "svhn" and importlib.util.find_spec("scipy") is None:  # checked first: --download would be wasted
@@ -172,7 +175,7 @@ def torchvision_arrays(cfg) -> tuple[np.ndarray, ...]:
     return (np.ascontiguousarray(images(train)), labels(train), np.ascontiguousarray(images(test)), labels(test))
 
 
-def dataset_error(cfg, e: Exception) -> UserError:
+def dataset_error(cfg: Config, e: Exception) -> UserError:
     """One line for a torchvision dataset that could not be loaded: what was looked for and the fix."""
     root = Path(cfg.data_dir)
     missing = [root / f for f in KNOWN[cfg.dataset].files if not (root / f).is_file()]
@@ -229,7 +232,7 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 # Loading
 
 
-def load_raw(cfg) -> RawData:
+def load_raw(cfg: Config) -> RawData:
     """Load the configured dataset at its final size and carve the validation split from its training set."""
     if cfg.dataset == "synthetic":
         x_train, y_train, x_test, y_test = synthetic_arrays(cfg)
@@ -258,64 +261,3 @@ def load_raw(cfg) -> RawData:
 
     mean, std = channel_stats(train.x)  # from the training split only: val and test stay unseen
     return RawData(train, val, test, mean, std, num_classes)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Batches
-
-
-class ImageBatches:
-    """Normalised float batches (x, y, ids) from an in-memory Split; shuffled by (seed, epoch) when asked.
-
-    Normalising on the device keeps host-to-device traffic at one byte per pixel.
-    """
-
-    def __init__(self, split: Split, mean: list[float], std: list[float], batch_size: int, *,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, device: str = "cpu"):
-        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.drop_last, self.device, self.epoch = drop_last, torch.device(device), 0
-        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.split)
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.split)
-        if self.shuffle:  # order depends only on (seed, epoch): a resumed run sees the same batches
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(n)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.split.x[idx].to(self.device, non_blocking=True).float().div_(255)
-            yield (x.sub_(self.mean).div_(self.std), self.split.y[idx].to(self.device, non_blocking=True),
-                   self.split.ids[idx])
-
-
-class BatchWrapper:
-    """Base of batch streams that transform another's batches (augmentation, views, a rank's share): the
-    same interface as ImageBatches, with epoch and length passed through."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.batches, "set_epoch"):
-            self.batches.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.batches.num_samples
-
-    def __len__(self) -> int:
-        return len(self.batches)

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from seqtrain.data import BatchWrapper
+from seqtrain.batches import BatchWrapper
 from seqtrain.errors import UserError
 
 

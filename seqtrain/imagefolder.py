@@ -16,12 +16,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from seqtrain.errors import UserError
+
+if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
+    from seqtrain.config import Config
 
 # torchvision's ImageFolder extensions, plus .gif; matched case-insensitively.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -146,7 +150,7 @@ def read_images(files: list[Path], side: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # N, C, H, W
 
 
-def folder_arrays(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def folder_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """(x_train, y_train, x_test, y_test, num_classes) of --data-dir at --image-size (0: DEFAULT_SIDE)."""
     listing = list_folder(cfg.data_dir, cfg.data_seed)
     side = cfg.image_size or DEFAULT_SIDE

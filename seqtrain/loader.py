@@ -194,7 +194,7 @@ def read_shard_into(path: Path, a: int, b: int, pool: Pool, at: int) -> None:
 
 
 class CachedBatches:
-    """(x, y, ids) batches of one split of a stage cache, on `device`; the same interface as ImageBatches."""
+    """(x, y, ids) batches of one split of a stage cache, on `device`: a batches.Batches stream."""
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, loader_mb: int = 128, workers: int = 0,

@@ -22,15 +22,15 @@ Two per-stage knobs shape what each trainable stage can learn (stage_specs() app
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from seqtrain.archs import BlockSpec, feature_shape, stage_specs
-from seqtrain.config import Config
-from seqtrain.errors import UserError
-from seqtrain.files import load_torch
+
+if TYPE_CHECKING:
+    from seqtrain.config import Config
 
 # --------------------------------------------------------------------------------------------------------
 # Blocks
@@ -176,16 +176,3 @@ def build_network(cfg: Config, in_channels: int, num_classes: int) -> Sequential
     groups = stage_specs(cfg, in_channels)
     head = build_head(cfg, groups[-1][-1].out_ch, num_classes)
     return SequentialNet([build_stage_block(g) for g in groups], head)
-
-
-def load_model(path: str | Path) -> SequentialNet:
-    """Rebuild a saved network (final/model.pt or e2e/model.pt) in eval mode; its dict has config and stats."""
-    saved = load_torch(Path(path))
-    cfg = Config(**saved["config"])
-    if cfg.arch.startswith("custom:"):
-        raise UserError(f"{path} holds a network given to seqtrain.train_stages(), which only your code can rebuild: "
-                        "split it as before and load torch.load(path)['model'] into SequentialNet(stages, head)")
-    net = build_network(cfg, saved["in_channels"], saved["num_classes"])
-    net.load_state_dict(saved["model"])
-    net.mean, net.std = saved["mean"], saved["std"]  # per-channel input normalisation, as lists
-    return net.eval()

@@ -19,6 +19,7 @@ import torch
 
 from seqtrain import distributed
 from seqtrain.augment import AugmentedBatches, ViewBatches, augment_for
+from seqtrain.batches import ImageBatches
 from seqtrain.cache import (
     SPLITS,
     CorruptCache,
@@ -32,7 +33,7 @@ from seqtrain.cache import (
     write_shards,
 )
 from seqtrain.config import Config, config_hash, shaping_dict
-from seqtrain.data import ImageBatches, RawData, Split, source_fingerprint
+from seqtrain.data import RawData, Split, source_fingerprint
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha256_state_dict, write_json
 from seqtrain.loader import CachedBatches

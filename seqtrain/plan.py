@@ -221,7 +221,7 @@ def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
     how = ("list" if "," in str(cfg.stages) else "auto" if str(cfg.stages).strip() == "auto" else cfg.balance)
     return {"how": how, "sizes": sizes, "largest_bytes": largest(sizes), "blocks_sizes": even,
             "blocks_largest_bytes": largest(even), "budget": cfg.memory_budget or None,
-            "caching_pass_bytes": [costs.cache_bytes(a, a + n - 1) for a, n in zip(starts, sizes)]}
+            "caching_pass_bytes": [costs.caching_bytes(a, a + n - 1) for a, n in zip(starts, sizes)]}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from seqtrain.batches import ImageBatches
 from seqtrain.cache import read_shard
 from seqtrain.config import Config
-from seqtrain.data import ImageBatches, Split, load_raw
+from seqtrain.data import Split, load_raw
 from seqtrain.distributed import resolve_device
 from seqtrain.errors import Parser, UserError
 from seqtrain.files import read_json, write_json
@@ -158,7 +159,7 @@ def sequential_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[li
 
 def e2e_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[list, list[int]]:
     """[(train, test)] pooled features of e2e/model.pt at cfg's stage boundaries, from the raw images."""
-    from seqtrain.models import load_model
+    from seqtrain.api import load_model
 
     path = run.e2e / "model.pt"
     if not path.exists():

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,9 @@ from seqtrain import distributed
 from seqtrain.errors import Interrupted, UserError
 from seqtrain.files import load_torch, save_torch, write_bytes
 from seqtrain.log import bar, counter, log
+
+if TYPE_CHECKING:  # for annotations only
+    from seqtrain.config import Config
 
 CHECKPOINT_FORMAT = 1
 
@@ -53,7 +57,7 @@ def autocast_for(device: torch.device, bf16: bool):
     return contextlib.nullcontext
 
 
-def make_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and biases: it only shrinks their scale, which BN undoes.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -63,7 +67,7 @@ def make_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def get_lr(cfg, step: int, steps_per_epoch: int) -> float:
+def get_lr(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """Linear warm-up over warmup_epochs, then cosine decay to zero at max_epochs."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     total = cfg.max_epochs * steps_per_epoch
@@ -99,7 +103,7 @@ class EpochProgress:
     lr: float = 0.0
 
 
-def train_one_epoch(model, batches, optimizer, cfg, epoch: int, progress: EpochProgress, *, autocast,
+def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress: EpochProgress, *, autocast,
                     channels_last: bool, stop: threading.Event, desc: str, memory=None) -> bool:
     """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished.
 
@@ -177,8 +181,8 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
 # To convergence
 
 
-def fit(model: nn.Module, train_batches, val_batches, cfg, *, workdir: Path, identity: dict, device: torch.device,
-        desc: str, memory=None) -> TrainResult:
+def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: Path, identity: dict,
+        device: torch.device, desc: str, memory=None) -> TrainResult:
     """Train `model` until validation accuracy stops improving; leave it holding the best weights.
 
     `workdir` receives checkpoint.pt and metrics.jsonl. A checkpoint is resumed only when its `identity`

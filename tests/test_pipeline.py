@@ -14,8 +14,9 @@ import seqtrain.models
 import seqtrain.pipeline
 from seqtrain import load_model
 from seqtrain.archs import stage_specs
+from seqtrain.batches import ImageBatches
 from seqtrain.config import Config
-from seqtrain.data import ImageBatches, load_raw
+from seqtrain.data import load_raw
 from seqtrain.files import load_torch
 from seqtrain.models import build_stage_block
 from seqtrain.run import main

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
+from seqtrain.api import load_model
 from seqtrain.cache import SPLITS, ShardWriter, publish_manifest
 from seqtrain.config import Config, config_hash
 from seqtrain.data import load_raw
 from seqtrain.files import read_json, write_json
-from seqtrain.models import load_model
 from seqtrain.pipeline import RunDir, dataset_fingerprint, stage_manifest
 from seqtrain.probe import main, pooled_cache, pooled_network, probe, separability
 from seqtrain.run import main as seqtrain_main

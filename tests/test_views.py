@@ -13,8 +13,9 @@ import torch
 
 from seqtrain.archs import stage_specs
 from seqtrain.augment import Augment, AugmentedBatches, crop_flip, view_params, views_of
+from seqtrain.batches import ImageBatches
 from seqtrain.config import Config
-from seqtrain.data import ImageBatches, load_raw
+from seqtrain.data import load_raw
 from seqtrain.files import load_torch
 from seqtrain.loader import CachedBatches
 from seqtrain.models import build_stage_block
