@@ -130,9 +130,17 @@ TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_poin
 # One point: a sequential run (arch, downsample, K, seed) or an e2e run (arch, downsample, seed)
 
 
+def downsampling(value: str) -> dict:
+    """A --downsamples value, SCHEDULE or SCHEDULE+OP (e.g. accelerated+space-to-depth), as seqtrain settings."""
+    schedule, _, op = value.partition("+")
+    return {"downsample": schedule, "downsample_op": op or "stride"}
+
+
 def seqtrain_flags(args: argparse.Namespace, point: dict) -> list[str]:
     """The flags that define a point, apart from --run-dir."""
-    flags = ["--arch", point["arch"], "--downsample", point["downsample"], "--seed", str(point["seed"]),
+    ds = downsampling(point["downsample"])
+    flags = ["--arch", point["arch"], "--downsample", ds["downsample"], "--downsample-op", ds["downsample_op"],
+             "--head", point["head"], "--seed", str(point["seed"]),
              "--stages", str(point["stages"]), "--dataset", args.dataset, "--data-dir", str(args.data_dir),
              "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--width", str(args.width),
              "--max-epochs", str(args.max_epochs), "--device", args.device]
@@ -212,6 +220,8 @@ def intensity(point: dict) -> str:
     """The point's convolution intensity as given: "usual", or "convs C, width W" with the flags' values."""
     parts = [f"{name} {point[key]}" for name, key in (("convs", "convs"), ("width", "swidth"))
              if point[key] != "usual"]
+    if point.get("head", "conv") != "conv":  # the auxiliary head is an axis of the same kind
+        parts.append(f"head {point['head']}")
     return ", ".join(parts) or "usual"
 
 
@@ -243,15 +253,16 @@ def points(args: argparse.Namespace) -> list[dict]:
     out = []
     for arch in args.archs:
         blocks = num_blocks(Config(arch=arch, width=args.width))
-        for downsample in args.downsamples:
+        for downsample, head in ((d, h) for d in args.downsamples for h in args.heads):
             for convs in args.stage_convs:
                 for swidth in args.stage_width:
                     usual = convs == swidth == "usual"
                     tag = ("" if convs == "usual" else "-c" + convs.replace(",", ".")) + (
-                        "" if swidth == "usual" else "-w" + swidth.replace(",", "_"))
+                        "" if swidth == "usual" else "-w" + swidth.replace(",", "_")) + (
+                        "" if head == "conv" else f"-{head}")
                     for seed in args.seeds:
-                        base = {"arch": arch, "blocks": blocks, "downsample": downsample, "convs": convs,
-                                "swidth": swidth, "seed": seed}
+                        base = {"arch": arch, "blocks": blocks, "downsample": downsample, "head": head,
+                                "convs": convs, "swidth": swidth, "seed": seed}
                         name = f"{arch}-{downsample}{tag}-{{}}-s{seed}"  # {} is e2e, e2e-kK or kK
                         if usual:  # the network does not depend on K: one e2e for every K
                             out.append({**base, "method": "e2e", "k": None, "stages": 1, "stage_convs": "",
@@ -270,7 +281,8 @@ def points(args: argparse.Namespace) -> list[dict]:
 
 def e2e_key(point: dict) -> tuple:
     """Which e2e run a point is compared with (an e2e point: itself)."""
-    return point["arch"], point["downsample"], point["convs"], point["swidth"], point["seed"], point["e2e"]
+    return (point["arch"], point["downsample"], point.get("head", "conv"), point["convs"], point["swidth"],
+            point["seed"], point["e2e"])
 
 
 def cost(point: dict) -> float:
@@ -302,9 +314,9 @@ def peak_mb(results: dict, method: str) -> float:
 
 def analytic_ratio(args: argparse.Namespace, point: dict) -> float:
     """seqtrain.plan's largest stage / e2e bytes of one training step (device-independent)."""
-    cfg = Config(arch=point["arch"], width=args.width, stages=str(point["k"]), downsample=point["downsample"],
-                 dataset=args.dataset, stage_convs=point["stage_convs"], stage_width=point["stage_width"],
-                 **({"batch_size": args.batch_size} if args.batch_size else {}))
+    cfg = Config(arch=point["arch"], width=args.width, stages=str(point["k"]), **downsampling(point["downsample"]),
+                 head=point["head"], dataset=args.dataset, stage_convs=point["stage_convs"],
+                 stage_width=point["stage_width"], **({"batch_size": args.batch_size} if args.batch_size else {}))
     return plan(cfg)["totals"]["peak_ratio"]
 
 
@@ -317,16 +329,17 @@ def summarize(done: list[dict], args: argparse.Namespace) -> list[dict]:
     e2e = {e2e_key(d): d for d in done if d["method"] == "e2e"}
     groups: dict[tuple, list[dict]] = {}
     for d in done:
-        groups.setdefault((d["arch"], d["downsample"], d["convs"], d["swidth"], d["method"], d["k"]), []).append(d)
+        key = (d["arch"], d["downsample"], d.get("head", "conv"), d["convs"], d["swidth"], d["method"], d["k"])
+        groups.setdefault(key, []).append(d)
     rows = []
-    for (arch, downsample, convs, swidth, method, k), runs in groups.items():
+    for (arch, downsample, head, convs, swidth, method, k), runs in groups.items():
         acc = [test_acc(d["results"], method) for d in runs]
         ref = [e2e[e2e_key(d)]["results"] for d in runs]
         gap = [100 * (a - r["e2e"]["test_acc"]) for a, r in zip(acc, ref)]
         peak = [peak_mb(d["results"], method) for d in runs]
         ratio = [p / peak_mb(r, "e2e") for p, r in zip(peak, ref)]
         seq = method == "sequential"
-        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "convs": convs,
+        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "head": head, "convs": convs,
                      "swidth": swidth, "intensity": intensity(runs[0]), "method": method, "k": k,
                      "seeds": [d["seed"] for d in runs], "test_acc": mean_std(acc), "gap_points": mean_std(gap),
                      "peak_mb": mean_std(peak), "mem_ratio": mean_std(ratio),
@@ -374,8 +387,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", help="comma-separated seqtrain --arch values (default: resnet20,resnet32,resnet56,"
                    "resnet18)")
     p.add_argument("--ks", help="numbers of stages; larger than a network's blocks are skipped (default: 2,4,8)")
-    p.add_argument("--downsamples", default="standard,accelerated", help="schedules, seqtrain --downsample values "
-                   "(default: standard,accelerated)")
+    p.add_argument("--downsamples", default="standard,accelerated", help="schedules, seqtrain --downsample values, "
+                   "each optionally +OP for --downsample-op, e.g. accelerated+space-to-depth (default: "
+                   "standard,accelerated)")
+    p.add_argument("--heads", default="conv", help="auxiliary heads, seqtrain --head values, e.g. conv,aug; e2e "
+                   "runs once per head, whose last-stage classifier it shares (default: conv)")
     p.add_argument("--stage-convs", nargs="+", default=["usual"], metavar="CONVS", help="convolution intensity "
                    "axis: conv layers per block for each stage, e.g. usual 1,2 4,2 ('1,2' = the first stage's "
                    "blocks 1 conv, every later stage 2; default: usual)")
@@ -406,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.archs, args.downsamples = args.archs.split(","), args.downsamples.split(",")
+    args.archs, args.downsamples, args.heads = args.archs.split(","), args.downsamples.split(","), args.heads.split(",")
     try:
         args.ks, args.seeds = [int(k) for k in args.ks.split(",")], [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -431,7 +447,8 @@ def check_settings(args: argparse.Namespace) -> None:
     """Every point's flags validated, and the dataset made once, before any run starts (runs share it)."""
     cfg = None
     for point in points(args):
-        cfg = Config(arch=point["arch"], width=args.width, downsample=point["downsample"], dataset=args.dataset,
+        cfg = Config(arch=point["arch"], width=args.width, **downsampling(point["downsample"]), head=point["head"],
+                     dataset=args.dataset,
                      data_dir=str(args.data_dir), n_train=args.n_train, n_test=args.n_test, stages=str(point["stages"]),
                      stage_convs=point["stage_convs"], stage_width=point["stage_width"],
                      max_epochs=args.max_epochs).validate()
@@ -452,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
     rows = summarize(run_sweep(args), args)
     target = target_check(rows, args.one_process)
-    config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "stage_convs",
+    config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "heads", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,

@@ -69,7 +69,7 @@ except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, 
     import memory_report
     from common import CpuWait, require_plotting, target
     from memory_report import peak_of
-from seqtrain.archs import block_specs, cifar_resnet_n, stage_specs
+from seqtrain.archs import block_specs, cifar_resnet_n, specs_after, stage_specs
 from seqtrain.cache import SPLITS, cache_bytes, clear_cache, publish_manifest, read_manifest, read_shard, write_shards
 from seqtrain.config import Config, config_hash
 from seqtrain.data import RawData, Split
@@ -153,7 +153,8 @@ def training_job(cfg: Config, run: RunDir, kind: str, k: int, device: torch.devi
                     stage[i] = Checkpointed(block)
         return net.to(device), image_batches(cfg, random_raw(cfg), "train", device, train=True)
     specs = stage_specs(cfg, IN_SHAPE[0])[k]
-    model = StageModel(build_stage_block(specs), build_head(cfg, specs[-1].out_ch, NUM_CLASSES)).to(device)
+    head = build_head(cfg, specs[-1].out_ch, NUM_CLASSES, specs_after(cfg, k, IN_SHAPE[0]))
+    model = StageModel(build_stage_block(specs), head).to(device)
     if k == 0:
         return model, image_batches(cfg, random_raw(cfg), "train", device, train=True)
     manifest = read_manifest(run.cache(k - 1))

@@ -30,6 +30,7 @@ class BlockSpec:
     stride: int = 1  # spatial reduction by the block's first convolution (ResNet blocks and stems)
     pool: int = 1  # VGG: spatial reduction by a max-pool after the convolution(s)
     convs: int = 0  # 3x3 convolution layers; 0 = the kind's usual (USUAL_CONVS): --stage-convs sets it
+    op: str = "stride"  # how a ResNet block or stem reduces (--downsample-op): "stride", "pool", "space-to-depth"
 
     @property
     def reduction(self) -> int:
@@ -43,15 +44,26 @@ class BlockSpec:
 USUAL_CONVS = {"stem": 1, "basic": 2, "conv": 1}
 
 
-def block_specs(arch: str, width: int = 0, in_channels: int = 3, downsample: str = "standard") -> list[BlockSpec]:
-    """The ordered blocks of a network, with its spatial reductions placed by `downsample` (see schedule())."""
+def block_specs(arch: str, width: int = 0, in_channels: int = 3, downsample: str = "standard",
+                op: str = "stride") -> list[BlockSpec]:
+    """The ordered blocks of a network, with its spatial reductions placed by `downsample` (see schedule())
+    and made by `op` (ResNets; VGG always reduces by its max-pools):
+
+    - "stride": the block's first convolution (and its shortcut) is strided, as in He et al. 2016;
+    - "pool": 2x2 average pooling (per factor of 2) before the block, which then runs at stride 1;
+    - "space-to-depth": the invertible pixel-unshuffle (C, H, W) -> (4C, H/2, W/2) before the block, as in
+      Belilovsky et al.'s greedy CNNs and i-RevNet: no input information is lost at the reduction, and
+      the block's first convolution sees 4x the channels (16x for a 4x reduction).
+    """
     specs = standard_specs(arch, width, in_channels)
-    if downsample == "standard":
-        return specs
-    placed = schedule(specs, downsample)
-    if specs[0].kind == "conv":  # VGG reduces by max-pooling after a block's convolution
-        return [replace(s, pool=placed.get(i, 1)) for i, s in enumerate(specs)]
-    return [replace(s, stride=placed.get(i, 1)) for i, s in enumerate(specs)]
+    if downsample != "standard":
+        placed = schedule(specs, downsample)
+        if specs[0].kind == "conv":  # VGG reduces by max-pooling after a block's convolution
+            return [replace(s, pool=placed.get(i, 1)) for i, s in enumerate(specs)]
+        specs = [replace(s, stride=placed.get(i, 1)) for i, s in enumerate(specs)]
+    if op != "stride" and specs[0].kind != "conv":
+        specs = [replace(s, op=op) for s in specs]
+    return specs
 
 
 def reductions(specs: list[BlockSpec]) -> dict[int, int]:
@@ -140,7 +152,7 @@ def stage_specs(cfg: Config, in_channels: int = 3) -> list[list[BlockSpec]]:
     """The network's blocks grouped into the configured trainable stages, with each stage's convolution
     intensity applied: --stage-convs sets the conv layers of its blocks (the ResNet stem keeps its one),
     --stage-width multiplies their output channels (rounded, at least 1); input channels follow."""
-    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample), [], 0
+    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample, cfg.downsample_op), [], 0
     convs, widths = cfg.stage_convs_list(), cfg.stage_width_list()
     ch = in_channels
     for k, size in enumerate(cfg.stage_sizes()):
@@ -156,6 +168,22 @@ def stage_specs(cfg: Config, in_channels: int = 3) -> list[list[BlockSpec]]:
     return out
 
 
+def specs_after(cfg: Config, k: int, in_channels: int = 3) -> list[BlockSpec]:
+    """The blocks of the stages after stage k, in order: what an --head aug head copies from."""
+    return [s for group in stage_specs(cfg, in_channels)[k + 1:] for s in group]
+
+
+def head_specs(after: list[BlockSpec], in_ch: int, blocks: int, fraction: float) -> list[BlockSpec]:
+    """An --head aug head's blocks: the first `blocks` of `after` with `fraction` of their channels, chained
+    from the stage's `in_ch` output channels (their reductions kept)."""
+    out, ch = [], in_ch
+    for s in after[:blocks]:
+        width = max(1, round(s.out_ch * fraction))
+        out.append(replace(s, in_ch=ch, out_ch=width))
+        ch = width
+    return out
+
+
 def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """Output shape (C, H, W) of `specs` applied to inputs of `in_shape`, without building anything."""
     c, h, w = in_shape
@@ -164,3 +192,14 @@ def feature_shape(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> tup
         h, w = -(-h // s.stride) // s.pool, -(-w // s.stride) // s.pool
         c = s.out_ch
     return c, h, w
+
+
+def exact_reductions(specs: list[BlockSpec], in_shape: tuple[int, int, int]) -> str | None:
+    """Why pooling or space-to-depth cannot make these reductions on `in_shape` inputs (a side that does not
+    divide), or None when they can. Strided convolutions round up instead and always can."""
+    h = in_shape[1]
+    for i, s in enumerate(specs):
+        if s.op != "stride" and s.stride > 1 and h % s.stride:
+            return f"block {i} reduces {h}x{h} by {s.stride} with {s.op}, which needs a side divisible by {s.stride}"
+        h = -(-h // s.stride) // s.pool
+    return None

@@ -96,7 +96,7 @@ class BlockCosts:
 
 def specs_of(cfg: Config, in_channels: int) -> list[BlockSpec]:
     """The network's blocks with the configured downsampling (per-stage intensity applies after the cut)."""
-    return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample)
+    return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample, cfg.downsample_op)
 
 
 _costs: dict[tuple, BlockCosts] = {}  # validation, --plan and the pipeline ask for the same network's costs
@@ -104,8 +104,9 @@ _costs: dict[tuple, BlockCosts] = {}  # validation, --plan and the pipeline ask 
 
 def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
     """One training step of the whole network on the meta device, its bytes attributed to the blocks."""
-    key = (cfg.arch, cfg.width, cfg.downsample, cfg.batch_size, cfg.optimizer, cfg.momentum, cfg.weight_decay,
-           cfg.head, cfg.head_convs, cfg.head_width, cfg.cache_views, tuple(in_shape))
+    key = (cfg.arch, cfg.width, cfg.downsample, cfg.downsample_op, cfg.batch_size, cfg.optimizer, cfg.momentum,
+           cfg.weight_decay, cfg.head, cfg.head_blocks, cfg.head_fraction, cfg.head_convs, cfg.head_width,
+           cfg.cache_views, tuple(in_shape))
     if key not in _costs:
         _costs[key] = measure_block_costs(cfg, tuple(in_shape))
     return _costs[key]
@@ -146,11 +147,14 @@ def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCos
         own_input.append(saved.storages[own] if first_saver.get(own) == b else 0)
     out_saved = [first_saver.get(outputs[b]) == b for b in range(n)]  # e.g. by a final ReLU, not a max-pool
     batch_in = [batch_size * int(torch.Size(shapes[b]).numel()) * 4 + y.nbytes for b in range(n)]
-    head_costs = {}
-    for shape in set(shapes[1:]):
-        head_costs[shape] = head_bytes(cfg, shape)
-    head = [head_costs[shapes[b + 1]][0] for b in range(n)]
-    head_input = [head_costs[shapes[b + 1]][1] if not out_saved[b] else 0 for b in range(n)]
+    # The head on block j's output (an aug head copies blocks j+1.., so it depends on j, not only its shape).
+    heads = {}
+    for b in range(n):
+        key = shapes[b + 1] if cfg.head != "aug" else b
+        if key not in heads:
+            heads[key] = head_bytes(cfg, shapes[b + 1], specs[b + 1:])
+    head = [heads[shapes[b + 1] if cfg.head != "aug" else b][0] for b in range(n)]
+    head_input = [heads[shapes[b + 1] if cfg.head != "aug" else b][1] if not out_saved[b] else 0 for b in range(n)]
     numel = [int(torch.Size(shape).numel()) for shape in shapes]
     activation = [batch_size * 4 * numel[b + 1] for b in range(n)]
     # Under no_grad a basic block holds its input and up to four outputs' worth at once (conv, BN, shortcut,
@@ -177,10 +181,11 @@ class AttributedSaves(SavedTensorBytes):
         return super().pack(t)
 
 
-def head_bytes(cfg: Config, shape: tuple[int, int, int]) -> tuple[int, int]:
-    """(the head's step bytes without its input, the bytes of its input when it saves it) on `shape` features."""
+def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int]:
+    """(the head's step bytes without its input, the bytes of its input when it saves it) on `shape` features;
+    `after`: the blocks that follow (an aug head copies them)."""
     with torch.device("meta"):
-        head = build_head(cfg, shape[0], NUM_CLASSES)
+        head = build_head(cfg, shape[0], NUM_CLASSES, after)
         x = torch.empty(cfg.batch_size, *shape, requires_grad=False)
         y = torch.zeros(cfg.batch_size, dtype=torch.long)
     optim = make_optimizer(cfg, head)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from seqtrain.archs import ARCHS, block_specs, feature_shape, is_known_arch, num_blocks
+from seqtrain.archs import ARCHS, block_specs, exact_reductions, feature_shape, is_known_arch, num_blocks
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -22,12 +22,13 @@ else:  # pragma: no cover
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "imagefolder")
 AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
-HEADS = ("linear", "conv")
+HEADS = ("linear", "conv", "aug")
 OPTIMIZERS = ("sgd", "adamw")
 BALANCES = ("memory", "blocks")
 CACHE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
 DEVICES = ("auto", "cpu", "cuda")
+DOWNSAMPLE_OPS = ("stride", "pool", "space-to-depth")
 
 
 def opt(default, help: str):
@@ -66,9 +67,14 @@ class Config:
     balance: str = opt("memory", 'where --stages K cuts: "memory" (smallest largest stage) or "blocks" (equal counts)')
     memory_budget: str = opt("",
                              "with --stages auto: each stage's training and caching memory, e.g. 512MB, 4GB")
+    downsample_op: str = opt("stride", 'how a reduction is made: "stride", "pool" (average) or "space-to-depth" '
+                             "(invertible: no information lost)")
     downsample: str = opt("standard",
                           '"standard", "accelerated" (every reduction one group earlier), or "BLOCK:FACTOR,..."')
-    head: str = opt("conv", 'auxiliary head: "conv" (Belilovsky et al. 2019) or "linear" (pool + linear)')
+    head: str = opt("conv", 'auxiliary head: "conv" (Belilovsky et al. 2019), "linear" (pool + linear), or "aug" '
+                    "(a reduced copy of the blocks that follow the stage)")
+    head_blocks: int = opt(2, "aug head: how many of the blocks after the stage it copies, 1-4")
+    head_fraction: float = opt(0.5, "aug head: the copied blocks' channels, as a fraction of the network's, 0.25-1")
     head_convs: int = opt(1, "conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3")
     head_width: int = opt(0, "conv head: channels of its conv layers; 0 = the stage's output channels")
     stage_convs: str = opt("", 'convolution intensity: conv layers per block in each stage, e.g. "1,2,2,2"; "" = usual')
@@ -128,6 +134,11 @@ class Config:
             raise UserError(f"--loader-mb must be at least 1, got {self.loader_mb}")
         if 0 < self.image_size < 8 or self.image_size > 1024:
             raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
+        if self.head_blocks < 1 or not 0 < self.head_fraction <= 2:
+            raise UserError(f"--head-blocks must be at least 1 and --head-fraction in (0, 2], got {self.head_blocks} "
+                            f"and {self.head_fraction}")
+        if self.head == "aug" and ":" in self.arch:
+            raise UserError(f"--head aug copies seqtrain's own blocks; --arch {self.arch} needs --head conv or linear")
         if self.cache_views > 64:
             raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1 to 64 "
                             "(2-8 is usual)")
@@ -212,6 +223,14 @@ class Config:
         if min(shape[1:]) < 1:
             raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "
                             "reduce less")
+        specs = block_specs(self.arch, self.width, 3, self.downsample, self.downsample_op)
+        if self.downsample_op != "stride" and specs[0].kind == "conv":
+            raise UserError(f"--downsample-op {self.downsample_op} applies to ResNets; {self.arch} reduces by its own "
+                            "max-pools: drop the flag")
+        why = exact_reductions(specs, (3, size, size))
+        if why:
+            raise UserError(f"--downsample-op {self.downsample_op}: {why}; use an --image-size that divides, or "
+                            "--downsample-op stride")
 
     def check_external_arch(self) -> None:
         """--arch torchvision:NAME (and --split), or a custom:HASH network given to seqtrain.train_stages()."""
@@ -225,7 +244,7 @@ class Config:
         if not (is_torchvision(self.arch) or self.arch.startswith("custom:")):
             raise UserError(f"--arch {self.arch!r} is not known; use one of {', '.join(choices()['arch'])} "
                             "or torchvision:NAME")
-        for name in ("width", "downsample", "stage_convs", "stage_width"):
+        for name in ("width", "downsample", "downsample_op", "stage_convs", "stage_width"):
             if getattr(self, name) != getattr(Config, name):
                 raise UserError(f"{flag(name)} shapes seqtrain's own networks, not --arch {self.arch}; "
                                 "drop it (stages are placed with --split)")
@@ -281,7 +300,7 @@ def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names a thing."""
     return {"dataset": DATASETS, "augment": AUGMENTS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
-            "balance": BALANCES,
+            "balance": BALANCES, "downsample_op": DOWNSAMPLE_OPS,
             "cache_dtype": CACHE_DTYPES, "compression": COMPRESSIONS, "device": DEVICES}
 
 
@@ -372,8 +391,8 @@ GROUPS = {
     "what to run": ("run_dir",),
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
              "augment", "crop_padding", "cache_views"),
-    "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "stage_convs", "stage_width",
-                "head", "head_convs", "head_width", "split"),
+    "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "downsample_op", "stage_convs",
+                "stage_width", "head", "head_blocks", "head_fraction", "head_convs", "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
     "feature cache": ("cache_dtype", "shard_mb", "loader_mb", "compression"),

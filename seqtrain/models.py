@@ -22,12 +22,13 @@ Two per-stage knobs shape what each trainable stage can learn (stage_specs() app
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from seqtrain.archs import BlockSpec, feature_shape, stage_specs
+from seqtrain.archs import BlockSpec, feature_shape, head_specs, stage_specs
 
 if TYPE_CHECKING:
     from seqtrain.config import Config
@@ -69,6 +70,12 @@ class BasicBlock(nn.Module):
 
 
 def build_block(spec: BlockSpec) -> nn.Module:
+    if spec.op != "stride" and spec.stride > 1:  # reduce first, then the block at stride 1 (archs.block_specs)
+        if spec.op == "space-to-depth":
+            reduce, in_ch = nn.PixelUnshuffle(spec.stride), spec.in_ch * spec.stride ** 2
+        else:
+            reduce, in_ch = nn.AvgPool2d(spec.stride), spec.in_ch
+        return nn.Sequential(reduce, build_block(replace(spec, in_ch=in_ch, stride=1, op="stride")))
     if spec.kind == "basic":
         return BasicBlock(spec.in_ch, spec.out_ch, spec.stride, spec.num_convs)
     # A stem or VGG block: conv-BN-ReLU layers (the first carries the stride), then the max-pool if any.
@@ -120,9 +127,28 @@ class AuxHead(nn.Module):
         return self.fc(torch.flatten(self.pool(self.convs(x)), 1))
 
 
-def build_head(cfg: Config, in_ch: int, num_classes: int) -> AuxHead:
-    if cfg.head == "linear":
+class AugHead(nn.Module):
+    """Auxiliary classifier with depth: a reduced copy of the blocks that follow the stage in the network
+    (--head-blocks of them at --head-fraction of their channels), then global average pooling and a linear
+    layer. In the spirit of AugLocal (Ma et al., ICLR 2024): the stage is trained to be useful to a network
+    shaped like the one that will consume its features, not to be linearly separable at once."""
+
+    def __init__(self, specs: list[BlockSpec], num_classes: int):
+        super().__init__()
+        self.blocks = build_stage_block(specs)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(specs[-1].out_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.blocks(x)), 1))
+
+
+def build_head(cfg: Config, in_ch: int, num_classes: int, after: list[BlockSpec] = ()) -> nn.Module:
+    """Stage k's auxiliary head on `in_ch` channels; `after`: the network's blocks after stage k (--head aug)."""
+    if cfg.head == "linear" or (cfg.head == "aug" and not after):  # the last stage: the network's own classifier
         return AuxHead(in_ch, num_classes)
+    if cfg.head == "aug":
+        return AugHead(head_specs(list(after), in_ch, cfg.head_blocks, cfg.head_fraction), num_classes)
     return AuxHead(in_ch, num_classes, convs=cfg.head_convs, width=cfg.head_width, pool=2)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from seqtrain import distributed
+from seqtrain.archs import specs_after
 from seqtrain.augment import AugmentedBatches, ViewBatches, augment_for
 from seqtrain.batches import ImageBatches
 from seqtrain.cache import (
@@ -141,7 +142,8 @@ def run_stage(cfg: Config, run: RunDir, k: int, raw: RawData | None, device: tor
         out_shape = stage_shapes([block], inputs.in_shape)[0]
     # Every rank checks (cheap, one filesystem), so under torchrun all refuse together instead of hanging.
     check_disk(run, k, predicted_cache_bytes(tuple(out_shape), cfg, inputs.counts))
-    model = StageModel(block, build_head(cfg, out_shape[0], inputs.num_classes)).to(device)
+    head = build_head(cfg, out_shape[0], inputs.num_classes, specs_after(cfg, k) if ":" not in cfg.arch else [])
+    model = StageModel(block, head).to(device)
     identity = {"config_hash": config_hash(cfg), "input_fingerprint": inputs.fingerprint, "stage": k}
 
     unpublish_stage(run, k)  # stage k is incomplete from here until its new manifest is published

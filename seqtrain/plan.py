@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, stage_specs
+from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, specs_after, stage_specs
 from seqtrain.balance import block_costs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
@@ -117,7 +117,7 @@ def block_rows(k: int, first: int, specs: list[BlockSpec], in_shape: tuple[int, 
     for i, s in enumerate(specs):
         shape = feature_shape([s], shape)
         rows.append({"index": first + i, "stage": k, "kind": s.kind, "in_ch": s.in_ch, "out_ch": s.out_ch,
-                     "stride": s.stride, "pool": s.pool, "convs": s.num_convs, "out_shape": list(shape)})
+                     "stride": s.stride, "pool": s.pool, "convs": s.num_convs, "op": s.op, "out_shape": list(shape)})
     return rows
 
 
@@ -164,7 +164,8 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
     for k, block in enumerate(modules):
         out_shape = tuple([b for b in blocks if b["stage"] == k][-1]["out_shape"])
         with torch.device("meta"):
-            model = StageModel(block, build_head(cfg, out_shape[0], num_classes))
+            after = specs_after(cfg, k, in_shape[0]) if ":" not in cfg.arch else []
+            model = StageModel(block, build_head(cfg, out_shape[0], num_classes, after))
         stages.append({
             "stage": k, "blocks": sizes[k], "parameters": sum(p.numel() for p in block.parameters()),
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
@@ -235,16 +236,17 @@ def format_plan(p: dict) -> str:
     lines = [f"plan: {p['arch']} in {len(p['stages'])} stages {p['stage_sizes']}, batch {p['batch_size']}, "
              f"{p['optimizer']}; {p['cache_dtype']} cache of {n['train']:,}{views}/{n['val']:,}/{n['test']:,} "
              "train/val/test samples"]
-    rows = [["stage", "blocks", "params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
+    rows = [["stage", "blocks", "params", "head params", "in", "out", "activ. MB", "weights+grads+opt MB", "batch MB",
              "floor MB", "peak MB", "input (host) MB", "cache MB"]]
     for s in p["stages"]:
         a = s["analytic"]
-        rows.append([str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", shape_text(s["in_shape"]),
+        rows.append([str(s["stage"]), str(s["blocks"]), f"{s['parameters']:,}", f"{s['head_parameters']:,}",
+                     shape_text(s["in_shape"]),
                      shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
                      mb(a["batch"]), mb(a["total"]), mb(s["train_bytes"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
     e2e = p["e2e"]
     a = e2e["analytic"]
-    rows.append(["e2e", str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}",
+    rows.append(["e2e", str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}", "-",
                  shape_text(p["in_shape"]), "-", mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
                  mb(a["batch"]), mb(a["total"]), mb(e2e["train_bytes"]), mb(e2e["input_bytes"]), "-"])
     lines.append(aligned(rows))
@@ -265,7 +267,8 @@ def format_plan(p: dict) -> str:
     if p["bf16"]:
         lines.append("activations are predicted in float32: with --bf16 on CUDA they take about half")
     lines.append(f"blocks ({p['downsample']} downsampling, input {shape_text(p['in_shape'])}): index kind, "
-                 "/N where it reduces the resolution N-fold, -> output channels @ H x W")
+                 "/N where it reduces the resolution N-fold (by a strided convolution, avg-pool or s2d: "
+                 "space-to-depth), -> output channels @ H x W")
     lines += [f"  stage {k}: {line}" for k, line in enumerate(block_lines(p["blocks"]))]
     return "\n".join(lines)
 
@@ -302,5 +305,5 @@ def block_text(b: dict) -> str:
     if b["convs"] != USUAL_CONVS.get(b["kind"]):  # a torchvision stage: always its count
         text += f" ({b['convs']} conv{'s' if b['convs'] > 1 else ''})"
     if b["stride"] * b["pool"] > 1:
-        text += f" /{b['stride'] * b['pool']}"
+        text += f" /{b['stride'] * b['pool']}" + {"pool": " avg-pool", "space-to-depth": " s2d"}.get(b.get("op"), "")
     return text + f" -> {b['out_shape'][0]}@{shape_text(b['out_shape'][1:])}"

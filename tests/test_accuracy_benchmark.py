@@ -17,7 +17,7 @@ from seqtrain.files import read_json
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
-TINY = ["--archs", "resnet20", "--ks", "2", "--seeds", "0", "--downsamples", "standard", "--n-train", "400",
+TINY = ["--archs", "resnet20", "--ks", "2", "--seeds", "0", "--n-train", "400",
         "--n-test", "100", "--width", "4", "--max-epochs", "1"]
 
 
@@ -32,7 +32,7 @@ def bench(out, data, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
 @pytest.mark.slow
 def test_smoke_run_summary_and_reuse(tmp_path):
     out = tmp_path / "out"
-    proc, summary = bench(out, tmp_path / "data")
+    proc, summary = bench(out, tmp_path / "data", "--downsamples", "standard")
     assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
     assert summary["config"]["archs"] == ["resnet20"] and summary["config"]["ks"] == [2]
     assert summary["target"]["measured"] is False and summary["target"]["arch"] == "resnet32"
@@ -48,7 +48,7 @@ def test_smoke_run_summary_and_reuse(tmp_path):
 
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     assert len(logs) == 2 and sum(text.count("$ python -m seqtrain.run") for text in logs.values()) == 4
-    _, again = bench(out, tmp_path / "data")  # every run directory is complete: nothing trains
+    _, again = bench(out, tmp_path / "data", "--downsamples", "standard")  # every run is complete: nothing trains
     assert {p.name: p.read_text() for p in (out / "logs").glob("*.log")} == logs
     # The same runs read again; only mem ratio moves, with the baseline process measured afresh.
     assert [(r["test_acc"], r["gap_points"]) for r in again["rows"]] == [(r["test_acc"], r["gap_points"])
@@ -58,7 +58,9 @@ def test_smoke_run_summary_and_reuse(tmp_path):
 @pytest.mark.slow
 def test_quick_preset_smoke_run_in_one_process_per_run(tmp_path):
     out = tmp_path / "out"
-    proc, summary = bench(out, tmp_path / "data", "--quick")  # the quick preset's training, TINY's sizes
+    # The quick preset's training at TINY's sizes, with the aug head and space-to-depth reductions.
+    proc, summary = bench(out, tmp_path / "data", "--quick", "--heads", "aug", "--downsamples",
+                          "accelerated+space-to-depth")
     config = summary["config"]
     assert config["preset"] == "quick" and config["optimizer"] == "adamw" and config["one_process"] is True
     assert config["n_train"] == 400 and config["max_epochs"] == 1  # flags override the preset
@@ -69,6 +71,7 @@ def test_quick_preset_smoke_run_in_one_process_per_run(tmp_path):
                 if line.startswith("$ python -m seqtrain.run")]
     assert sorted(c.split()[5] for c in commands) == ["all", "e2e"]  # one process per run, not per stage
     assert all("--optimizer adamw" in c and "--patience 5" in c for c in commands)
+    assert all("--head aug" in c and "--downsample-op space-to-depth" in c for c in commands)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -144,3 +147,17 @@ def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end
     assert rows[("convs 1,2,2", "sequential", 4)]["mem_ratio"][0] == pytest.approx(100 / 200)
     text = accuracy_report.table(list(rows.values()), "cpu", one_process=True)
     assert "intensity" in text and "convs 1,2,2" in text and "--one-process" in text
+
+
+def test_heads_and_downsampling_ops_are_axes_with_their_own_e2e(tmp_path):
+    args = accuracy.parse_args(["--archs", "resnet20", "--ks", "4", "--seeds", "0", "--heads", "conv,aug",
+                                "--downsamples", "standard,accelerated+space-to-depth", "--out", str(tmp_path)])
+    todo = accuracy.points(args)
+    # 2 downsamplings x 2 heads, each with its own e2e network (the last head, the reduction op differ).
+    assert len(todo) == 2 * 2 * 2 and len({p["run_dir"] for p in todo}) == len(todo)
+    e2e = {accuracy.e2e_key(p) for p in todo if p["method"] == "e2e"}
+    assert all(accuracy.e2e_key({**p, "e2e": None}) in e2e for p in todo)
+    flags = accuracy.seqtrain_flags(args, next(p for p in todo if p["head"] == "aug" and "+" in p["downsample"]))
+    assert flags[flags.index("--downsample") + 1] == "accelerated"
+    assert flags[flags.index("--downsample-op") + 1] == "space-to-depth" and flags[flags.index("--head") + 1] == "aug"
+    assert accuracy.intensity(todo[-1]) in ("usual", "head aug")

@@ -18,18 +18,20 @@ from seqtrain.plan import step_bytes
 from seqtrain.run import main
 
 
-@pytest.mark.parametrize("arch,downsample", [("resnet20", "standard"), ("resnet20", "accelerated"),
-                                             ("vgg11", "standard")])
-def test_block_costs_compose_to_the_exact_bytes_of_every_stage(arch, downsample):
-    cfg = Config(arch=arch, width=4, downsample=downsample, batch_size=16, stages="1")
+@pytest.mark.parametrize("arch,downsample,op,head", [
+    ("resnet20", "standard", "stride", "conv"), ("resnet20", "accelerated", "stride", "conv"),
+    ("resnet20", "accelerated", "space-to-depth", "conv"), ("resnet20", "standard", "pool", "aug"),
+    ("vgg11", "standard", "stride", "linear")])
+def test_block_costs_compose_to_the_exact_bytes_of_every_stage(arch, downsample, op, head):
+    cfg = Config(arch=arch, width=4, downsample=downsample, downsample_op=op, head=head, batch_size=16, stages="1")
     in_shape = (3, 32, 32)
     costs = block_costs(cfg, in_shape)
-    specs = block_specs(arch, 4, 3, downsample)
+    specs = block_specs(arch, 4, 3, downsample, op)
     for i, j in itertools.combinations_with_replacement(range(len(specs)), 2):
         shape = feature_shape(specs[:i], in_shape)
         with torch.device("meta"):
             block = build_stage_block(specs[i:j + 1])
-            model = StageModel(block, build_head(cfg, specs[j].out_ch, 10))
+            model = StageModel(block, build_head(cfg, specs[j].out_ch, 10, specs[j + 1:]))
         assert costs.floor_bytes(i, j) == step_bytes(cfg, model, shape).total, (i, j)
 
 

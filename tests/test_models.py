@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from seqtrain.archs import block_specs, feature_shape, reductions, stage_specs
+from seqtrain.archs import block_specs, feature_shape, reductions, specs_after, stage_specs
 from seqtrain.config import Config
-from seqtrain.models import build_network, build_stage_block
+from seqtrain.models import AuxHead, build_head, build_network, build_stage_block
 
 
 @pytest.mark.parametrize("arch, blocks, out_shape", [
@@ -229,3 +230,45 @@ def test_plan_of_a_torchvision_network_has_a_line_per_stage():
                                                                                 for s in p["stages"]]
     assert [b["stride"] for b in p["blocks"]] == [4, 2, 2, 2]  # conv1 and the max-pool, then each layer's first
     assert "  stage 0: 0 conv1..layer1.1 (5 convs) /4 -> 64@8x8" in format_plan(p)
+
+
+def test_space_to_depth_is_exactly_invertible_and_feeds_the_block_four_times_the_channels():
+    x = torch.randn(2, 5, 8, 8)
+    s2d = torch.nn.PixelUnshuffle(2)
+    assert s2d(x).shape == (2, 20, 4, 4) and torch.equal(torch.nn.PixelShuffle(2)(s2d(x)), x)  # nothing lost
+    spec = block_specs("resnet20", width=4, downsample="accelerated", op="space-to-depth")[4]
+    block = build_stage_block([spec])[0]
+    assert isinstance(block[0], torch.nn.PixelUnshuffle) and block[1].conv1.in_channels == 4 * spec.in_ch
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet32", "resnet56", "resnet110", "resnet18", "resnet34"])
+@pytest.mark.parametrize("op", ["stride", "pool", "space-to-depth"])
+@pytest.mark.parametrize("downsample", ["standard", "accelerated"])
+def test_every_downsampling_op_gives_the_shapes_the_schedule_says(arch, op, downsample):
+    specs = block_specs(arch, width=4, downsample=downsample, op=op)
+    with torch.device("meta"):  # shapes only: nothing is computed
+        x = torch.empty(2, 3, 32, 32)
+        for i, block in enumerate(build_stage_block(specs)):
+            x = block(x)
+            assert tuple(x.shape[1:]) == feature_shape(specs[:i + 1], (3, 32, 32)), (i, specs[i])
+    assert feature_shape(specs, (3, 32, 32)) == feature_shape(block_specs(arch, 4, 3, downsample), (3, 32, 32))
+
+
+def test_aug_head_copies_the_following_blocks_at_a_fraction_of_their_width(tiny, capsys):
+    cfg = Config(arch="resnet20", width=8, stages="3,3,4", balance="blocks", head="aug", head_blocks=2,
+                 head_fraction=0.5).validate()
+    head = build_head(cfg, 8, 10, specs_after(cfg, 0))
+    following = stage_specs(cfg)[1][:2]
+    assert [b.conv1.out_channels for b in head.blocks] == [max(1, round(s.out_ch / 2)) for s in following]
+    assert isinstance(build_head(cfg, 32, 10, specs_after(cfg, 2)), AuxHead)  # the last stage: pool + linear
+    # It trains a stage, and --plan counts it.
+    assert tiny("--head", "aug", "--stage", "0") == 0
+    assert (tiny.run_dir / "stage_00" / "cache" / "manifest.json").exists()
+    capsys.readouterr()
+    assert tiny("--plan", "--json", "--head", "aug", "--balance", "blocks", "--rebuild") == 0
+    aug = json.loads(capsys.readouterr().out)
+    assert tiny("--plan", "--json", "--head", "linear", "--balance", "blocks", "--rebuild") == 0
+    linear = json.loads(capsys.readouterr().out)
+    assert aug["stages"][0]["head_parameters"] > linear["stages"][0]["head_parameters"]
+    assert aug["stages"][0]["train_bytes"] > linear["stages"][0]["train_bytes"]
+    assert aug["stages"][-1]["head_parameters"] == linear["stages"][-1]["head_parameters"]
