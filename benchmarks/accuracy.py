@@ -92,7 +92,16 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: every run starts h
 PRESETS = {
     # For a GPU: every depth of the issue at the default dataset size and epoch cap, seqtrain's training defaults.
     "full": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 10_000,
-             "n_test": 2_000, "width": 0, "max_epochs": 12, "jobs": 1, "one_process": False},
+             "n_test": 2_000, "width": 0, "max_epochs": 12, "jobs": 1, "one_process": False,
+             "downsamples": "standard,accelerated", "heads": "conv"},
+    # The scaling study on 2 CPU cores (docs/scaling-study.md): CIFAR ResNets 20 to 110 at standard width on
+    # 16x16 images (a quarter of the pixels, so ResNet-110 trains an epoch in about 20 s), 10,000 images,
+    # up to 30 epochs with patience 6, every remedy: reduction op, aux head, K = 4 and 8. Whether 30 epochs
+    # bring e2e to its plateau is what the study's first part measures (--e2e-only, learning curves).
+    "study": {"archs": "resnet20,resnet32,resnet56,resnet110", "ks": "4,8", "seeds": "0,1,2", "n_train": 10_000,
+              "n_test": 2_000, "width": 0, "max_epochs": 30, "patience": 6, "image_size": 16,
+              "downsamples": "standard,accelerated,accelerated+space-to-depth", "heads": "conv,aug", "jobs": 1,
+              "one_process": False},
     # 2 CPU cores, 20 minutes. Measured on this machine (2 cores, torch 2.14.1, one thread per run):
     # - Cost. An e2e epoch of 1,800 images at width 8 takes 3.2, 4.9, 8.6, 2.4 CPU-s (ResNet-20, 32, 56, 18),
     #   accelerated downsampling about 0.4x that; a sequential run costs 1.1-1.3x its e2e (heads, caching).
@@ -119,10 +128,11 @@ PRESETS = {
     #   preset, on a GPU, is the one that measures the claim.
     "quick": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 2_000,
               "n_test": 1_000, "width": 8, "max_epochs": 5, "batch_size": 64, "optimizer": "adamw", "lr": 0.003,
-              "warmup_epochs": 1.0, "patience": 5, "jobs": 2, "one_process": True},
+              "warmup_epochs": 1.0, "patience": 5, "jobs": 2, "one_process": True,
+              "downsamples": "standard,accelerated", "heads": "conv"},
 }
 # seqtrain settings passed to every run only when set (by a flag or the preset): otherwise seqtrain's default.
-TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience")
+TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience", "image_size")
 TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_points": 1.0, "max_mem_ratio": 0.3}
 
 
@@ -276,6 +286,8 @@ def points(args: argparse.Namespace) -> list[dict]:
                             if not usual:  # the network depends on the split: e2e of the same K-stage network
                                 out.append({**point, "method": "e2e", "run_dir": str(root / name.format(f"e2e-k{k}"))})
                             out.append({**point, "method": "sequential", "run_dir": str(root / name.format(f"k{k}"))})
+    if args.e2e_only:
+        return [p for p in out if p["method"] == "e2e"]
     return out
 
 
@@ -320,6 +332,12 @@ def analytic_ratio(args: argparse.Namespace, point: dict) -> float:
     return plan(cfg)["totals"]["peak_ratio"]
 
 
+def val_curve(run_dir: str) -> list[float]:
+    """An e2e run's validation accuracy after every epoch, from its metrics.jsonl: has it flattened?"""
+    path = Path(run_dir) / "e2e" / "metrics.jsonl"
+    return [json.loads(line)["val_acc"] for line in path.read_text().splitlines() if line.strip()]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -339,8 +357,10 @@ def summarize(done: list[dict], args: argparse.Namespace) -> list[dict]:
         peak = [peak_mb(d["results"], method) for d in runs]
         ratio = [p / peak_mb(r, "e2e") for p, r in zip(peak, ref)]
         seq = method == "sequential"
-        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "head": head, "convs": convs,
-                     "swidth": swidth, "intensity": intensity(runs[0]), "method": method, "k": k,
+        curves = [] if seq else [val_curve(d["run_dir"]) for d in runs]
+        rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "head": head,
+                     "convs": convs, "swidth": swidth, "curves": curves, "intensity": intensity(runs[0]),
+                     "method": method, "k": k,
                      "seeds": [d["seed"] for d in runs], "test_acc": mean_std(acc), "gap_points": mean_std(gap),
                      "peak_mb": mean_std(peak), "mem_ratio": mean_std(ratio),
                      "analytic_ratio": analytic_ratio(args, runs[0]) if seq else 1.0,
@@ -384,13 +404,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the sweep at width 8 on 2,000 images, 5 epochs of AdamW "
                    "at batch 64, no early stopping, one process per run: ~18.5 min on 2 CPU cores (see the docstring)")
+    p.add_argument("--study", action="store_true", help="the scaling study's preset: ResNet-20 to 110 at 16x16, "
+                   "up to 30 epochs, every reduction op and head (hours: run it in parts, it resumes)")
+    p.add_argument("--e2e-only", action="store_true", help="only the e2e points: their learning curves say whether "
+                   "a budget trains e2e to convergence")
+    p.add_argument("--image-size", type=int, help="seqtrain --image-size (default: the dataset's own, --study 16)")
     p.add_argument("--archs", help="comma-separated seqtrain --arch values (default: resnet20,resnet32,resnet56,"
                    "resnet18)")
     p.add_argument("--ks", help="numbers of stages; larger than a network's blocks are skipped (default: 2,4,8)")
-    p.add_argument("--downsamples", default="standard,accelerated", help="schedules, seqtrain --downsample values, "
+    p.add_argument("--downsamples", help="schedules, seqtrain --downsample values, "
                    "each optionally +OP for --downsample-op, e.g. accelerated+space-to-depth (default: "
                    "standard,accelerated)")
-    p.add_argument("--heads", default="conv", help="auxiliary heads, seqtrain --head values, e.g. conv,aug; e2e "
+    p.add_argument("--heads", help="auxiliary heads, seqtrain --head values, e.g. conv,aug; e2e "
                    "runs once per head, whose last-stage classifier it shares (default: conv)")
     p.add_argument("--stage-convs", nargs="+", default=["usual"], metavar="CONVS", help="convolution intensity "
                    "axis: conv layers per block for each stage, e.g. usual 1,2 4,2 ('1,2' = the first stage's "
@@ -418,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "but a stage's peak memory includes earlier stages' leftovers (default: off, --quick on)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"), help="output directory")
     args = p.parse_args(argv)
-    args.preset = "quick" if args.quick else "full"
+    if args.quick and args.study:
+        p.error("--quick and --study are two presets: choose one")
+    args.preset = "quick" if args.quick else "study" if args.study else "full"
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -469,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
     rows = summarize(run_sweep(args), args)
     target = target_check(rows, args.one_process)
-    config = {k: getattr(args, k) for k in ("preset", "quick", "archs", "ks", "downsamples", "heads", "stage_convs",
+    config = {k: getattr(args, k) for k in ("preset", "quick", "e2e_only", "archs", "ks", "downsamples", "heads",
+                                            "image_size", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,

@@ -92,6 +92,34 @@ def report(out: Path) -> None:
     print(target_line(s["target"]))
     title = f"{s.get('settings', '')}\n{s['device_name']}, torch {s['torch']}"
     plot(rows, s["config"]["archs"], out / "accuracy.png", title)
+    if any(r.get("curves") for r in rows):
+        plot_curves(rows, out / "curves.png", title)
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """e2e validation accuracy against epoch, a panel per (downsample, head): has every network flattened?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r.get("curves")]
+    panels = list(dict.fromkeys((r["downsample"], r.get("head", "conv")) for r in mine))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (downsample, head) in zip(axes[0], panels):
+        for i, r in enumerate(r for r in mine if (r["downsample"], r.get("head", "conv")) == (downsample, head)):
+            for j, curve in enumerate(r["curves"]):
+                ax.plot(range(1, len(curve) + 1), curve, color=f"C{i}", alpha=0.8,
+                        label=r["arch"] if j == 0 else None)
+        ax.set_title(f"e2e, {downsample} downsampling, {head} head", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy (one line per seed)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
