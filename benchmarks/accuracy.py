@@ -6,16 +6,19 @@ their verification experiment.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/accuracy.py --quick     # the issue's sweep, small: 2 CPU cores, <= 20 min
-    .venv/bin/python benchmarks/accuracy.py             # the same sweep at full size on the default data: a GPU
-    .venv/bin/python benchmarks/accuracy.py --dataset cifar10 --data-dir data   # any seqtrain dataset
-    .venv/bin/python benchmarks/accuracy.py --quick --archs resnet32 --ks 4 \
+    python -m benchmarks.accuracy --quick               # the sweep, small: 2 CPU cores, <= 20 min
+    python -m benchmarks.accuracy                       # the same sweep at full size on the default data: a GPU
+    python -m benchmarks.accuracy --study [--e2e-only]  # the scaling study: hours, in resumable parts
+    python -m benchmarks.accuracy --dataset cifar10 --data-dir data   # any seqtrain dataset
+    python -m benchmarks.accuracy --quick --archs resnet32 --ks 4 \
         --stage-convs usual 1,2 --stage-width usual 0.5,1   # convolution intensity of the shallow stage
-    .venv/bin/python benchmarks/accuracy.py --archs resnet20 --ks 2 --seeds 0 --n-train 400 --n-test 100 \
+    python -m benchmarks.accuracy --archs resnet20 --ks 2 --seeds 0 --n-train 400 --n-test 100 \
         --width 4 --max-epochs 1                        # a smoke test, well under a minute
 
-Both presets sweep ResNet-20, 32, 56 (CIFAR, 10, 16, 28 blocks) and ResNet-18 (9 blocks) x K in {2, 4, 8}
-x downsampling {standard, accelerated} x {sequential, e2e} x seeds {0, 1, 2}: 96 runs.
+The full and quick presets sweep ResNet-20, 32, 56 (CIFAR, 10, 16, 28 blocks) and ResNet-18 (9 blocks) x K in
+{2, 4, 8} x downsampling {standard, accelerated} x {sequential, e2e} x seeds {0, 1, 2}: 96 runs. The study
+preset: ResNet-20, 32, 56, 110 x K in {4, 8} x {standard, accelerated, accelerated+space-to-depth} x heads
+{conv, aug} x seeds {0, 1, 2} at 16x16 (see PRESETS).
   full    seqtrain's defaults: standard widths, 10,000 synthetic images (9,000 train), <= 12 epochs at
           batch 128, early stopping; one process per stage.
   quick   width 8, 2,000 images (1,800 train, 200 val) and 1,000 test images, 5 epochs of AdamW at batch
@@ -43,17 +46,14 @@ combination of the two flags' values; the default is "usual" for both (seqtrain'
 Reported per (arch, downsample, intensity, K, method), mean and std over seeds:
   test acc      the final network's (sequential) or the e2e network's accuracy on the test split
   gap           sequential minus e2e test accuracy of the same arch, downsample, intensity and seed, in points
-  peak MB       the largest stage's peak memory (its training or its caching pass, as run.py's table), and
-                e2e's: on CUDA the allocator's peak; on a CPU the process's peak resident set, which includes
-                about 0.7 GB of torch itself (printed as measured)
-  mem ratio     largest stage / e2e. On a CPU both peaks first lose BASE, the resident set of a fresh process
-                after importing seqtrain.pipeline (torch, h5py) and one tiny conv training step (torch maps
-                its CPU kernels at first use), measured once at the start; on CUDA no subtraction. Beside
-                it the analytic ratio of seqtrain.plan (bytes held by a training step, device-independent).
+  peak MB       the largest stage's tensor-level peak (its training or its caching pass, as run.py's table),
+                and e2e's: on CUDA the allocator's peak, on a CPU MemTracker's count of live tensors
+  mem ratio     largest stage / e2e; beside it the analytic ratio of seqtrain.plan (predicted peaks)
   time s        training and caching seconds of all seeds, as the runs recorded them
-The target (issue "Layer-wise scaling study"): ResNet-32, K = 4, accelerated downsampling within 1 point of
-e2e, with mem ratio <= 0.3. It is printed, met or missed, whenever that point was run.
-Output: a table, OUT/results.json, OUT/accuracy.png (accuracy against depth and K) and, last, a JSON line
+The target: ResNet-32, K = 4, accelerated downsampling within 1 point of e2e, with mem ratio <= 0.3. It is
+printed, met or missed, whenever that point was run.
+Output: OUT/results.json (written first), then from it (benchmarks/accuracy_report.py) a table,
+OUT/accuracy.png (accuracy against depth and K), OUT/curves.png (e2e learning curves) and, last, a JSON line
 (wall_s beside cpu_s, the CPU seconds of all runs: on a busy machine wall_s grows, cpu_s does not).
 """
 
