@@ -8,9 +8,12 @@ It reads what benchmarks/accuracy.py wrote and never trains, so a figure can be 
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
+try:
+    from benchmarks.common import panels, save_panels
+except ImportError:  # python benchmarks/accuracy.py: this folder is on sys.path, the repository root is not
+    from common import panels, save_panels
 from seqtrain.files import read_json
 from seqtrain.report import aligned
 
@@ -51,15 +54,10 @@ def target_line(t: dict) -> str:
 
 def plot(rows: list[dict], archs: list[str], path: Path, title: str) -> None:
     """One panel per (downsample, intensity): test accuracy against depth, a line per K and e2e."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    keys = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
+    fig, axes = panels(len(keys))
     x = {arch: i for i, arch in enumerate(archs)}
-    for ax, (downsample, inten) in zip(axes[0], panels):
+    for ax, (downsample, inten) in zip(axes, keys):
         mine = [r for r in rows if r["downsample"] == downsample and r["intensity"] == inten]
         for method, k in dict.fromkeys((r["method"], r["k"]) for r in mine):
             rs = [r for r in mine if r["method"] == method and r["k"] == k]
@@ -71,13 +69,27 @@ def plot(rows: list[dict], archs: list[str], path: Path, title: str) -> None:
         ax.set_xticks(list(x.values()), [f"{arch}\n({blocks.get(arch, '?')} blocks)" for arch in x])
         ax.set_title(f"{downsample} downsampling" + ("" if inten == "usual" else f", {inten}"), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
-    axes[0][0].legend(fontsize=8)
-    # The settings line is long: wrap it rather than let the figure clip it.
-    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[0].legend(fontsize=8)
+    save_panels(fig, path, title, len(keys))
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """e2e validation accuracy against epoch, a panel per (downsample, head): has every network flattened?"""
+    mine = [r for r in rows if r.get("curves")]
+    keys = list(dict.fromkeys((r["downsample"], r.get("head", "conv")) for r in mine))
+    fig, axes = panels(len(keys))
+    for ax, (downsample, head) in zip(axes, keys):
+        for i, r in enumerate(r for r in mine if (r["downsample"], r.get("head", "conv")) == (downsample, head)):
+            for j, curve in enumerate(r["curves"]):
+                ax.plot(range(1, len(curve) + 1), curve, ".-", color=f"C{i}", alpha=0.8,
+                        label=r["arch"] if j == 0 else None)
+        ax.set_title(f"e2e, {downsample} downsampling, {head} head", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (one line per seed)")
+    axes[0].legend(fontsize=8)
+    save_panels(fig, path, title, len(keys))
 
 
 def report(out: Path) -> None:
@@ -94,32 +106,6 @@ def report(out: Path) -> None:
     plot(rows, s["config"]["archs"], out / "accuracy.png", title)
     if any(r.get("curves") for r in rows):
         plot_curves(rows, out / "curves.png", title)
-
-
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """e2e validation accuracy against epoch, a panel per (downsample, head): has every network flattened?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mine = [r for r in rows if r.get("curves")]
-    panels = list(dict.fromkeys((r["downsample"], r.get("head", "conv")) for r in mine))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
-    for ax, (downsample, head) in zip(axes[0], panels):
-        for i, r in enumerate(r for r in mine if (r["downsample"], r.get("head", "conv")) == (downsample, head)):
-            for j, curve in enumerate(r["curves"]):
-                ax.plot(range(1, len(curve) + 1), curve, color=f"C{i}", alpha=0.8,
-                        label=r["arch"] if j == 0 else None)
-        ax.set_title(f"e2e, {downsample} downsampling, {head} head", fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy (one line per seed)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,6 +33,27 @@ def figure():
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(7, 4))
+
+
+def panels(n: int):
+    """A figure of `n` side-by-side panels sharing their y axis: (figure, list of axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False, sharey=True)
+    return fig, list(axes[0])
+
+
+def save_panels(fig, path: Path, title: str, n: int) -> None:
+    """Save a panels() figure under `title`, wrapped rather than clipped when it is long."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle("\n".join(textwrap.fill(line, 60 * n) for line in title.splitlines()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def save_figure(fig, ax, path: Path, title: str, ylabel: str) -> None:
