@@ -113,6 +113,8 @@ def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
 
 
 def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
+    """BlockCosts from one step of the whole network on the meta device: each storage autograd saves is
+    counted for the block that saved it first (forward pre-hooks say which block runs)."""
     batch_size, cache_views = cfg.batch_size, cfg.cache_views
     specs = specs_of(cfg, in_shape[0])
     shapes = [tuple(in_shape)] + [feature_shape(specs[:b + 1], tuple(in_shape)) for b in range(len(specs))]
@@ -147,14 +149,13 @@ def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCos
         own_input.append(saved.storages[own] if first_saver.get(own) == b else 0)
     out_saved = [first_saver.get(outputs[b]) == b for b in range(n)]  # e.g. by a final ReLU, not a max-pool
     batch_in = [batch_size * int(torch.Size(shapes[b]).numel()) * 4 + y.nbytes for b in range(n)]
-    # The head on block j's output (an aug head copies blocks j+1.., so it depends on j, not only its shape).
-    heads = {}
+    # The head on block b's output: one per output shape, or per block for an aug head (it copies b+1, ...).
+    heads, head_key = {}, (lambda b: b) if cfg.head == "aug" else (lambda b: shapes[b + 1])
     for b in range(n):
-        key = shapes[b + 1] if cfg.head != "aug" else b
-        if key not in heads:
-            heads[key] = head_bytes(cfg, shapes[b + 1], specs[b + 1:])
-    head = [heads[shapes[b + 1] if cfg.head != "aug" else b][0] for b in range(n)]
-    head_input = [heads[shapes[b + 1] if cfg.head != "aug" else b][1] if not out_saved[b] else 0 for b in range(n)]
+        if head_key(b) not in heads:
+            heads[head_key(b)] = head_bytes(cfg, shapes[b + 1], specs[b + 1:])
+    head = [heads[head_key(b)][0] for b in range(n)]
+    head_input = [0 if out_saved[b] else heads[head_key(b)][1] for b in range(n)]
     numel = [int(torch.Size(shape).numel()) for shape in shapes]
     activation = [batch_size * 4 * numel[b + 1] for b in range(n)]
     # Under no_grad a basic block holds its input and up to four outputs' worth at once (conv, BN, shortcut,
