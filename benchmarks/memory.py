@@ -75,10 +75,11 @@ from seqtrain.config import Config, config_hash
 from seqtrain.data import RawData, Split
 from seqtrain.distributed import resolve_device
 from seqtrain.files import sha256_state_dict, write_json
-from seqtrain.memory import MB, PeakMemory, ProcessPeak, analytic_step, device_description
+from seqtrain.memory import PeakMemory, ProcessPeak, analytic_step, device_description
 from seqtrain.models import StageModel, build_head, build_network, build_stage_block
 from seqtrain.pipeline import RunDir, cached_batches, image_batches
 from seqtrain.plan import plan, split_counts
+from seqtrain.report import MB
 from seqtrain.train import autocast_for, make_optimizer, train_step
 
 IN_SHAPE = (3, 32, 32)
@@ -397,11 +398,13 @@ def run_budget(args: argparse.Namespace) -> dict:
     deepest = max((pt for pt in points if pt["fits"]), key=lambda pt: pt["depth"], default=None)
     multi = [pt["largest_stage_peak"] for pt in points if len(pt["stages"]) > 1]
     spread = max(multi) / min(multi) - 1 if len(multi) > 1 else None
+    found = {"seqtrain_depth": None, "seqtrain_stages": None, "seqtrain_max_stage_mb": None, "depth_ratio": None}
+    if deepest is not None:  # None only if no depth's stages all fit: a budget below every single block
+        found = {"seqtrain_depth": deepest["depth"], "seqtrain_stages": len(deepest["stages"]),
+                 "seqtrain_max_stage_mb": round(deepest["largest_stage_peak"] / MB, 1),
+                 "depth_ratio": deepest["depth"] / max(fitting) if fitting else None}
     summary = {**environment(args, e2e), "config": run_settings(args, cfg), "budget_mb": args.budget_mb,
-               "depths": args.depths, "e2e_max_depth": max(fitting, default=None),
-               "seqtrain_depth": deepest and deepest["depth"], "seqtrain_stages": deepest and len(deepest["stages"]),
-               "seqtrain_max_stage_mb": deepest and round(deepest["largest_stage_peak"] / MB, 1),
-               "depth_ratio": deepest and fitting and deepest["depth"] / max(fitting),
+               "depths": args.depths, "e2e_max_depth": max(fitting, default=None), **found,
                "multi_stage_spread": spread}
     write_json(args.out / "budget.json", {"summary": summary, "points": points})  # before anything is drawn
     memory_report.report(args.out)

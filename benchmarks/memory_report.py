@@ -16,8 +16,7 @@ try:
 except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, the repository root is not
     from common import figure, save_figure
 from seqtrain.files import read_json
-from seqtrain.memory import MB
-from seqtrain.report import aligned
+from seqtrain.report import MB, aligned
 
 CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as unreliable
 

@@ -168,6 +168,12 @@ def stage_specs(cfg: Config, in_channels: int = 3) -> list[list[BlockSpec]]:
     return out
 
 
+def even_sizes(total: int, k: int) -> list[int]:
+    """`total` blocks in `k` stages of (nearly) equal counts; earlier stages get the extra blocks: they run at
+    the highest resolution, where blocks are cheap in parameters."""
+    return [total // k + (1 if i < total % k else 0) for i in range(k)]
+
+
 def specs_after(cfg: Config, k: int, in_channels: int = 3) -> list[BlockSpec]:
     """The blocks of the stages after stage k, in order: what an --head aug head copies from."""
     return [s for group in stage_specs(cfg, in_channels)[k + 1:] for s in group]

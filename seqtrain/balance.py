@@ -33,8 +33,9 @@ import torch
 
 from seqtrain.archs import BlockSpec, block_specs, feature_shape
 from seqtrain.errors import UserError
-from seqtrain.memory import MB, SavedTensorBytes, storage_key, tensor_bytes
+from seqtrain.memory import TRANSIENT_ACTIVATIONS, SavedTensorBytes, storage_key, tensor_bytes
 from seqtrain.models import build_block, build_head
+from seqtrain.report import MB
 from seqtrain.train import make_optimizer, train_step
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class BlockCosts:
     def train_bytes(self, i: int, j: int) -> int:
         """The predicted tensor peak of a training step: the floor, plus the transient gradients of backward
         (an activation's gradient and its input's, both alive at once; MemTracker counts them as temporaries)."""
-        return self.floor_bytes(i, j) + 2 * max(self.activation[i:j + 1])
+        return self.floor_bytes(i, j) + TRANSIENT_ACTIVATIONS * max(self.activation[i:j + 1])
 
     def caching_bytes(self, i: int, j: int) -> int:
         """Predicted bytes of the caching pass of blocks i..j: their weights and the largest block forward."""
@@ -84,7 +85,8 @@ class BlockCosts:
         out = []
         for j in range(len(self.fixed)):
             train = fixed[j + 1] - fixed[:j + 1] - own[:j + 1] + batch[:j + 1] + self.head[j] + self.head_input[j]
-            train = train + 2 * np.maximum.accumulate(activation[j::-1])[::-1]  # max(activation[i..j]) for each i
+            largest = np.maximum.accumulate(activation[j::-1])[::-1]  # max(activation[i..j]) for each i
+            train = train + TRANSIENT_ACTIVATIONS * largest
             largest_forward = np.maximum.accumulate(forward[j::-1])[::-1]
             out.append(np.maximum(train, weights[j + 1] - weights[:j + 1] + largest_forward))
         return out

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from seqtrain.archs import ARCHS, block_specs, exact_reductions, feature_shape, is_known_arch, num_blocks
+from seqtrain.archs import ARCHS, block_specs, even_sizes, exact_reductions, feature_shape, is_known_arch, num_blocks
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -94,7 +94,7 @@ class Config:
     seed: int = opt(0, "initialisation and data order; runs with the same seed on CPU are bit-identical")
     # --- feature cache
     cache_dtype: str = opt("float16", "stored feature precision: float16 halves disk, float32 is exact")
-    shard_mb: int = opt(32, "target size of one HDF5 shard; the loader holds a few of them in memory")
+    shard_mb: int = opt(32, "target size of one HDF5 shard, the unit of reading and of the integrity check")
     loader_mb: int = opt(128,
                          "host memory of the cache loader: two shuffle pools of shards, one read while one is used")
     compression: str = opt("none", '"lzf" or "gzip" save disk at ~10x slower reads (docs/design.md)')
@@ -179,8 +179,7 @@ class Config:
                 from seqtrain.balance import balanced_sizes, block_costs  # torch: not for --help
 
                 return balanced_sizes(block_costs(self, self.in_shape()), k)
-            # Earlier stages get the extra blocks: they run at the highest resolution, where blocks are cheap.
-            return [total // k + (1 if i < total % k else 0) for i in range(k)]
+            return even_sizes(total, k)
         if any(p < 1 for p in parts) or sum(parts) != total:
             raise UserError(f"--stages {self.stages} must list positive block counts adding up to "
                             f"{total}, the number of blocks of {self.arch}")
@@ -219,11 +218,11 @@ class Config:
         from seqtrain.data import image_side
 
         size = image_side(self)
-        shape = feature_shape(block_specs(self.arch, self.width, 3, self.downsample), (3, size, size))
+        specs = block_specs(self.arch, self.width, 3, self.downsample, self.downsample_op)
+        shape = feature_shape(specs, (3, size, size))
         if min(shape[1:]) < 1:
             raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "
                             "reduce less")
-        specs = block_specs(self.arch, self.width, 3, self.downsample, self.downsample_op)
         if self.downsample_op != "stride" and specs[0].kind == "conv":
             raise UserError(f"--downsample-op {self.downsample_op} applies to ResNets; {self.arch} reduces by its own "
                             "max-pools: drop the flag")

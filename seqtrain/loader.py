@@ -30,6 +30,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from seqtrain.cache import CorruptCache
 
 
+def budget_rows(loader_mb: int, row_bytes: int, batch_size: int) -> int:
+    """Rows of shards one pool may hold within --loader-mb: two pools, each with room for a batch of leftover
+    rows. ShardStream raises it to one whole shard and caps it at the split; plan.py predicts the same."""
+    return loader_mb * 2**20 // 2 // row_bytes - batch_size
+
+
 class ShardStream(IterableDataset):
     """Yields CPU batches (x in the cache's dtype, y, ids) from one split's shards; picklable (holds only paths)."""
 
@@ -213,8 +219,8 @@ class CachedBatches:
         self.workers, self.device = workers, torch.device(device)
         info = manifest["splits"][split]
         row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
-        pool_rows = loader_mb * 2**20 // 2 // row_bytes - batch_size  # two pools, each with room for leftovers
-        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, pool_rows=pool_rows,
+        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed,
+                                  pool_rows=budget_rows(loader_mb, row_bytes, batch_size),
                                   drop_last=drop_last, views=views)
 
     def set_epoch(self, epoch: int) -> None:

@@ -30,9 +30,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed._tools.mem_tracker import _MemRefType as MEM_KIND
 
+from seqtrain.report import MB
 from seqtrain.train import train_step
-
-MB = 2**20
 
 
 class PeakMemory:
@@ -118,6 +117,10 @@ class PeakMemory:
                 "tensor_source": "cuda allocator" if self.cuda_allocated is not None
                 else f"MemTracker, {self.watched} step(s)"}
 
+
+# Backward's transient gradients at their largest: an activation's gradient and its input's, alive at once
+# (MemTracker's "temporaries" at the peak of a step). plan.py and balance.py add this many activations.
+TRANSIENT_ACTIVATIONS = 2
 
 # MemTracker's kinds of tensor, by the names a user reads in results.json (parameters = PARAM + BUFFER).
 KINDS = {"GRAD": "gradients", "OPT": "optimizer", "ACT": "activations", "TEMP": "temporaries", "OTH": "batch"}

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqtrain.archs import USUAL_CONVS, BlockSpec, feature_shape, specs_after, stage_specs
+from seqtrain.archs import USUAL_CONVS, BlockSpec, even_sizes, feature_shape, specs_after, stage_specs
 from seqtrain.balance import block_costs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.data import dataset_info
-from seqtrain.memory import StepBytes, analytic_step
+from seqtrain.loader import budget_rows
+from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
 from seqtrain.report import aligned, mb, shape_text
 from seqtrain.splitting import is_torchvision
@@ -99,7 +100,7 @@ def input_bytes(cfg: Config, k: int, in_shape: tuple[int, ...], counts: dict[str
     row_shp = row_shape(in_shape, cfg, "train")  # with --cache-views, a sample's row holds all its views
     row = int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
     per_shard = min(counts["train"], samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb))
-    pool = max(min(cfg.loader_mb * 2**20 // 2 // row - cfg.batch_size, counts["train"]), per_shard)
+    pool = max(min(budget_rows(cfg.loader_mb, row, cfg.batch_size), counts["train"]), per_shard)
     return 2 * (pool + cfg.batch_size) * row
 
 
@@ -199,9 +200,9 @@ def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes:
 
 
 def transient_bytes(cfg: Config, blocks: list[dict]) -> int:
-    """Backward's transient gradients at their largest: two float32 activations of the largest block output
-    (measured with MemTracker as its "temporaries"; balance.BlockCosts.train_bytes counts the same)."""
-    return 2 * 4 * cfg.batch_size * max(int(np.prod(b["out_shape"])) for b in blocks)
+    """Backward's transient gradients at their largest (memory.TRANSIENT_ACTIVATIONS float32 activations of
+    the largest block output), as balance.BlockCosts.train_bytes counts them."""
+    return TRANSIENT_ACTIVATIONS * 4 * cfg.batch_size * max(int(np.prod(b["out_shape"])) for b in blocks)
 
 
 def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
@@ -211,8 +212,7 @@ def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
         return None
     costs = block_costs(cfg, in_shape)
     sizes = cfg.stage_sizes()
-    even = [len(costs.fixed) // len(sizes) + (1 if i < len(costs.fixed) % len(sizes) else 0)
-            for i in range(len(sizes))]
+    even = even_sizes(len(costs.fixed), len(sizes))
 
     def largest(counts: list[int]) -> int:
         starts = [sum(counts[:m]) for m in range(len(counts))]

@@ -90,6 +90,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "json", False) and not getattr(args, "plan", False):
+            raise UserError("--json prints the plan: give it with --plan")
         cfg = config_from_args(args)
         if getattr(args, "plan", False):
             from seqtrain.plan import format_plan, plan

@@ -12,9 +12,9 @@ import torch
 from seqtrain.archs import block_specs, feature_shape
 from seqtrain.balance import balanced_sizes, block_costs, fewest_stages, parse_size
 from seqtrain.config import Config
-from seqtrain.memory import MB
 from seqtrain.models import StageModel, build_head, build_stage_block
 from seqtrain.plan import step_bytes
+from seqtrain.report import MB
 from seqtrain.run import main
 
 
@@ -86,11 +86,13 @@ def test_an_impossible_budget_is_one_line_naming_the_block_and_what_fits(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags", [["--stages", "auto"], ["--memory-budget", "64MB"], ["--memory-budget", "lots"]])
-def test_budget_flags_go_together(flags, tmp_path, capsys):
-    assert main(["--plan", "--run-dir", str(tmp_path / "run"), *flags, *(
-        ["--stages", "auto"] if flags[0] == "--memory-budget" and flags[1] == "lots" else [])]) == 2
-    assert "--memory-budget" in capsys.readouterr().err
+@pytest.mark.parametrize("flags,message", [
+    (["--stages", "auto"], "--stages auto and --memory-budget SIZE go together"),
+    (["--memory-budget", "64MB"], "--stages auto and --memory-budget SIZE go together"),
+    (["--stages", "auto", "--memory-budget", "lots"], "--memory-budget 'lots' is not a size such as 512MB")])
+def test_budget_flags_go_together(flags, message, tmp_path, capsys):
+    assert main(["--plan", "--run-dir", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plan_json_parses_and_agrees_with_the_table(tmp_path, capsys):

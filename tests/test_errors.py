@@ -25,6 +25,7 @@ MISTAKES = {
     "bad number": (["--lr", "fast"], "argument --lr: invalid float value"),
     "negative size": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs"),
+    "json without plan": (["--json"], "--json prints the plan: give it with --plan"),
     "negative width": (["--width", "-4"], "--width must be 0 or more"),
     "validation share": (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
     "too many images": (["--n-train", "60000"], "--n-train is at most 50000"),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from seqtrain.cache import read_manifest
-from seqtrain.memory import MB, PeakMemory
+from seqtrain.memory import PeakMemory
+from seqtrain.report import MB
 
 
 def test_tensor_peak_of_a_known_step_equals_the_hand_computed_bytes():
