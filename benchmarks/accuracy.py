@@ -36,7 +36,10 @@ depend on K, so it runs once per (arch, downsample, seed) with `--stages 1` in i
 convolution intensity other than the usual the network depends on the stage split, so e2e then runs per K
 with the same `--stages K --stage-convs ... --stage-width ...` network. Run directories live under
 OUT/runs/SETTINGS-HASH/ and complete stages are reused: a rerun trains only what is missing, and changing a
-setting starts new directories.
+setting starts new directories. Run directories are scratch; --ledger DIR (the study: docs/study/points) is the
+record that lasts: every finished point is written there as LEDGER/SETTINGS-HASH/NAME.json (its results, the
+seqtrain command that made it, e2e's learning curve and, with --probe, separability probes at the stage
+boundaries), a recorded point is never run again, and --report-only reports what the ledger holds.
 
 Convolution intensity (--stage-convs, --stage-width): each value is "usual" or a comma-separated list; a
 list shorter than K has its last value repeated ("1,2" is "1,2,2,2" at K = 4: only the first stage's
@@ -93,7 +96,7 @@ PRESETS = {
     # For a GPU: every depth of the issue at the default dataset size and epoch cap, seqtrain's training defaults.
     "full": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 10_000,
              "n_test": 2_000, "width": 0, "max_epochs": 12, "jobs": 1, "one_process": False,
-             "downsamples": "standard,accelerated", "heads": "conv"},
+             "downsamples": "standard,accelerated", "heads": "conv", "ledger": None, "probe": False},
     # The scaling study on 2 CPU cores (docs/scaling-study.md): CIFAR ResNets 20 to 110 at standard width on
     # 16x16 images (a quarter of the pixels, so ResNet-110 trains an epoch in about 20 s), 10,000 images,
     # up to 30 epochs with patience 6, every remedy: reduction op, aux head, K = 4 and 8. Whether 30 epochs
@@ -101,7 +104,7 @@ PRESETS = {
     "study": {"archs": "resnet20,resnet32,resnet56,resnet110", "ks": "4,8", "seeds": "0,1,2", "n_train": 10_000,
               "n_test": 2_000, "width": 0, "max_epochs": 30, "patience": 6, "image_size": 16,
               "downsamples": "standard,accelerated,accelerated+space-to-depth", "heads": "conv,aug", "jobs": 1,
-              "one_process": False},
+              "one_process": False, "ledger": ROOT / "docs" / "study" / "points", "probe": True},
     # 2 CPU cores, 20 minutes. Measured on this machine (2 cores, torch 2.14.1, one thread per run):
     # - Cost. An e2e epoch of 1,800 images at width 8 takes 3.2, 4.9, 8.6, 2.4 CPU-s (ResNet-20, 32, 56, 18),
     #   accelerated downsampling about 0.4x that; a sequential run costs 1.1-1.3x its e2e (heads, caching).
@@ -129,7 +132,7 @@ PRESETS = {
     "quick": {"archs": "resnet20,resnet32,resnet56,resnet18", "ks": "2,4,8", "seeds": "0,1,2", "n_train": 2_000,
               "n_test": 1_000, "width": 8, "max_epochs": 5, "batch_size": 64, "optimizer": "adamw", "lr": 0.003,
               "warmup_epochs": 1.0, "patience": 5, "jobs": 2, "one_process": True,
-              "downsamples": "standard,accelerated", "heads": "conv"},
+              "downsamples": "standard,accelerated", "heads": "conv", "ledger": None, "probe": False},
 }
 # seqtrain settings passed to every run only when set (by a flag or the preset): otherwise seqtrain's default.
 TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience", "image_size")
@@ -164,22 +167,46 @@ def seqtrain_flags(args: argparse.Namespace, point: dict) -> list[str]:
 
 
 def run_seqtrain(flags: list[str], log: Path, threads: int | None) -> None:
-    """One `python -m seqtrain.run` process; its output is appended to `log`, whose tail is shown on failure."""
+    run_module("seqtrain.run", flags, log, threads)
+
+
+def run_module(module: str, flags: list[str], log: Path, threads: int | None) -> None:
+    """One `python -m MODULE` process; its output is appended to `log`, whose tail is shown on failure."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "a") as f:
-        f.write(f"$ python -m seqtrain.run {' '.join(flags)}\n")
+        f.write(f"$ python -m {module} {' '.join(flags)}\n")
         f.flush()
-        code = subprocess.run([sys.executable, "-m", "seqtrain.run", *flags], stdout=f, stderr=subprocess.STDOUT,
+        code = subprocess.run([sys.executable, "-m", module, *flags], stdout=f, stderr=subprocess.STDOUT,
                               env=env, cwd=ROOT).returncode
     if code != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"python -m seqtrain.run {' '.join(flags)} exited {code}; end of {log}:\n{tail}")
+        raise RuntimeError(f"python -m {module} {' '.join(flags)} exited {code}; end of {log}:\n{tail}")
+
+
+def record_path(args: argparse.Namespace, point: dict) -> Path | None:
+    """Where a finished point's record goes in --ledger: LEDGER/SETTINGS-HASH/NAME.json, as its run directory."""
+    run = Path(point["run_dir"])
+    return args.ledger / run.parent.name / f"{run.name}.json" if args.ledger else None
+
+
+def recorded(args: argparse.Namespace, point: dict) -> dict | None:
+    """The point's ledger record, when it has one: a finished point, whether or not its run directory survives."""
+    path = record_path(args, point)
+    if path is None or not path.exists():
+        return None
+    return {**read_json(path), "run_dir": point["run_dir"]}
 
 
 def run_point(point: dict, args: argparse.Namespace) -> dict:
-    """Train one point, reusing whatever of it is complete; returns its results as seqtrain reports them."""
+    """Train one point, reusing whatever of it is complete; returns its results as seqtrain reports them.
+
+    With --ledger a point recorded there is not run again (delete its record to rerun it), and every point that
+    finishes is recorded: its results, its command, its e2e learning curve and (--probe) its separability probes.
+    """
+    if (done := recorded(args, point)) is not None:
+        return done
     run, t0 = RunDir(point["run_dir"]), time.perf_counter()
     flags = ["--run-dir", str(run.root), *seqtrain_flags(args, point)]
     log = args.out / "logs" / f"{run.root.parent.name}-{run.root.name}.log"
@@ -193,10 +220,34 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
         run_seqtrain(["--stage", "all", *flags], log, args.threads)  # assembles and evaluates the final network
     results = existing_results(run)
     assert results and results["e2e" if point["method"] == "e2e" else "final"], f"{run.root} has no results"
+    done = {**point, "results": results, "val_curve": val_curve(point["run_dir"]),
+            "probe": probes(point, args, log) if args.probe else None}
     seconds = time.perf_counter() - t0
     print(f"  {label(point)}: {seconds:.0f} s, test acc {test_acc(results, point['method']):.4f}", file=sys.stderr,
           flush=True)
-    return {**point, "results": results, "seconds": round(seconds, 1)}
+    done["seconds"] = round(seconds, 1)
+    if (path := record_path(args, point)) is not None:
+        command = "python -m seqtrain.run " + " ".join(seqtrain_flags(args, point)).replace(f"{ROOT}/", "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**done, "run_dir": str(Path(point["run_dir"]).relative_to(args.out)), "command": command,
+                          "device_name": device_description(args.device), "finished": time.strftime("%Y-%m-%d %H:%M")})
+    return done
+
+
+def probes(point: dict, args: argparse.Namespace, log: Path) -> dict:
+    """Separability probes (seqtrain.probe) at the stage boundaries: a sequential run's own, and an e2e network
+    cut as each K of the sweep cuts it (--balance memory and blocks cut where seqtrain.run would)."""
+    run = Path(point["run_dir"])
+    cuts = {f"k{k}": ["--e2e", "--stages", str(k)] for k in args.ks if k <= point["blocks"]} \
+        if point["method"] == "e2e" else {"own": []}
+    out = {}
+    for name, extra in cuts.items():
+        dest = run / "probes" / name
+        if not (dest / "probe.json").exists():
+            run_module("seqtrain.probe", ["--run-dir", str(run), "--out", str(dest), *extra], log, args.threads)
+        out[name] = [{k: s[k] for k in ("depth", "channels", "probe_test_acc", "separability")}
+                     for s in read_json(dest / "probe.json")["stages"]]
+    return out
 
 
 def run_config(run: RunDir) -> Config:
@@ -304,8 +355,16 @@ def cost(point: dict) -> float:
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Every point, `--jobs` at a time, longest first; the first failure stops the sweep with its log's tail."""
+    """Every point, `--jobs` at a time, longest first; the first failure stops the sweep with its log's tail.
+
+    --report-only: the points recorded in --ledger (and the e2e runs they compare with) alone, none run."""
     todo = points(args)
+    if args.report_only:
+        done = [d for d in (recorded(args, p) for p in todo) if d is not None]
+        e2e = {e2e_key(d) for d in done if d["method"] == "e2e"}
+        done = [d for d in done if e2e_key(d) in e2e]
+        print(f"accuracy: {len(done)} of {len(todo)} points recorded in {args.ledger}", file=sys.stderr)
+        return done
     print(f"accuracy: {len(todo)} runs, {args.jobs} at a time; logs in {args.out / 'logs'}", file=sys.stderr)
     order = sorted(range(len(todo)), key=lambda i: -cost(todo[i]))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -359,7 +418,7 @@ def summarize(done: list[dict], args: argparse.Namespace) -> list[dict]:
         peak = [peak_mb(d["results"], method) for d in runs]
         ratio = [p / peak_mb(r, "e2e") for p, r in zip(peak, ref)]
         seq = method == "sequential"
-        curves = [] if seq else [val_curve(d["run_dir"]) for d in runs]
+        curves = [] if seq else [d.get("val_curve") or val_curve(d["run_dir"]) for d in runs]
         rows.append({"arch": arch, "blocks": runs[0]["blocks"], "downsample": downsample, "head": head,
                      "convs": convs, "swidth": swidth, "curves": curves, "intensity": intensity(runs[0]),
                      "method": method, "k": k,
@@ -444,6 +503,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "one `--stage all` process rather than one process per stage: ~2 s less start-up per stage, "
                    "but a stage's peak memory includes earlier stages' leftovers (default: off, --quick on)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"), help="output directory")
+    p.add_argument("--ledger", type=Path, help="record every finished point here (JSON with its command) and "
+                   "never run a recorded point again: a study resumes from it after its run directories are gone "
+                   "(default: none, --study docs/study/points)")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, help="run seqtrain.probe on every finished "
+                   "point: a sequential run's stage boundaries, an e2e network cut as each K (default: --study on)")
+    p.add_argument("--report-only", action="store_true", help="report the points recorded in --ledger, run none")
     args = p.parse_args(argv)
     if args.quick and args.study:
         p.error("--quick and --study are two presets: choose one")
@@ -459,7 +524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = resolve_device(args.device).type
     if args.threads is None and args.device == "cpu":
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.report_only and not args.ledger:
+        p.error("--report-only reports what --ledger recorded: give --ledger DIR (or --study)")
     args.out, args.data_dir = args.out.absolute(), args.data_dir.absolute()
+    args.ledger = args.ledger and args.ledger.absolute()
     return args
 
 

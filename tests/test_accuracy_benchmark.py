@@ -5,6 +5,7 @@ target check follow their definitions."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -31,8 +32,8 @@ def bench(out, data, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 @pytest.mark.slow
 def test_smoke_run_summary_and_reuse(tmp_path):
-    out = tmp_path / "out"
-    proc, summary = bench(out, tmp_path / "data", "--downsamples", "standard")
+    out, ledger = tmp_path / "out", tmp_path / "ledger"
+    proc, summary = bench(out, tmp_path / "data", "--downsamples", "standard", "--ledger", str(ledger), "--probe")
     assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
     assert summary["config"]["archs"] == ["resnet20"] and summary["config"]["ks"] == [2]
     assert summary["target"]["measured"] is False and summary["target"]["arch"] == "resnet32"
@@ -48,8 +49,21 @@ def test_smoke_run_summary_and_reuse(tmp_path):
 
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     assert len(logs) == 2 and sum(text.count("$ python -m seqtrain.run") for text in logs.values()) == 4
-    _, again = bench(out, tmp_path / "data", "--downsamples", "standard")  # every run is complete: nothing trains
+    # Every finished point is recorded with its command and its probes: the e2e network cut as K = 2 cuts it.
+    records = {p.stem: read_json(p) for p in ledger.glob("*/*.json")}
+    assert sorted(records) == ["resnet20-standard-e2e-s0", "resnet20-standard-k2-s0"]
+    seq, e2e = records["resnet20-standard-k2-s0"], records["resnet20-standard-e2e-s0"]
+    assert seq["command"].startswith("python -m seqtrain.run --arch resnet20") and "--stages 2" in seq["command"]
+    assert [s["depth"] for s in seq["probe"]["own"]] == [s["depth"] for s in e2e["probe"]["k2"]] and e2e["val_curve"]
+    assert seq["results"]["final"]["test_acc"] == rows[("sequential", 2)]["test_acc"][0]
+
+    # A rerun trains nothing: from the run directories, and from the ledger once they are gone.
+    _, again = bench(out, tmp_path / "data", "--downsamples", "standard", "--ledger", str(ledger))
     assert {p.name: p.read_text() for p in (out / "logs").glob("*.log")} == logs
+    shutil.rmtree(out / "runs")
+    _, recalled = bench(out, tmp_path / "data", "--downsamples", "standard", "--ledger", str(ledger), "--report-only")
+    assert {p.name: p.read_text() for p in (out / "logs").glob("*.log")} == logs
+    assert recalled["rows"] == again["rows"]
     # The same runs read again; only mem ratio moves, with the baseline process measured afresh.
     assert [(r["test_acc"], r["gap_points"]) for r in again["rows"]] == [(r["test_acc"], r["gap_points"])
                                                                           for r in summary["rows"]]
