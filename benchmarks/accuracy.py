@@ -70,7 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -368,12 +368,15 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     print(f"accuracy: {len(todo)} runs, {args.jobs} at a time; logs in {args.out / 'logs'}", file=sys.stderr)
     order = sorted(range(len(todo)), key=lambda i: -cost(todo[i]))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {i: pool.submit(run_point, todo[i], args) for i in order}
-        try:
-            return [futures[i].result() for i in range(len(todo))]
-        except RuntimeError as e:
-            pool.shutdown(cancel_futures=True)
-            sys.exit(f"benchmarks/accuracy.py: {e}")
+        futures = {pool.submit(run_point, todo[i], args): i for i in order}
+        done = {}
+        for future in as_completed(futures):  # as they finish: a failure stops the sweep at once
+            try:
+                done[futures[future]] = future.result()
+            except RuntimeError as e:
+                pool.shutdown(cancel_futures=True)
+                sys.exit(f"benchmarks/accuracy.py: {e}")
+    return [done[i] for i in range(len(todo))]
 
 
 def peak_mb(results: dict, method: str) -> float:
