@@ -40,16 +40,15 @@ Output: a table, OUT/memory.json, OUT/memory.png and, last, a JSON line with the
   loader_efficiency  the lowest over stages k >= 1 of samples/s from the cache / from RAM (target >= 0.9)
 --budget-mb measures, at each of --depths, end to end and every stage cut by --stages auto --memory-budget,
 and writes OUT/budget.json and OUT/budget.png. The JSON is written before anything is drawn (by
-memory_report.py). A missed target is printed and marked, never dropped. On CPU, glibc's adaptive mmap
-threshold keeps freed activations resident (the RSS figures); --mmap-threshold 131072 shows the resident
-set without it.
+memory_report.py). A missed target is printed and marked, never dropped. Every child applies seqtrain's
+host memory policy (--release-memory, seqtrain/allocator.py); --no-release-memory shows the resident set
+under glibc's adaptive mmap threshold, which keeps freed activations resident.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,7 @@ except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, 
     import memory_report
     from common import CpuWait, require_plotting, target
     from memory_report import peak_of
+from seqtrain.allocator import release_freed_memory
 from seqtrain.archs import block_specs, cifar_resnet_n, specs_after, stage_specs
 from seqtrain.cache import SPLITS, cache_bytes, clear_cache, publish_manifest, read_manifest, read_shard, write_shards
 from seqtrain.config import Config, config_hash
@@ -249,6 +249,8 @@ def warm_up_libraries(cfg: Config, device: torch.device) -> None:
 def child(spec: dict) -> dict:
     """Measure one configuration in this (fresh) process; the result is printed as its last line."""
     device, cfg = torch.device(spec["device"]), Config(**spec["cfg"])
+    if cfg.release_memory:  # as seqtrain.run does (allocator.py): what the resident set shows depends on it
+        release_freed_memory()
     warm_up_libraries(cfg, device)
     if device.type == "cuda" and spec.get("memory_limit_mb") and spec["kind"] == "e2e":
         # The budget as the GPU's whole memory: e2e beyond it fails as it would on a smaller GPU.
@@ -277,12 +279,8 @@ def child(spec: dict) -> dict:
 def spawn(spec: dict, args: argparse.Namespace) -> dict:
     """Run one configuration in a fresh process; its stderr is shown only when it fails."""
     name = spec["kind"] if spec["kind"] in ("e2e", "ckpt") else f"{spec['kind']} {spec['stage']}"
-    env = dict(os.environ)
-    if args.mmap_threshold:  # read by glibc when the child starts
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmarks/memory.py: configuration {name!r} failed:\n{proc.stderr[-4000:]}")
     print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -341,7 +339,8 @@ def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
 def bench_config(args: argparse.Namespace, **overrides) -> Config:
     values = {"run_dir": str(args.out / "run"), "arch": args.arch, "width": args.width, "stages": args.stages,
               "batch_size": args.batch_size, "n_train": args.samples, "n_test": max(args.batch_size, args.samples // 4),
-              "shard_mb": args.shard_mb, "downsample": args.downsample, "device": args.device}
+              "shard_mb": args.shard_mb, "downsample": args.downsample, "device": args.device,
+              "release_memory": args.release_memory}
     return Config(**{**values, **overrides}).validate()
 
 
@@ -413,7 +412,7 @@ def run_budget(args: argparse.Namespace) -> dict:
 
 def run_settings(args: argparse.Namespace, cfg: Config) -> dict:
     """The settings behind the numbers; `cfg` is any configuration measured (the sweep varies only arch and stages)."""
-    keys = ("width", "batch_size", "samples", "steps", "warmup", "shard_mb", "downsample", "quick", "mmap_threshold")
+    keys = ("width", "batch_size", "samples", "steps", "warmup", "shard_mb", "downsample", "quick", "release_memory")
     return {**{k: getattr(args, k) for k in keys}, "head": cfg.head, "optimizer": cfg.optimizer,
             "cache_dtype": cfg.cache_dtype, "bf16": cfg.bf16}
 
@@ -440,9 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "8,14,20,32,56,110)")
     p.add_argument("--budget-mb", type=int, help="the deepest ResNet end to end fits in this many MB (tensor peak), "
                    "against seqtrain's --stages auto --memory-budget at each of --depths (default 8,14,20,32,56,110)")
-    p.add_argument("--mmap-threshold", type=int, metavar="BYTES", help="set glibc's MALLOC_MMAP_THRESHOLD_ in "
-                   "every child, e.g. 131072: freed tensors then leave the resident set at once (default: glibc's "
-                   "adaptive threshold, which a plain run gets)")
+    p.add_argument("--release-memory", action=argparse.BooleanOptionalAction, default=True, help="as seqtrain's "
+                   "--release-memory (its default, on): freed host memory leaves the resident set at once; "
+                   "--no-release-memory shows the resident set under glibc's adaptive mmap threshold")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/memory"), help="output directory")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

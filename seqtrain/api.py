@@ -37,6 +37,7 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
 
     Returns the final network in eval mode; its `.results` holds the summary table's figures.
     """
+    from seqtrain.allocator import release_freed_memory
     from seqtrain.data import load_raw
     from seqtrain.distributed import resolve_device
     from seqtrain.log import log
@@ -46,6 +47,8 @@ def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
     stages = list(stages)
     cfg = Config.from_dict({**settings, "arch": custom_arch(stages), "stages": str(len(stages))}).validate()
     device = resolve_device(cfg.device)
+    if cfg.release_memory:
+        release_freed_memory()
     raw = load_raw(cfg)
     run = prepare_run_dir(cfg)
     with RunLock(run):

@@ -133,6 +133,7 @@ def verify(cfg: Config) -> int:
 def run(cfg: Config, stage: int | str) -> int:
     # Imported here so that --help and argument errors answer without loading torch.
     from seqtrain import distributed
+    from seqtrain.allocator import release_freed_memory
     from seqtrain.augment import augment_for
     from seqtrain.data import load_raw
     from seqtrain.pipeline import (
@@ -150,6 +151,8 @@ def run(cfg: Config, stage: int | str) -> int:
     # Every input is checked before anything is written to the run directory.
     augment_for(cfg)
     device = distributed.init(cfg.device)
+    if cfg.release_memory:
+        release_freed_memory()
     try:
         world = distributed.world_size()
         if cfg.batch_size % world:
