@@ -44,8 +44,9 @@ def table(rows: list[dict], device: str, one_process: bool) -> str:
 
 def target_line(t: dict) -> str:
     if not t["measured"]:
-        return f"target ({t['arch']}, K={t['k']}, {t['downsample']}): not measured by this sweep"
-    return (f"target ({t['arch']}, K={t['k']}, {t['downsample']}): gap {t['gap_points']:+.2f} ± {t['gap_std']:.2f} "
+        return f"target ({t['arch']}, K={t['k']}, {t['downsample'] or 'any setting'}): not measured by this sweep"
+    return (f"target ({t['arch']}, K={t['k']}, {t['downsample']}, {t.get('head', 'conv')} head, {t.get('seeds', '?')} "
+            f"seed(s)): gap {t['gap_points']:+.2f} ± {t['gap_std']:.2f} "
             f"points (>= -{t['max_gap_points']}: {'met' if t['gap_met'] else 'MISSED'}), mem ratio "
             f"{t['mem_ratio']:.3f} (<= {t['max_mem_ratio']}: {'met' if t['mem_met'] else 'MISSED'}; analytic "
             f"{t['analytic_ratio']:.3f})" + ("" if t.get("mem_per_stage", True) else
@@ -92,6 +93,40 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     save_panels(fig, path, title, len(keys))
 
 
+def probe_table(rows: list[dict]) -> str:
+    """Linear-probe test accuracy (and separability) at every stage boundary, for each row that was probed."""
+    out = [["arch", "downsample", "head", "run", "seeds", "boundary (blocks): probe test acc (separability)"]]
+    for r in rows:
+        for name, p in sorted(r.get("probe", {}).items()):
+            run = f"K={r['k']}" if r["method"] == "sequential" else f"e2e cut as K={name[1:]}"
+            cells = "  ".join(f"{d}: {a:.1%} ({sep:.2f})" for d, a, sep in
+                              zip(p["depth"], p["probe_test_acc"], p["separability"]))
+            out.append([r["arch"], r["downsample"], r.get("head", "conv"), run, str(p["seeds"]), cells])
+    return aligned(out) if len(out) > 1 else ""
+
+
+def plot_gaps(rows: list[dict], archs: list[str], path: Path, title: str) -> None:
+    """Sequential minus e2e test accuracy against depth, a line per (K, head), a panel per downsampling."""
+    seq = [r for r in rows if r["method"] == "sequential" and r["intensity"] in ("usual", "head aug")]
+    keys = list(dict.fromkeys(r["downsample"] for r in seq))
+    fig, axes = panels(max(1, len(keys)))
+    x = {arch: i for i, arch in enumerate(archs)}
+    for ax, downsample in zip(axes, keys):
+        mine = [r for r in seq if r["downsample"] == downsample]
+        for head, k in dict.fromkeys((r.get("head", "conv"), r["k"]) for r in mine):
+            rs = sorted((r for r in mine if (r.get("head", "conv"), r["k"]) == (head, k)), key=lambda r: x[r["arch"]])
+            ax.errorbar([x[r["arch"]] for r in rs], [r["gap_points"][0] for r in rs],
+                        yerr=[r["gap_points"][1] for r in rs], fmt="o-" if head == "conv" else "s--", capsize=3,
+                        label=f"K={k}, {head} head (seeds: {'/'.join(str(len(r['seeds'])) for r in rs)})")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(list(x.values()), list(x))
+        ax.set_title(f"{downsample} downsampling", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gap to e2e, points (sequential - e2e; mean ± std)")
+    axes[0].legend(fontsize=7)
+    save_panels(fig, path, title, max(1, len(keys)))
+
+
 def report(out: Path) -> None:
     """Reprint the table and target line of OUT/results.json and redraw OUT/accuracy.png."""
     if not (out / "results.json").exists():
@@ -103,7 +138,11 @@ def report(out: Path) -> None:
     print(table(rows, s["device"], one_process))
     print(target_line(s["target"]))
     title = f"{s.get('settings', '')}\n{s['device_name']}, torch {s['torch']}"
+    if probes := probe_table(rows):
+        print(probes)
     plot(rows, s["config"]["archs"], out / "accuracy.png", title)
+    if any(r["method"] == "sequential" for r in rows):
+        plot_gaps(rows, s["config"]["archs"], out / "gaps.png", title)
     if any(r.get("curves") for r in rows):
         plot_curves(rows, out / "curves.png", title)
 

@@ -108,11 +108,25 @@ def test_points_skip_k_beyond_the_depth_and_run_e2e_once(tmp_path):
                                                    (0.0, 0.35, False)])
 def test_target_check(gap, ratio, met):
     row = {"method": "sequential", "arch": "resnet32", "k": 4, "downsample": "accelerated", "gap_points": (gap, 0.1),
-           "mem_ratio": (ratio, 0.01), "analytic_ratio": 0.25}
+           "mem_ratio": (ratio, 0.01), "analytic_ratio": 0.25, "seeds": [0, 1]}
     other = {**row, "k": 2, "gap_points": (-50.0, 0.0)}
     target = accuracy.target_check([other, row])
     assert target["measured"] and target["met"] is met and target["gap_points"] == gap
     assert accuracy.target_check([other])["measured"] is False
+
+
+def test_study_target_reports_the_best_setting_within_the_memory_ratio():
+    def row(downsample, head, gap, ratio):
+        return {"method": "sequential", "arch": "resnet56", "k": 8, "downsample": downsample, "head": head,
+                "intensity": "usual" if head == "conv" else f"head {head}", "gap_points": (gap, 0.2),
+                "mem_ratio": (ratio, 0.0), "analytic_ratio": ratio, "seeds": [0, 1, 2]}
+    rows = [row("standard", "conv", -3.0, 0.25), row("standard", "aug", -0.5, 0.28),
+            row("accelerated", "conv", +1.0, 0.35), {**row("standard", "conv", 5.0, 0.1), "k": 4}]
+    target = accuracy.target_check(rows, target=accuracy.STUDY_TARGET)
+    assert (target["downsample"], target["head"], target["gap_points"]) == ("standard", "aug", -0.5) and target["met"]
+    target = accuracy.target_check(rows[:1] + rows[2:], target=accuracy.STUDY_TARGET)
+    assert (target["gap_points"], target["met"], target["mem_met"]) == (-3.0, False, True)
+    assert "resnet56, K=8, standard, conv head, 3 seed(s)): gap -3.00" in accuracy_report.target_line(target)
 
 
 def test_quick_preset_is_the_issues_sweep_with_its_training_settings(tmp_path):
