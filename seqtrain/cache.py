@@ -2,12 +2,14 @@
 
 Layout (docs/design.md, "The run directory"): `cache/{split}-{index:05d}.h5` holds `features` [n, C, H, W]
 (float16 by default), `labels` [n] and `ids` [n], with a fixed number of samples per shard (the last
-one of a split may hold fewer). With --cache-views V > 1 the train split's features are [n, V, C, H, W]:
-V augmented views per sample, view 0 plain (augment.py). Under torchrun each rank writes the shards of
-its own contiguous slice of samples, `{split}-rank{r}-{index:05d}.h5`, and rank 0 writes the manifest.
-`cache/manifest.json` is written last: a stage is complete exactly when a valid manifest exists. Shards
-are chunked along the sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here,
-gzip and lzf at 120-160 MB/s (docs/design.md, "Storage").
+one of a split may hold fewer). An int8 shard also holds its per-channel `scale` [C] (float32) and
+`zero_point` [C] (int8), computed from its own features: x ~ (q - zero_point) * scale (`quantize`).
+With --cache-views V > 1 the train split's features are [n, V, C, H, W]: V augmented views per sample,
+view 0 plain (augment.py). Under torchrun each rank writes the shards of its own contiguous slice of
+samples, `{split}-rank{r}-{index:05d}.h5`, and rank 0 writes the manifest. `cache/manifest.json` is
+written last: a stage is complete exactly when a valid manifest exists. Shards are chunked along the
+sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here, gzip and lzf at
+120-160 MB/s (docs/design.md, "Storage").
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ MANIFEST = "manifest.json"
 FORMAT = 2  # 2: views per training sample; rank-sliced shards
 SPLITS = ("train", "val", "test")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: large enough for full-speed reads, small enough to be cheap
 
 
@@ -45,6 +48,44 @@ class CorruptCache(UserError):
 
 class FeatureOverflow(UserError):
     """Features that do not fit the cache dtype; stored as inf they would poison every later stage."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# int8: per-channel affine quantization
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 features [..., C, H, W] as (int8 codes, scale [C] float32, zero_point [C] int8), from the range
+    of each channel over every other axis, so that |dequantize(...) - x| <= scale / 2 per channel.
+
+    Each channel's range is widened to hold 0, as torch.ao's min-max observers do: the zero point is then an
+    integer code, ReLU's zeros stay exactly 0, and dequantizing never subtracts two large numbers. The cost
+    is resolution on a channel whose values all lie far from 0 (post-ReLU features start at 0). A channel of
+    zeros gets the smallest normal scale instead of dividing by zero. FeatureOverflow when a channel's range
+    is too wide for its dequantized values to be finite float32.
+    """
+    axes = tuple(i for i in range(x.ndim) if i != x.ndim - 3)  # every axis but the channels'
+    lo = np.minimum(x.min(axis=axes), 0).astype(np.float64)
+    hi = np.maximum(x.max(axis=axes), 0).astype(np.float64)
+    if (hi - lo).max(initial=0) > FLOAT32_MAX:
+        c = int((hi - lo).argmax())
+        raise FeatureOverflow(f"features of channel {c} span {lo[c]:.3g} to {hi[c]:.3g}, a range int8 cannot "
+                              "scale within float32; rerun with --cache-dtype float32")
+    scale = np.maximum((hi - lo) / 255, np.finfo(np.float32).tiny).astype(np.float32)
+    zero = np.clip(np.round(-128 - lo / scale), -128, 127)
+    shape = (-1, 1, 1)  # C -> C, 1, 1: broadcast over the rows, views and positions
+    q = x / scale.reshape(shape)  # in place from here: one float32 copy of the shard at a time
+    np.rint(q, out=q)
+    q += zero.astype(np.float32).reshape(shape)
+    return np.clip(q, -128, 127, out=q).astype(np.int8), scale, zero.astype(np.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """int8 codes [..., C, H, W] as float32: (q - zero_point) * scale, with scale and zero_point [C] for a whole
+    shard or [B, C] for rows from several shards (a batch of the loader)."""
+    between = q.ndim - 3 - (scale.ndim - 1)  # axes between the rows' and the channels': the views
+    shape = (*scale.shape[:-1], *[1] * between, scale.shape[-1], 1, 1)
+    return q.float().sub_(zero_point.reshape(shape)).mul_(scale.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -58,6 +99,9 @@ class ShardWriter:
                  prefix: str = ""):
         self.cache_dir, self.split, self.per_shard, self.prefix = cache_dir, split, samples_per_shard, prefix
         self.dtype, self.compression = np.dtype(dtype), None if compression == "none" else compression
+        # int8 is quantized per shard, from the shard's own range: until then its rows wait as float32 (up to
+        # one shard, 4x --shard-mb of host memory)
+        self.pending_dtype = np.float32 if self.dtype == np.int8 else self.dtype
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_count = 0
         self.shards: list[dict] = []
@@ -71,7 +115,7 @@ class ShardWriter:
         if self.dtype == np.float16 and peak > FLOAT16_MAX:
             raise FeatureOverflow(f"{self.split} features reach |x| = {peak:.3g}, beyond float16's "
                                   f"{FLOAT16_MAX:.0f}; rerun with --cache-dtype float32")
-        self.pending.append((x.numpy().astype(self.dtype), labels.cpu().numpy(), ids.cpu().numpy()))
+        self.pending.append((x.numpy().astype(self.pending_dtype), labels.cpu().numpy(), ids.cpu().numpy()))
         self.pending_count += len(labels)
         while self.pending_count >= self.per_shard:
             self._flush(self.per_shard)
@@ -88,11 +132,20 @@ class ShardWriter:
         name = f"{self.split}-{self.prefix}{len(self.shards):05d}.h5"
         path = self.cache_dir / name
         tmp = tmp_path(path)
+        x, quant = x[:n], {}
+        if self.dtype == np.int8:
+            try:
+                x, scale, zero = quantize(x)
+            except FeatureOverflow as e:
+                raise FeatureOverflow(f"{self.split} {e}") from None
+            quant = {"scale": scale, "zero_point": zero}
         chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, x[0].nbytes)))
         try:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("features", data=x[:n], chunks=(chunk_rows, *x.shape[1:]),
+                f.create_dataset("features", data=x, chunks=(chunk_rows, *x.shape[1:]),
                                  compression=self.compression)
+                for key, value in quant.items():
+                    f.create_dataset(key, data=value)
                 f.create_dataset("labels", data=y[:n].astype(np.int64))
                 f.create_dataset("ids", data=ids[:n].astype(np.int64))
             publish(tmp, path)
@@ -225,16 +278,30 @@ def verify_shards(cache_dir: Path, manifest: dict, checksums: bool = True) -> No
 
 
 def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A whole shard in one contiguous read: features (stored dtype), labels, ids as CPU tensors.
+    """A whole shard in one contiguous read: features (stored dtype; int8 dequantized to float32), labels, ids
+    as CPU tensors.
 
     Never fancy-index a chunked dataset (measured ~50x slower than contiguous reads, docs/design.md).
     """
     try:
         with h5py.File(path, "r") as f:
             x, y, ids = f["features"][...], f["labels"][...], f["ids"][...]
+            quant = read_quantization(f, path)
     except (OSError, KeyError) as e:
         raise CorruptCache(f"{path} cannot be read ({e})") from None
-    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)
+    x = torch.from_numpy(x)
+    return dequantize(x, *quant) if quant else x, torch.from_numpy(y), torch.from_numpy(ids)
+
+
+def read_quantization(f: h5py.File, path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 shard's (scale [C], zero_point [C]) as float32 tensors; None for a float shard."""
+    if f["features"].dtype != np.int8:
+        return None
+    scale, zero = f["scale"][...], f["zero_point"][...]
+    channels = f["features"].shape[-3]
+    if scale.shape != (channels,) or zero.shape != (channels,) or not np.isfinite(scale).all():
+        raise CorruptCache(f"{path} has no valid int8 scale and zero point for its {channels} channels")
+    return torch.from_numpy(scale.astype(np.float32)), torch.from_numpy(zero.astype(np.float32))
 
 
 def cache_bytes(manifest: dict) -> int:

@@ -6,7 +6,9 @@ the consumer draws shuffled batches from one pool, a background thread fills the
 shards. So the loader's host memory is the two pools, `--loader-mb` in all, never a pool and its parts at
 once. Rows left over when a pool runs out (fewer than a batch) move to the front of the next pool and are
 shuffled with it. Batches leave in the cache's dtype; float16 becomes float32 on the device (half the
-host-to-device bytes on a GPU).
+host-to-device bytes on a GPU). int8 rows are dequantized there too: pools hold the int8 codes and, per
+row, the index of the shard it came from; the shards' scales and zero points sit in a small table
+([shards, C]), and each batch carries the entries of the shards it draws from (cache.dequantize).
 
 With DataLoader worker processes each worker streams a disjoint subset of the shards with its own two
 pools; HDF5 files are only ever opened inside the process that reads them (h5py handles cannot cross fork
@@ -27,7 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seqtrain.cache import CorruptCache
+from seqtrain.cache import CorruptCache, dequantize, read_quantization
+
+PART_BYTES = 4  # an int8 pool's int32 shard index per row, beside the row itself
 
 
 def budget_rows(loader_mb: int, row_bytes: int, batch_size: int) -> int:
@@ -90,14 +94,21 @@ class ShardStream(IterableDataset):
                 perm += front - c
                 full = (c + n) // self.batch_size * self.batch_size
                 for i in range(0, full, self.batch_size):
-                    idx = perm[i:i + self.batch_size]
-                    yield self.pick(pool.x, idx, g), pool.y[idx], pool.ids[idx]
+                    yield self.batch(pools, pool, perm[i:i + self.batch_size], g)
                 held = (pool, perm[full:]) if full < c + n else None
                 if held is None:
                     pools.release(pool)
             if held is not None and not self.drop_last:
-                pool, rest = held
-                yield self.pick(pool.x, rest, g), pool.y[rest], pool.ids[rest]
+                yield self.batch(pools, *held, g)
+
+    def batch(self, pools: Pools, pool: Pool, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Rows `idx` of `pool`: (x, y, ids), and for int8 (each row's shard in the batch's own table, the
+        table's scales [S, C], its zero points [S, C]) for the few shards the batch draws from."""
+        x, y, ids = self.pick(pool.x, idx, g), pool.y[idx], pool.ids[idx]
+        if pool.part is None:
+            return x, y, ids
+        parts, row_part = torch.unique(pool.part[idx], return_inverse=True)
+        return x, y, ids, row_part, pools.scale[parts], pools.zero[parts]
 
     def pick(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Rows `idx` (a copy); of a [n, V, C, H, W] split, one random view each (or all, or view 0)."""
@@ -115,9 +126,11 @@ class Pool:
         self.x = torch.empty(rows, *row_shape, dtype=dtype)
         self.y = torch.empty(rows, dtype=torch.int64)
         self.ids = torch.empty(rows, dtype=torch.int64)
+        # int8: the part (shard) each row was read from, an index into Pools' scale and zero point tables
+        self.part = torch.empty(rows, dtype=torch.int32) if dtype == torch.int8 else None
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.x, self.y, self.ids
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.x, self.y, self.ids) if self.part is None else (self.x, self.y, self.ids, self.part)
 
 
 class Pools:
@@ -134,6 +147,10 @@ class Pools:
 
     def __enter__(self) -> Pools:
         row_shape, dtype = shard_layout(self.parts[0][0])
+        # int8: row i of these is the scale and zero point of part i, filled as the part is read
+        self.scale = self.zero = None
+        if dtype == torch.int8:
+            self.scale, self.zero = (torch.empty(len(self.parts), row_shape[-3]) for _ in range(2))
         for _ in range(2):
             self.free.put(Pool(self.front + self.rows, row_shape, dtype))
         self.thread = threading.Thread(target=self.fill_all, daemon=True, name="shard-prefetch")
@@ -146,16 +163,19 @@ class Pools:
 
     def fill_all(self) -> None:
         try:
-            parts = list(self.parts)
-            while parts:
+            i = 0  # the next part to read
+            while i < len(self.parts):
                 pool = self.free.get()
                 if pool is None or self.stop.is_set():
                     return
                 n = 0
-                while parts and n + parts[0][2] - parts[0][1] <= self.rows:
-                    path, a, b = parts.pop(0)
-                    read_shard_into(Path(path), a, b, pool, self.front + n)
-                    n += b - a
+                while i < len(self.parts) and n + self.parts[i][2] - self.parts[i][1] <= self.rows:
+                    path, a, b = self.parts[i]
+                    quant = read_shard_into(Path(path), a, b, pool, self.front + n)
+                    if quant is not None:
+                        pool.part[self.front + n:self.front + n + b - a] = i
+                        self.scale[i], self.zero[i] = quant
+                    n, i = n + b - a, i + 1
                 self.hand_over((pool, n))
             self.hand_over(None)
         except BaseException as e:  # handed to the consumer, which re-raises it where it is seen
@@ -189,12 +209,14 @@ def shard_layout(path: str) -> tuple[tuple[int, ...], torch.dtype]:
         raise CorruptCache(f"{path} cannot be read ({e})") from None
 
 
-def read_shard_into(path: Path, a: int, b: int, pool: Pool, at: int) -> None:
-    """Rows [a, b) of a shard into `pool` at row `at`: one contiguous read per dataset, no intermediate copy."""
+def read_shard_into(path: Path, a: int, b: int, pool: Pool, at: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows [a, b) of a shard into `pool` at row `at`: one contiguous read per dataset, no intermediate copy.
+    Returns an int8 shard's (scale, zero point) [C], None for a float shard."""
     try:
         with h5py.File(path, "r") as f:
             for name, dest in (("features", pool.x), ("labels", pool.y), ("ids", pool.ids)):
                 f[name].read_direct(dest.numpy(), np.s_[a:b], np.s_[at:at + b - a])
+            return read_quantization(f, path)
     except (OSError, KeyError, TypeError) as e:
         raise CorruptCache(f"{path} cannot be read ({e})") from None
 
@@ -219,6 +241,7 @@ class CachedBatches:
         self.workers, self.device = workers, torch.device(device)
         info = manifest["splits"][split]
         row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
+        row_bytes += PART_BYTES if manifest.get("dtype") == "int8" else 0
         self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed,
                                   pool_rows=budget_rows(loader_mb, row_bytes, batch_size),
                                   drop_last=drop_last, views=views)
@@ -235,5 +258,9 @@ class CachedBatches:
             batches = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=pin)
         else:
             batches = (tuple(t.pin_memory() for t in b) if pin else b for b in self.stream)
-        for x, y, ids in batches:  # float16 goes to the device as it is stored and becomes float32 there
-            yield x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True), ids
+        for x, y, ids, *quant in batches:  # x goes to the device as it is stored and becomes float32 there
+            x = x.to(self.device, non_blocking=True)
+            if quant:  # int8: each row's shard in the batch's table, the table's scales and zero points
+                part, scale, zero = (t.to(self.device, non_blocking=True) for t in quant)
+                x = dequantize(x, scale[part], zero[part])
+            yield x.float(), y.to(self.device, non_blocking=True), ids

@@ -338,7 +338,12 @@ def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData
     if distributed.is_main():
         save_model(run.final / "model.pt", net, cfg, raw)
     final = {"test_acc": acc, "cached_path_test_acc": cached_acc, "fingerprint": manifests[-1]["fingerprint"]}
-    note = "" if abs(acc - cached_acc) <= 0.005 else f" (differs by more than {cfg.cache_dtype} rounding explains)"
+    # The cached path sees every cache's rounding. int8 rounds to 1/255 of each channel's range: on stage 0's
+    # features of the tests' tiny run (tests/conftest.py) its relative RMS error was 6.5e-3 against float16's
+    # 2.1e-4, and it flipped 4 of 500 predictions where float16 flipped none. So 2 points for int8, half of one
+    # otherwise: a guide for the note, not a bound (several int8 caches in a row add their errors).
+    tolerance = 0.02 if cfg.cache_dtype == "int8" else 0.005
+    note = "" if abs(acc - cached_acc) <= tolerance else f" (differs by more than {cfg.cache_dtype} rounding explains)"
     log(f"final: composed network test acc {acc:.4f} on raw images, {cached_acc:.4f} on cached features{note}")
     return final
 

@@ -5,16 +5,18 @@
 Per stage: its parameters, output feature shape, the analytic training memory at the configured batch
 size (memory.analytic_step on the "meta" device: one real forward/backward/optimizer step that computes
 nothing, about a second for a ResNet-18), the host memory of its input, and the bytes its cache will
-take on disk (every split, in the cache dtype; the train split holds --cache-views V views of each
-sample, [n, V, C, H, W], so its bytes grow V-fold and its shards hold V-fold fewer samples; val and test
-hold one). Then the end-to-end baseline, the totals, the free space where the run directory is, or will
-be, and every block's output resolution, stage by stage, so that schedules can be compared (--downsample
-standard against accelerated: where the resolution drops, and how many blocks run at each resolution).
+take on disk (every split, in the cache dtype, int8 with each shard's per-channel scale and zero point;
+the train split holds --cache-views V views of each sample, [n, V, C, H, W], so its bytes grow V-fold
+and its shards hold V-fold fewer samples; val and test hold one). Then the end-to-end baseline, the
+totals, the free space where the run directory is, or will be, and every block's output resolution,
+stage by stage, so that schedules can be compared (--downsample standard against accelerated: where the
+resolution drops, and how many blocks run at each resolution).
 
 The analytic figure is a floor, not the peak: the transient gradients of activations during backward,
 allocator caches and library workspaces come on top (benchmarks/memory.py measures the ratio). With
 --bf16 on CUDA the activations are bfloat16 and smaller than predicted here (float32). Cache sizes are
-those of seqtrain.cache's own layout, exact to within HDF5's metadata (tests/test_memory_benchmark.py).
+those of seqtrain.cache's own layout, byte for byte for uncompressed shards of up to 64 chunks with HDF5 2.0
+(tests/test_memory_benchmark.py); other HDF5 versions may differ by their metadata.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ from seqtrain.train import make_optimizer
 # a few KB per further 64 chunks of 1 MB, under 0.01%.
 SHARD_OVERHEAD = 7104
 LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
+QUANT_BYTES = 5  # an int8 shard's float32 scale and int8 zero point per channel (their headers fit in the above)
+VIEW_INDEX_BYTES = 520  # [n, V, C, H, W] features: the chunk index's 65 keys are 8 bytes wider (measured)
 
 
 def dataset_shape(cfg: Config) -> tuple[int, int, int]:
@@ -68,10 +72,17 @@ def step_bytes(cfg: Config, model: torch.nn.Module, in_shape: tuple[int, ...]) -
     return analytic_step(model, make_optimizer(cfg, model), x, y)
 
 
-def shard_bytes(n: int, row_bytes: int) -> int:
-    """File size of one shard of `n` samples, mirroring ShardWriter's layout: HDF5 stores whole chunks."""
+def shard_bytes(n: int, row_bytes: int, extra: int = 0) -> int:
+    """File size of one shard of `n` samples, mirroring ShardWriter's layout: HDF5 stores whole chunks;
+    `extra`: the bytes shard_extra adds to a float shard of [n, C, H, W] features."""
     chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, row_bytes)))
-    return math.ceil(n / chunk_rows) * chunk_rows * row_bytes + n * LABEL_ID_BYTES + SHARD_OVERHEAD
+    return math.ceil(n / chunk_rows) * chunk_rows * row_bytes + n * LABEL_ID_BYTES + SHARD_OVERHEAD + extra
+
+
+def shard_extra(row_shp: tuple[int, ...], dtype: str) -> int:
+    """Per-shard bytes beyond a float shard of [n, C, H, W]: int8's scale and zero point of each of the C
+    channels, and a wider chunk index for each further axis (the views of [n, V, C, H, W])."""
+    return (QUANT_BYTES * row_shp[-3] if dtype == "int8" else 0) + VIEW_INDEX_BYTES * (len(row_shp) - 3)
 
 
 def row_shape(shape: tuple[int, ...], cfg: Config, split: str) -> tuple[int, ...]:
@@ -87,7 +98,8 @@ def predicted_cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str,
         row = int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
         per_shard = samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb)
         full, rest = divmod(counts[split], per_shard)
-        total += full * shard_bytes(per_shard, row) + (shard_bytes(rest, row) if rest else 0)
+        extra = shard_extra(row_shp, cfg.cache_dtype)
+        total += full * shard_bytes(per_shard, row, extra) + (shard_bytes(rest, row, extra) if rest else 0)
     return total
 
 

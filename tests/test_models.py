@@ -195,7 +195,7 @@ def test_plan_follows_the_dataset_and_image_size():
 
 def test_plan_caches_every_view_of_a_training_sample():
     from seqtrain.cache import samples_per_shard
-    from seqtrain.plan import predicted_cache_bytes, shard_bytes
+    from seqtrain.plan import VIEW_INDEX_BYTES, predicted_cache_bytes, shard_bytes
 
     cfg = Config(arch="resnet20", width=4, stages="1,9", cache_views=4, shard_mb=1)  # stage 0: the stem
     one = Config(arch="resnet20", width=4, stages="1,9", shard_mb=1)
@@ -207,7 +207,8 @@ def test_plan_caches_every_view_of_a_training_sample():
     assert per_shard == 2**20 // (4 * 4 * 32 * 32 * 2) == 32
     full, rest = divmod(n, per_shard)
     row = 4 * 4 * 32 * 32 * 2
-    expected = full * shard_bytes(per_shard, row) + shard_bytes(rest, row)
+    # A [n, V, C, H, W] shard's chunk index has wider keys than a [n, C, H, W] one's
+    expected = full * shard_bytes(per_shard, row, VIEW_INDEX_BYTES) + shard_bytes(rest, row, VIEW_INDEX_BYTES)
     assert predicted_cache_bytes(shape, cfg, {"train": n, "val": 0, "test": 0}) == expected
     one_view = predicted_cache_bytes(shape, one, {"train": n, "val": 0, "test": 0})
     assert n * row < expected < 1.05 * n * row and 3.9 < expected / one_view < 4.1
