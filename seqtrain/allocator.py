@@ -7,7 +7,9 @@ unmaps at once; but each time such a block is freed it raises the threshold to t
 the heap, and what the heap frees stays resident: on the quick preset of benchmarks/memory.py a stage's
 resident set above its imports was 3.0x its tensors and input (rss_floor_ratio), against 1.46x with the
 threshold held at 128 KiB. Holding it there (mallopt(M_MMAP_THRESHOLD), which also turns the adaptation off)
-costs a page fault per fresh page of every large tensor: docs/memory.md gives the measured step time.
+costs a fresh mapping, and a page fault per page, for every large tensor of every step: a CPU training step
+of ResNet-20 (width 16, batch 64) took 2.4x as long (docs/memory.md). So it is opt-in (--release-memory),
+for CPU runs whose resident set must stay small; a GPU run gains nothing from it.
 
 Nothing here changes a result, and CUDA tensors are not affected (their memory is the caching allocator's).
 """

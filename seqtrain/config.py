@@ -104,10 +104,9 @@ class Config:
     bf16: bool = opt(False, "CUDA only: bfloat16 autocast for training and caching")
     channels_last: bool = opt(False, "CUDA only: channels_last memory format, faster convolutions on tensor cores")
     workers: int = opt(0, "DataLoader worker processes for the cache loader; 0 reads in the main process")
-    release_memory: bool = opt(True, "return freed host memory to the system at once (glibc: mmap threshold held "
-                               "at 128 KiB), so a CPU run's resident set follows its live tensors; --no-release-memory "
-                               "keeps glibc's adaptive threshold (faster by a few percent on a CPU, about 3x the "
-                               "resident set)")
+    release_memory: bool = opt(False, "return freed host memory to the system at once (glibc: mmap threshold held "
+                               "at 128 KiB), so a CPU run's resident set follows its live tensors (about 3x smaller) "
+                               "at about 2.4x the CPU step time (docs/memory.md)")
 
     # ------------------------------------------------------------------------------------------------
 
