@@ -40,7 +40,7 @@ class Augment:
 
 def default_augment(dataset: str) -> str:
     """What --augment auto means for `dataset`."""
-    if dataset in ("cifar10", "cifar100", "imagefolder"):
+    if dataset in ("cifar10", "cifar100", "imagefolder", "imagenet"):
         return "crop+flip"  # natural images: a mirrored or shifted photo shows the same class
     if dataset == "svhn":
         return "crop"  # digits: a mirrored 2 or 5 is not a digit, but a shifted one still is

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "imagefolder")
+DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "imagefolder", "imagenet")
 AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
 HEADS = ("linear", "conv", "aug")
 OPTIMIZERS = ("sgd", "adamw")

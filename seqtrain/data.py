@@ -5,8 +5,11 @@ reads cached features instead (loader.py). Sources (--dataset):
   synthetic      generated once into --data-dir and reloaded from there (synthetic.py)
   cifar10/100, mnist, fashion-mnist, svhn   torchvision's files in --data-dir (--download fetches them)
   imagefolder    --data-dir/CLASS/*.png|jpg|... (imagefolder.py)
+  imagenet       --data-dir/train/WNID/*.JPEG and val/WNID/*.JPEG, torchvision's prepared ImageNet (imagefolder.py)
 Every image reaches the network as uint8 [3, H, W]: grayscale is replicated to three channels, and
---image-size resizes once here, at load time. `dataset_info` gives the shapes and counts without decoding.
+--image-size resizes once here, at load time. `dataset_info` gives the shapes and counts without decoding
+(for ImageNet without the data: its published sizes). The whole dataset is held in RAM, so `load_raw`
+refuses, before decoding anything, a dataset whose decoded bytes exceed the available memory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +82,11 @@ KNOWN = {
     "mnist": Known(28, 60_000, 10_000, 10, _in("MNIST/raw", *MNIST_FILES)),
     "fashion-mnist": Known(28, 60_000, 10_000, 10, _in("FashionMNIST/raw", *MNIST_FILES)),
     "svhn": Known(32, 73_257, 26_032, 10, ("train_32x32.mat", "test_32x32.mat")),  # without the "extra" set
+    # ILSVRC-2012, its 50,000 validation images as the test split. The images vary in size and are resized
+    # (imagefolder.decode); 224x224 is the conventional training resolution.
+    "imagenet": Known(224, 1_281_167, 50_000, 1000, imagefolder.IMAGENET_ARCHIVES),
 }
+FOLDERS = ("imagefolder", "imagenet")  # decoded from image files by imagefolder.py
 
 
 def image_side(cfg: Config) -> int:
@@ -90,18 +98,19 @@ def image_side(cfg: Config) -> int:
     return synthetic.SIZE if cfg.dataset == "synthetic" else KNOWN[cfg.dataset].side
 
 
-def dataset_info(cfg: Config) -> dict:
+def dataset_info(cfg: Config, listing: imagefolder.Listing | None = None) -> dict:
     """{"in_shape", "num_classes", "n_train", "n_test"} of the configured dataset, without decoding an image.
 
-    n_train counts the whole training set, before the validation split is carved from it.
+    n_train counts the whole training set, before the validation split is carved from it. `listing`: the
+    image folder's, when the caller has listed it already.
     """
     side = image_side(cfg)
     if cfg.dataset == "synthetic":
         counts = (cfg.n_train, cfg.n_test, synthetic.NUM_CLASSES)
-    elif cfg.dataset == "imagefolder":
-        listing = imagefolder.list_folder(cfg.data_dir, cfg.data_seed)
+    elif listing or is_listed(cfg):
+        listing = listing or folder_listing(cfg)
         counts = (len(listing.train_files), len(listing.test_files), len(listing.classes))
-    else:
+    else:  # ImageNet without its folders: the published sizes, so that --plan needs no data
         known = KNOWN[cfg.dataset]
         counts = (known.n_train, known.n_test, known.num_classes)
     return {"in_shape": (3, side, side), "n_train": counts[0], "n_test": counts[1], "num_classes": counts[2]}
@@ -113,11 +122,21 @@ def source_fingerprint(cfg: Config) -> dict:
           "val_fraction": cfg.val_fraction}
     if cfg.dataset == "synthetic":
         fp.update(n_train=cfg.n_train, n_test=cfg.n_test)
-    if cfg.dataset == "imagefolder":  # the user's files can change under the same flags
-        listing = imagefolder.list_folder(cfg.data_dir, cfg.data_seed)
-        fp["files"] = imagefolder.folder_fingerprint(cfg.data_dir, listing)
+    if cfg.dataset in FOLDERS:  # the user's files can change under the same flags
+        fp["files"] = imagefolder.folder_fingerprint(cfg.data_dir, folder_listing(cfg))
     return fp
 
+
+def is_listed(cfg: Config) -> bool:
+    """Whether the dataset's sizes come from listing its files: an image folder, or ImageNet when present."""
+    return cfg.dataset == "imagefolder" or cfg.dataset == "imagenet" and imagefolder.imagenet_present(cfg.data_dir)
+
+
+def folder_listing(cfg: Config) -> imagefolder.Listing:
+    """The files of an image-folder dataset; a UserError naming what is missing."""
+    if cfg.dataset == "imagenet":
+        return imagefolder.list_imagenet(cfg.data_dir, cfg.download)
+    return imagefolder.list_folder(cfg.data_dir, cfg.data_seed)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -234,15 +253,19 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def load_raw(cfg: Config) -> RawData:
     """Load the configured dataset at its final size and carve the validation split from its training set."""
+    side = image_side(cfg)
+    listing = folder_listing(cfg) if is_listed(cfg) else None
+    info = dataset_info(cfg, listing)
+    check_memory(cfg, info["n_train"], info["n_test"])  # before anything is decoded, generated or downloaded
+
     if cfg.dataset == "synthetic":
         x_train, y_train, x_test, y_test = synthetic_arrays(cfg)
         num_classes = synthetic.NUM_CLASSES
-    elif cfg.dataset == "imagefolder":  # decoded straight to the final size
-        x_train, y_train, x_test, y_test, num_classes = imagefolder.folder_arrays(cfg)
+    elif cfg.dataset in FOLDERS:  # decoded straight to the final size
+        x_train, y_train, x_test, y_test, num_classes = imagefolder.folder_arrays(listing or folder_listing(cfg), side)
     else:
         x_train, y_train, x_test, y_test = torchvision_arrays(cfg)
         num_classes = KNOWN[cfg.dataset].num_classes
-    side = image_side(cfg)
     x_train, y_train = to_rgb(to_size(torch.from_numpy(x_train), side)), torch.from_numpy(y_train).long()
     x_test, y_test = to_rgb(to_size(torch.from_numpy(x_test), side)), torch.from_numpy(y_test).long()
 
@@ -255,9 +278,51 @@ def load_raw(cfg: Config) -> RawData:
     assert int(max(y_train.max(), y_test.max())) < num_classes, f"{cfg.dataset}: a label is out of range"
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data_seed))
     val_ids, train_ids = perm[:n_val].sort().values, perm[n_val:].sort().values
-    train = Split(x_train[train_ids], y_train[train_ids], train_ids)
-    val = Split(x_train[val_ids], y_train[val_ids], val_ids)
+    train, val = carve(x_train, y_train, train_ids, val_ids)
     test = Split(x_test, y_test, torch.arange(len(y_test)))
 
     mean, std = channel_stats(train.x)  # from the training split only: val and test stay unseen
     return RawData(train, val, test, mean, std, num_classes)
+
+
+def carve(x: torch.Tensor, y: torch.Tensor, train_ids: torch.Tensor, val_ids: torch.Tensor,
+          chunk_bytes: int = 2**26) -> tuple[Split, Split]:
+    """The train and val splits of `x` [N, C, H, W], rearranged in place: no second copy of the dataset.
+
+    Only the val rows are copied out; the train rows then move forward in order (ids sorted, so row
+    train_ids[i] >= i is read before anything overwrites it) and val goes back behind them. Both
+    splits are views of `x`, which peaks at the val split's bytes above the dataset's (check_memory).
+    """
+    n, val_x = len(train_ids), x[val_ids]
+    step = max(1, chunk_bytes // max(1, x[0].numel()))  # rows moved at a time (x is uint8)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        x[i:j] = x[train_ids[i:j]]  # gathered into a temporary first, then written
+    x[n:] = val_x
+    return Split(x[:n], y[train_ids], train_ids), Split(x[n:], y[val_ids], val_ids)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory: the whole dataset is decoded into RAM
+
+SUGGESTED_SIDES = (192, 160, 128, 112, 96, 64, 32)  # what --image-size the refusal suggests, largest first
+
+
+def load_bytes(cfg: Config, n_train: int, n_test: int, side: int) -> int:
+    """Peak bytes of load_raw's images at `side`: every image as uint8 [3, side, side], plus the copy of the
+    validation split that carve() makes. torchvision's sets add their native arrays (under 0.25 GB)."""
+    return (n_train + round(n_train * cfg.val_fraction) + n_test) * 3 * side * side
+
+
+def check_memory(cfg: Config, n_train: int, n_test: int) -> None:
+    """Refuse, in one line and before anything is decoded, a dataset whose images would not fit in RAM."""
+    side = image_side(cfg)
+    need, free = load_bytes(cfg, n_train, n_test, side), psutil.virtual_memory().available
+    if need <= free:
+        return
+    fits = [s for s in SUGGESTED_SIDES if s < side and load_bytes(cfg, n_train, n_test, s) <= free]
+    fix = (f"use --image-size {fits[0]} (needs {load_bytes(cfg, n_train, n_test, fits[0]) / 1e9:,.1f} GB) or a "
+           "machine with more memory" if fits else "use a smaller --image-size or a machine with more memory")
+    raise UserError(f"{cfg.dataset} at {side}x{side} needs {need / 1e9:,.1f} GB of RAM ({n_train + n_test:,} "
+                    f"images of 3x{side}x{side} uint8, all held in memory, and a copy of the validation split "
+                    f"while it is carved), but {free / 1e9:,.1f} GB are available: {fix}")

@@ -3,10 +3,15 @@
     DIR/CLASS/*.png|jpg|...                 split here: TEST_SHARE of each class becomes the test set
     DIR/train/CLASS/...  DIR/test/CLASS/... the user's own split (the same class names in both)
 
-Classes are the sorted folder names; files are read in sorted order, so the same tree always gives the
-same arrays. Every image is decoded with PIL, converted to RGB and resized so that its shorter side is
-the target size, then centre-cropped to a square. `list_folder` only lists files (no decoding), so
-`--plan` and the fingerprint of stage 0's input stay cheap on large folders.
+`--dataset imagenet` reads the same way from torchvision's prepared ImageNet (`list_imagenet`):
+
+    DIR/train/n01440764/*.JPEG ...  DIR/val/n01440764/*.JPEG ...   val/ is the test split
+
+Classes are the sorted folder names (for ImageNet the WordNet ids, labelled as torchvision labels them);
+files are read in sorted order, so the same tree always gives the same arrays. Every image is decoded with
+PIL, converted to RGB and resized so that its shorter side is the target size, then centre-cropped to a
+square. `list_folder` only lists files (no decoding), so `--plan` and the fingerprint of stage 0's input
+stay cheap on large folders.
 """
 
 from __future__ import annotations
@@ -16,16 +21,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from seqtrain.errors import UserError
-
-if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
-    from seqtrain.config import Config
 
 # torchvision's ImageFolder extensions, plus .gif; matched case-insensitively.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -80,23 +81,33 @@ def list_folder(root: str | Path, seed: int) -> Listing:
                         f"(then {TEST_SHARE:.0%} of each class is held out as the test set)")
 
     if train_dir.is_dir():
-        train, test = class_images(train_dir), class_images(test_dir)
-        if set(train) != set(test):
-            only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-            raise UserError(f"{train_dir} and {test_dir} must hold the same class folders; only in train/: "
-                            f"{', '.join(only_train) or '-'}; only in test/: {', '.join(only_test) or '-'}")
-        classes = sorted(train)
-    else:
-        # A stratified split: TEST_SHARE of every class, chosen by a generator seeded with --data-seed.
-        found, gen = class_images(root), torch.Generator().manual_seed(seed)
-        classes, train, test = sorted(found), {}, {}
-        for name in classes:
-            files = found[name]
-            perm = torch.randperm(len(files), generator=gen).tolist()
-            n_test = round(len(files) * TEST_SHARE)
-            test[name] = [files[i] for i in sorted(perm[:n_test])]
-            train[name] = [files[i] for i in sorted(perm[n_test:])]
+        return list_split(train_dir, test_dir)
+    # A stratified split: TEST_SHARE of every class, chosen by a generator seeded with --data-seed.
+    found, gen = class_images(root), torch.Generator().manual_seed(seed)
+    train, test = {}, {}
+    for name in sorted(found):
+        files = found[name]
+        perm = torch.randperm(len(files), generator=gen).tolist()
+        n_test = round(len(files) * TEST_SHARE)
+        test[name] = [files[i] for i in sorted(perm[:n_test])]
+        train[name] = [files[i] for i in sorted(perm[n_test:])]
+    return make_listing(train, test)
 
+
+def list_split(train_dir: Path, test_dir: Path) -> Listing:
+    """The classes and files of a folder split by its owner into `train_dir` and `test_dir`."""
+    train, test = class_images(train_dir), class_images(test_dir)
+    if set(train) != set(test):
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise UserError(f"{train_dir} and {test_dir} must hold the same class folders; only in "
+                        f"{train_dir.name}/: {', '.join(only_train) or '-'}; only in {test_dir.name}/: "
+                        f"{', '.join(only_test) or '-'}")
+    return make_listing(train, test)
+
+
+def make_listing(train: dict[str, list[Path]], test: dict[str, list[Path]]) -> Listing:
+    """A Listing of {class: files} for each split; labels index the sorted class names."""
+    classes = sorted(train)
     listing = Listing(classes, [], [], [], [])
     for label, name in enumerate(classes):
         listing.train_files += train[name]
@@ -104,6 +115,49 @@ def list_folder(root: str | Path, seed: int) -> Listing:
         listing.test_files += test[name]
         listing.test_labels += [label] * len(test[name])
     return listing
+
+
+# --------------------------------------------------------------------------------------------------------
+# ImageNet in torchvision's layout (--dataset imagenet)
+
+# What torchvision.datasets.ImageNet prepares train/ and val/ from (and its meta.bin from the devkit).
+IMAGENET_ARCHIVES = ("ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+def imagenet_present(root: str | Path) -> bool:
+    """Both of ImageNet's prepared folders are in `root` (listing them is another matter: 1.33M files)."""
+    return (Path(root) / "train").is_dir() and (Path(root) / "val").is_dir()
+
+
+def list_imagenet(root: str | Path, download: bool = False) -> Listing:
+    """ImageNet's train/ and val/ class folders, as torchvision.datasets.ImageNet prepares them; val/ is the
+    test split. The devkit and meta.bin beside them are not needed: labels are the sorted WordNet ids."""
+    root = Path(root)
+    if not imagenet_present(root):
+        raise imagenet_missing(root, download)
+    val = root / "val"
+    if not any(p.is_dir() for p in val.iterdir()):  # ILSVRC2012_img_val.tar unpacked by hand: flat files
+        raise UserError(f"{val} holds no class folders: torchvision.datasets.ImageNet sorts the validation "
+                        f"images into them with the devkit's labels; {imagenet_prepare_hint(root)}")
+    return list_split(root / "train", val)
+
+
+def imagenet_prepare_hint(root: Path) -> str:
+    return (f"put {', '.join(IMAGENET_ARCHIVES)} in {root} and prepare the folders once with python -c "
+            f"\"import torchvision.datasets as d; [d.ImageNet('{root}', split=s) for s in ('train', 'val')]\" "
+            "(needs scipy)")
+
+
+def imagenet_missing(root: Path, download: bool) -> UserError:
+    """One line: what is missing, how torchvision prepares it, and that nothing downloads it."""
+    lack = ", ".join(f"{root / d}/" for d in ("train", "val") if not (root / d).is_dir())
+    # torchvision.datasets.ImageNet has no download: its docstring asks for the archives from image-net.org.
+    fetch = "ImageNet cannot be downloaded automatically: get its archives from https://image-net.org"
+    lead = f"--download cannot fetch imagenet ({fetch}); " if download else ""
+    tail = "" if download else f"; {fetch}"
+    return UserError(f"{lead}imagenet was not found in --data-dir {root} ({lack} missing): seqtrain reads the "
+                     "train/ and val/ class folders that torchvision.datasets.ImageNet prepares; "
+                     f"{imagenet_prepare_hint(root)}{tail}")
 
 
 def folder_fingerprint(root: str | Path, listing: Listing) -> str:
@@ -137,23 +191,22 @@ def decode(path: Path, side: int) -> np.ndarray:
 
 def read_images(files: list[Path], side: int) -> np.ndarray:
     """Decode `files` into uint8 [N, 3, side, side] with a small thread pool."""
-    out = np.empty((len(files), side, side, 3), dtype=np.uint8)  # N, H, W, C as PIL gives them
+    # N, C, H, W, written image by image: one array of the decoded size, never a transposed second copy
+    out = np.empty((len(files), 3, side, side), dtype=np.uint8)
 
     def one(i: int) -> None:
-        out[i] = decode(files[i], side)
+        out[i] = decode(files[i], side).transpose(2, 0, 1)  # H, W, C as PIL gives them -> C, H, W
 
     # Submitted a chunk at a time: a bad file stops the read within a chunk, and a million files never
     # become a million pending futures.
     with ThreadPoolExecutor(THREADS) as pool:
         for start in range(0, len(files), 1024):
             list(pool.map(one, range(start, min(len(files), start + 1024))))  # re-raises a worker's error here
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # N, C, H, W
+    return out
 
 
-def folder_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(x_train, y_train, x_test, y_test, num_classes) of --data-dir at --image-size (0: DEFAULT_SIDE)."""
-    listing = list_folder(cfg.data_dir, cfg.data_seed)
-    side = cfg.image_size or DEFAULT_SIDE
+def folder_arrays(listing: Listing, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(x_train, y_train, x_test, y_test, num_classes) of a listed folder, decoded at `side`."""
     x_train, x_test = read_images(listing.train_files, side), read_images(listing.test_files, side)
     as_labels = lambda labels: np.asarray(labels, dtype=np.int64)  # noqa: E731
     return x_train, as_labels(listing.train_labels), x_test, as_labels(listing.test_labels), len(listing.classes)

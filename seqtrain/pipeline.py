@@ -73,7 +73,7 @@ def dataset_fingerprint(cfg: Config, run: RunDir) -> str | None:
         try:
             run.input_fingerprints[key] = sha256_json(source_fingerprint(cfg))[:16]
         except UserError:
-            if cfg.dataset != "imagefolder":
+            if cfg.dataset not in ("imagefolder", "imagenet"):
                 raise
             run.input_fingerprints[key] = None
     return run.input_fingerprints[key]
