@@ -1,7 +1,12 @@
 """Kill a tiny `--stage all` run with SIGKILL at N random moments, rerun until it completes, and compare the
 result with an uninterrupted run of the same seed.
 
-    python scripts/killtest.py --kills 20          # about 3 minutes on 2 CPU cores
+    python scripts/killtest.py --kills 20             # about 3 minutes on 2 CPU cores
+    python scripts/killtest.py --kills 20 --ranks 2   # under torchrun, 2 gloo ranks: the whole job is killed
+
+With --ranks N every run is `torchrun --standalone --nproc-per-node N` (gloo on the CPU, one thread per
+rank), and each kill is a SIGKILL of torchrun and of every rank at once, as a lost machine or a scheduler's
+kill would be; the reference is an uninterrupted N-rank run.
 
 After every kill it checks that the run directory holds no torn state: every published manifest is intact
 and every shard it names has its recorded size and checksum. Whenever a rerun completes (before its kill
@@ -13,7 +18,9 @@ run directory. Prints one line per kill and, last, a JSON summary; exits 1 if an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -22,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +42,33 @@ TINY = ["--stage", "all", "--n-train", "600", "--n-test", "200", "--width", "4",
         "--stages", "3", "--max-epochs", "3", "--batch-size", "32", "--shard-mb", "1"]
 
 
-def command(base: Path) -> list[str]:
-    return [sys.executable, "-m", "seqtrain.run", *TINY, "--run-dir", str(base / "run"),
+def command(base: Path, ranks: int) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    return [sys.executable, *launcher, "-m", "seqtrain.run", *TINY, "--run-dir", str(base / "run"),
             "--data-dir", str(base / "data")]
 
 
-def run_to_end(base: Path) -> float:
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank, as torchrun itself advises
+
+
+def run_to_end(base: Path, ranks: int) -> float:
     t0 = time.perf_counter()
-    subprocess.run(command(base), check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(command(base, ranks), check=True, capture_output=True, cwd=ROOT, env=ENV if ranks > 1 else None)
     return time.perf_counter() - t0
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and all its descendants at once (torchrun starts each rank in a session of its own,
+    so a signal to torchrun's process group would not reach them)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
 
 
 def check_consistent(run: Path) -> None:
@@ -75,37 +101,39 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=20, help="number of SIGKILLs, each at a random moment")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--ranks", type=int, default=1, help="ranks under torchrun (gloo, CPU); 1 runs without torchrun")
     args = p.parse_args()
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
         reference, victim = Path(tmp) / "reference", Path(tmp) / "victim"
-        duration = run_to_end(reference)
+        duration = run_to_end(reference, args.ranks)
         print(f"uninterrupted run: {duration:.1f}s")
         expected = outcome(reference / "run")
         kills, completions, differing = 0, 0, 0
         while kills < args.kills:
             delay = rng.uniform(0.5, duration)
-            proc = subprocess.Popen(command(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+            proc = subprocess.Popen(command(victim, args.ranks), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd=ROOT, env=ENV if args.ranks > 1 else None)
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                kill_job(proc)
                 kills += 1
                 check_consistent(victim / "run")
                 done = sorted(p.parent.parent.name for p in (victim / "run").glob("stage_*/cache/manifest.json"))
                 print(f"kill {kills:2d} at {delay:5.2f}s: complete stages {done or 'none'}")
                 continue
             # The rerun completed before its kill came: it must match, then the next kills start afresh.
+            assert proc.returncode == 0, f"a rerun failed with exit status {proc.returncode}"
             completions += 1
             differing += not same(expected, outcome(victim / "run"))
             shutil.rmtree(victim / "run")
-        run_to_end(victim)
+        run_to_end(victim, args.ranks)
         completions += 1
         differing += not same(expected, outcome(victim / "run"))
     identical = differing == 0
-    summary = {"kills": kills, "completed_runs_compared": completions, "differing": differing,
+    summary = {"kills": kills, "ranks": args.ranks, "completed_runs_compared": completions, "differing": differing,
                "identical": identical, "torch": torch.__version__}
     print(f"{kills} kills, {completions} resumed runs completed: "
           + ("all identical to the uninterrupted run" if identical else f"{differing} DIFFERENT"))

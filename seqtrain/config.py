@@ -7,11 +7,21 @@ Precedence when a run starts: these defaults < the run directory's saved `config
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from seqtrain.archs import ARCHS, block_specs, even_sizes, exact_reductions, feature_shape, is_known_arch, num_blocks
+from seqtrain.archs import (
+    ARCHS,
+    BlockSpec,
+    block_specs,
+    even_sizes,
+    exact_reductions,
+    feature_shape,
+    is_known_arch,
+    num_blocks,
+)
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -112,20 +122,31 @@ class Config:
 
     def validate(self) -> Config:
         """Check every value once, before anything is written; raise UserError naming the flag."""
-        self.check_external_arch()
-        for name, options in choices().items():
+        for name in FIELD_TYPES:  # an embedded NUL cannot name a file, and no other value holds one
+            if FIELD_TYPES[name] == "str" and "\x00" in getattr(self, name):
+                raise UserError(f"{flag(name)} {getattr(self, name)!r} holds a NUL character")
+        for name, options in choices().items():  # first: what follows looks these names up
             if name == "arch" and (":" in self.arch or is_known_arch(self.arch)):
-                continue  # torchvision:NAME and custom:HASH, checked above; any CIFAR ResNet depth 6n+2
+                continue  # torchvision:NAME and custom:HASH, checked next; any CIFAR ResNet depth 6n+2
             if getattr(self, name) not in options:
                 raise UserError(f"{flag(name)} {getattr(self, name)!r} is not known; choose one of: "
                                 + ", ".join(options))
-        for name in ("n_train", "n_test", "batch_size", "max_epochs", "shard_mb", "cache_views"):
+        for name in FIELD_TYPES:
+            if FIELD_TYPES[name] == "float" and not math.isfinite(getattr(self, name)):
+                raise UserError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
+        for name in ("n_train", "n_test", "max_epochs", "shard_mb", "cache_views"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:  # a 1x1 feature map of one sample leaves BatchNorm nothing to normalise
+            raise UserError(f"--batch-size must be at least 2 (BatchNorm normalises over the batch), got "
+                            f"{self.batch_size}")
         for name in ("width", "head_convs", "head_width", "patience", "workers", "data_seed", "seed", "image_size",
                      "crop_padding"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
+        for name, most in LIMITS.items():  # past these a run cannot work: torch's sizes overflow, or memory ends
+            if getattr(self, name) > most:
+                raise UserError(f"{flag(name)} must be at most {most:,}, got {getattr(self, name):,}")
         if self.n_train > 50_000 or self.n_test > 10_000:
             raise UserError("--n-train is at most 50000 and --n-test at most 10000 for the synthetic dataset")
         if not 0 < self.val_fraction < 1:
@@ -146,6 +167,7 @@ class Config:
         if self.cache_views > 64:
             raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1 to 64 "
                             "(2-8 is usual)")
+        self.check_external_arch()
         self.check_downsample()  # before the stage sizes: a memory-balanced cut builds the network
         self.stage_sizes()  # parses --stages and checks it against the network
         self.stage_convs_list()
@@ -223,10 +245,11 @@ class Config:
 
         size = image_side(self)
         specs = block_specs(self.arch, self.width, 3, self.downsample, self.downsample_op)
-        shape = feature_shape(specs, (3, size, size))
-        if min(shape[1:]) < 1:
-            raise UserError(f"--downsample {self.downsample} reduces {size}x{size} images below one pixel; "
-                            "reduce less")
+        if min(feature_shape(specs, (3, size, size))[1:]) < 1:
+            fits = smallest_side(specs)
+            by = f"--downsample {self.downsample}" if self.downsample != "standard" else f"--arch {self.arch}"
+            raise UserError(f"{by} reduces {size}x{size} images below one pixel: use --image-size {fits} or more, "
+                            "or a --downsample that reduces less")
         if self.downsample_op != "stride" and specs[0].kind == "conv":
             raise UserError(f"--downsample-op {self.downsample_op} applies to ResNets; {self.arch} reduces by its own "
                             "max-pools: drop the flag")
@@ -300,11 +323,25 @@ def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
     return values
 
 
+def smallest_side(specs: list[BlockSpec]) -> int:
+    """The smallest image side that `specs` reduce to at least one pixel, exactly where pooling needs it."""
+    for side in range(8, 1025):
+        if min(feature_shape(specs, (3, side, side))[1:]) >= 1 and not exact_reductions(specs, (3, side, side)):
+            return side
+    return 1024
+
+
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names a thing."""
     return {"dataset": DATASETS, "augment": AUGMENTS, "arch": ARCHS, "head": HEADS, "optimizer": OPTIMIZERS,
             "balance": BALANCES, "downsample_op": DOWNSAMPLE_OPS,
             "cache_dtype": CACHE_DTYPES, "compression": COMPRESSIONS, "device": DEVICES}
+
+
+# Upper bounds of the counts whose help gives no range of its own: the seeds as torch.manual_seed takes them
+# (times 1000 plus the stage), sizes whose tensors would overflow or fill any machine, a head of a few layers.
+LIMITS = {"seed": 2**31 - 1, "data_seed": 2**31 - 1, "width": 4096, "head_width": 4096, "head_convs": 8,
+          "batch_size": 2**20, "crop_padding": 1024, "workers": 256}
 
 
 # Settings that change where or how fast a run goes, never its numbers. Every other field shapes
@@ -356,6 +393,8 @@ def read_toml(path: Path) -> dict:
         raise UserError(f"--config {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise UserError(f"--config {path} cannot be read: {e.strerror}") from None
+    except ValueError:  # a path with a NUL character
+        raise UserError(f"--config {path!r} is not a file name") from None
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

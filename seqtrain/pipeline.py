@@ -9,8 +9,8 @@ stage stale whenever its features changed, without any bookkeeping beyond the ma
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from seqtrain.loader import CachedBatches
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
 from seqtrain.models import SequentialNet, StageModel, build_head, build_network, build_stage
-from seqtrain.plan import predicted_cache_bytes
+from seqtrain.plan import free_disk, predicted_cache_bytes
 from seqtrain.splitting import stage_shapes
 from seqtrain.train import autocast_for, evaluate, fit
 
@@ -91,6 +91,8 @@ def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
     """(manifest, "") when stage k is complete and current, else (None, why not) in words for the user."""
     try:
         manifest = read_manifest(run.cache(k))
+        if manifest is not None:
+            check_manifest_fields(manifest, run.cache(k) / "manifest.json", k)
     except CorruptCache as e:
         raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
     if manifest is None:
@@ -107,6 +109,66 @@ def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
     if manifest["input_fingerprint"] != expected:
         return None, f"stage {k}'s cache is stale: it was made from an earlier version of its input"
     return manifest, ""
+
+
+# What the summary table reads of a stage's or e2e's result (report.summary_table).
+RESULT_FIGURES = ("val_acc", "test_acc", "epochs", "best_epoch", "peak_tensor_mb", "peak_rss_mb", "train_seconds")
+
+
+def are_figures(record, keys: tuple[str, ...]) -> bool:
+    """`record` is a dict whose `keys` are all numbers (JSON's, not booleans)."""
+    return isinstance(record, dict) and all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
+
+
+def is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def check_manifest_fields(manifest: dict, path: Path, k: int) -> None:
+    """The manifest fields its fingerprint does not cover (cache.fingerprint: only what shapes the features)."""
+    result = manifest.get("result")
+    if (manifest.get("stage") != k or not is_count(manifest.get("num_classes")) or manifest["num_classes"] < 1
+            or not are_figures(result, (*RESULT_FIGURES, "cache_seconds"))
+            or not (is_count(result["epochs"]) and is_count(result["best_epoch"]))):
+        raise CorruptCache(f"{path} is not a valid seqtrain manifest of stage {k}")
+
+
+def read_results(path: Path, valid, hint: str) -> dict | None:
+    """A results.json (None when there is none); a UserError naming it when it does not parse or `valid(data)`
+    is false."""
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except (ValueError, OSError):
+        data = None
+    if not valid(data):
+        raise UserError(f"{path} is damaged: delete it and rerun {hint} to write it again")
+    return data
+
+
+def final_results(run: RunDir) -> dict | None:
+    return read_results(run.final / "results.json", lambda d: isinstance(d, dict) and are_figures(
+        d.get("final"), ("test_acc", "cached_path_test_acc")) and isinstance(d["final"].get("fingerprint"), str),
+        f"--stage all --run-dir {run.root}")
+
+
+def e2e_results(run: RunDir) -> dict | None:
+    return read_results(run.e2e / "results.json", lambda d: are_figures(d, RESULT_FIGURES) and isinstance(
+        d.get("config_hash"), str), f"--stage e2e --run-dir {run.root}")
+
+
+def load_weights(path: Path, k: int | str, run: RunDir) -> dict:
+    """A stage's block.pt, or a UserError naming it when it is missing or cannot be read."""
+    try:
+        saved = load_torch(path)
+        assert isinstance(saved, dict) and isinstance(saved.get("block"), dict) and isinstance(saved.get("head"), dict)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: rebuild the stage with {rebuild_hint(run, k)}") from None
+    except Exception:  # a torn or altered file: torch.load raises any of several types
+        raise UserError(f"{path} is damaged: rebuild the stage with {rebuild_hint(run, k)}") from None
+    return saved
 
 
 def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True) -> dict:
@@ -182,11 +244,32 @@ def stage_inputs(cfg: Config, run: RunDir, k: int, raw: RawData | None, device) 
             {s: prev["splits"][s]["count"] for s in SPLITS},
             {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=s == "train") for s in SPLITS},
             {s: frozen_cached_batches(cfg, run.cache(k - 1), prev, s, device) for s in SPLITS})
-    if len(inputs.batches["train"]) == 0:
-        per_worker = f" for each of the {cfg.workers} --workers (each batches its own shards)" if cfg.workers else ""
-        raise UserError(f"--batch-size {cfg.batch_size} leaves no full batch of the {inputs.counts['train']} "
-                        f"training samples{per_worker}; lower it" + (" or --workers" if cfg.workers else ""))
+    require_full_batch(cfg, inputs.batches["train"], inputs.counts["train"])
     return inputs
+
+
+def require_full_batch(cfg: Config, batches, count: int) -> None:
+    """Training drops an incomplete last batch: a --batch-size above the training split would train nothing."""
+    if len(batches) == 0:
+        per_worker = f" for each of the {cfg.workers} --workers (each batches its own shards)" if cfg.workers else ""
+        raise UserError(f"--batch-size {cfg.batch_size} leaves no full batch of the {count} "
+                        f"training samples{per_worker}; lower it" + (" or --workers" if cfg.workers else ""))
+
+
+def check_inputs(cfg: Config, run: RunDir, stage: int | str, raw: RawData | None, device) -> None:
+    """What the first stage to train reads, checked before anything is written to the run directory (so that
+    a refused run leaves nothing behind that would remember its flags): the batch size against the data,
+    stage K's input cache, and the disk that stage 0's cache needs."""
+    if raw is not None:
+        require_full_batch(cfg, image_batches(cfg, raw, "train", device, train=True), len(raw.train))
+    if isinstance(stage, int) and stage > 0:
+        prev = require_input_cache(cfg, run, stage, checksums=False)
+        require_full_batch(cfg, cached_batches(cfg, run.cache(stage - 1), prev, "train", device, train=True),
+                           prev["splits"]["train"]["count"])
+    if stage in ("all", 0) and (stage == 0 or stage_manifest(cfg, run, 0)[0] is None):
+        with torch.device("meta"):  # the output shape only: nothing is allocated
+            _, out_shape = build_stage(cfg, 0, tuple(raw.in_shape))
+        check_disk(run, 0, predicted_cache_bytes(tuple(out_shape), cfg, {s: len(getattr(raw, s)) for s in SPLITS}))
 
 
 def unpublish_stage(run: RunDir, k: int) -> None:
@@ -255,9 +338,9 @@ def publish_stage(run: RunDir, k: int, block: torch.nn.Module, identity: dict, n
 
 def check_disk(run: RunDir, k: int, need: int) -> None:
     """Refuse before training when the stage's cache cannot fit, rather than fail hours later mid-write."""
-    free = shutil.disk_usage(run.root).free
+    where, free = free_disk(run.root)  # the run directory, or where it will be made
     if need > free:
-        raise UserError(f"stage {k}'s cache needs {need / 2**20:,.0f} MB but {run.root} has {free / 2**20:,.0f} MB "
+        raise UserError(f"stage {k}'s cache needs {need / 2**20:,.0f} MB but {where} has {free / 2**20:,.0f} MB "
                         "free: free some space or use another --run-dir")
 
 
@@ -310,7 +393,7 @@ def final_head(cfg: Config, run: RunDir) -> torch.nn.Module:
     if manifest is None:
         raise UserError(f"the final network needs every stage: {why}; run --stage all")
     head = build_head(cfg, manifest["feature_shape"][0], manifest["num_classes"])
-    head.load_state_dict(load_torch(run.stage(cfg.num_stages - 1) / "block.pt")["head"])
+    head.load_state_dict(load_weights(run.stage(cfg.num_stages - 1) / "block.pt", cfg.num_stages - 1, run)["head"])
     return head
 
 
@@ -323,10 +406,7 @@ def assemble_final(cfg: Config, run: RunDir, manifests: list[dict], raw: RawData
         net = SequentialNet(blocks, build_head(cfg, manifests[-1]["feature_shape"][0], raw.num_classes))
     for k, manifest in enumerate(manifests):
         path = run.stage(k) / "block.pt"
-        if not path.exists():
-            raise UserError(f"{path} is missing, so the final network cannot be assembled: "
-                            f"rebuild the stage with {rebuild_hint(run, k)}")
-        saved = load_torch(path)
+        saved = load_weights(path, k, run)
         if sha256_state_dict(saved["block"]) != manifest["weights_hash"]:
             raise UserError(f"{path} does not hold the weights that made stage {k}'s cache: "
                             f"rebuild the stage with {rebuild_hint(run, k)}")
@@ -447,8 +527,8 @@ def collect_results(cfg: Config, run: RunDir) -> dict:
         if manifest is not None:
             stages.append({"stage": k, **manifest["result"], "cache_mb": round(cache_bytes(manifest) / 2**20, 2),
                            "feature_shape": manifest["feature_shape"]})
-    final = read_json(run.final / "results.json").get("final") if (run.final / "results.json").exists() else None
-    e2e = read_json(run.e2e / "results.json") if (run.e2e / "results.json").exists() else None
+    final = (final_results(run) or {}).get("final")
+    e2e = e2e_results(run)
     if e2e and e2e.get("config_hash") != config_hash(cfg):
         e2e = None
     return {"stages": stages, "final": final, "e2e": e2e, "config_hash": config_hash(cfg),
@@ -470,13 +550,13 @@ def run_all(cfg: Config, run: RunDir, raw: RawData, device, blocks: list[torch.n
                 raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
             log(f"stage {k}/{cfg.num_stages - 1}: complete, skipped")
             if blocks is not None:  # the caller's modules get the weights that made this cache
-                blocks[k].load_state_dict(load_torch(run.stage(k) / "block.pt")["block"])
+                blocks[k].load_state_dict(load_weights(run.stage(k) / "block.pt", k, run)["block"])
         else:
             log(f"stage {k}/{cfg.num_stages - 1}: {why}; training it")
             manifest = run_stage(cfg, run, k, raw, device, None if blocks is None else blocks[k])
         manifests.append(manifest)
 
-    saved = read_json(run.final / "results.json") if (run.final / "results.json").exists() else None
+    saved = final_results(run)
     if saved and saved["final"]["fingerprint"] == manifests[-1]["fingerprint"]:
         log("final: complete, skipped")
     else:
@@ -487,17 +567,18 @@ def run_all(cfg: Config, run: RunDir, raw: RawData, device, blocks: list[torch.n
     return collect_results(cfg, run)
 
 
-def verify_run(cfg: Config, run: RunDir) -> list[str]:
-    """Check a whole run directory (manifests, every shard's sha256, weights); one line per part.
+def verify_run(cfg: Config, run: RunDir) -> tuple[list[str], list[str]]:
+    """Check a whole run directory (manifests, every shard's sha256, weights, epoch logs): one line per part,
+    and the parts that are incomplete ("stage 1", "the final network").
 
-    Damage raises UserError naming the file and the command that rebuilds it; an incomplete stage is
-    reported, not an error.
+    Damage raises UserError naming the file and the command that rebuilds it.
     """
-    lines = []
+    lines, incomplete = [], []
     for k in range(cfg.num_stages):
         manifest, why = stage_manifest(cfg, run, k)
         if manifest is None:
             lines.append(f"stage {k}: incomplete ({why})")
+            incomplete.append(f"stage {k}")
             continue
         t0 = time.perf_counter()
         try:
@@ -505,15 +586,32 @@ def verify_run(cfg: Config, run: RunDir) -> list[str]:
         except CorruptCache as e:
             raise UserError(f"{e}; rebuild the stage with: {rebuild_hint(run, k)}") from None
         block = run.stage(k) / "block.pt"
-        if not block.exists() or sha256_state_dict(load_torch(block)["block"]) != manifest["weights_hash"]:
-            raise UserError(f"{block} is missing or does not hold the weights that made stage {k}'s cache; "
+        if sha256_state_dict(load_weights(block, k, run)["block"]) != manifest["weights_hash"]:
+            raise UserError(f"{block} does not hold the weights that made stage {k}'s cache; "
                             f"rebuild the stage with: {rebuild_hint(run, k)}")
+        check_metrics(run.stage(k) / "metrics.jsonl", manifest["result"]["epochs"], rebuild_hint(run, k))
         n = sum(len(manifest["splits"][s]["shards"]) for s in manifest["splits"])
-        lines.append(f"stage {k}: complete, {n} shards ({cache_bytes(manifest) / 2**20:.1f} MB) and weights "
-                     f"verified in {time.perf_counter() - t0:.2f}s")
-    results = run.final / "results.json"
+        lines.append(f"stage {k}: complete, {n} shards ({cache_bytes(manifest) / 2**20:.1f} MB), weights and "
+                     f"epoch log verified in {time.perf_counter() - t0:.2f}s")
+    saved = final_results(run)
     last, _ = stage_manifest(cfg, run, cfg.num_stages - 1)
-    current = last is not None and results.exists() and (
-        read_json(results)["final"]["fingerprint"] == last["fingerprint"])
-    lines.append("final: complete" if current else "final: not assembled from the current stages")
-    return lines
+    if last is not None and saved and saved["final"]["fingerprint"] == last["fingerprint"]:
+        lines.append("final: complete")
+    else:
+        lines.append("final: not assembled from the current stages")
+        incomplete.append("the final network")
+    return lines, incomplete
+
+
+def check_metrics(path: Path, epochs: int, hint: str) -> None:
+    """A complete stage's metrics.jsonl: one JSON object per epoch, epochs 1 to `epochs` in order."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        logged = [r["epoch"] for r in records if are_figures(r, ("epoch", "train_loss", "val_acc", "lr"))]
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; rebuild the stage with: {hint}") from None
+    except (ValueError, TypeError, KeyError):
+        logged = None
+    if logged != list(range(1, epochs + 1)):
+        raise UserError(f"{path} is damaged: it does not log epochs 1 to {epochs} as the stage's manifest says; "
+                        f"rebuild the stage with: {hint}")

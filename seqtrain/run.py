@@ -13,9 +13,22 @@ import argparse
 import contextlib
 import errno
 import json
+import os
+import signal
 import sys
+import threading
 
-from seqtrain.config import FIELD_TYPES, GROUPS, Config, choices, config_hash, field_help, read_toml, resolve
+from seqtrain.config import (
+    FIELD_TYPES,
+    GROUPS,
+    Config,
+    choices,
+    coerce,
+    config_hash,
+    field_help,
+    read_toml,
+    resolve,
+)
 from seqtrain.errors import Interrupted, Parser, UserError
 from seqtrain.files import read_json
 from seqtrain.log import log
@@ -71,15 +84,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
     from_file = read_toml(args.config) if getattr(args, "config", None) else {}
     run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
-    saved = None
+    if "\x00" in run_dir:
+        raise UserError(f"--run-dir {run_dir!r} holds a NUL character")
     try:
         saved = read_json(f"{run_dir}/config.json")
     except (FileNotFoundError, NotADirectoryError):
-        pass  # a new run directory
+        saved = None  # a new run directory
     except (ValueError, OSError):
         raise UserError(f"{run_dir}/config.json is damaged; delete it to start this run afresh") from None
-    if saved is not None and not isinstance(saved, dict):
-        raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
+    else:
+        if not isinstance(saved, dict):  # e.g. `null`: a file that is there is never a new run directory
+            raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
+    try:  # a damaged or hand-edited file: each value is checked as a TOML file's would be
+        saved = saved if saved is None else {k: coerce(k, v, f"{run_dir}/config.json") if k in FIELD_TYPES else v
+                                             for k, v in saved.items()}
+    except UserError as e:
+        raise UserError(f"{e}: the file is damaged; restore the value or use another --run-dir") from None
     return resolve(saved, from_file, {**flags, "run_dir": run_dir}, rebuild=getattr(args, "rebuild", False))
 
 
@@ -88,36 +108,78 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if getattr(args, "json", False) and not getattr(args, "plan", False):
-            raise UserError("--json prints the plan: give it with --plan")
-        cfg = config_from_args(args)
-        if getattr(args, "plan", False):
-            from seqtrain.plan import format_plan, plan
+    with interrupt_on_sigterm():
+        try:
+            return run_command(argv)
+        except UserError as e:
+            print(f"seqtrain: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except Interrupted as e:
+            say(f"seqtrain: {e}")
+            return e.exit_code
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                return closed_stdout()
+            if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            print(f"seqtrain: error: no space left on device{' writing ' + e.filename if e.filename else ''}; "
+                  "free some space and rerun the same command (finished stages are kept)", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # outside a training loop (loading, caching): the last checkpoint stands
+            say("seqtrain: interrupted; finished work is saved: rerun the same command to resume")
+            return 130
 
-            planned = plan(cfg)
-            print(json.dumps(planned, indent=1) if getattr(args, "json", False) else format_plan(planned))
-            return 0
-        if getattr(args, "verify", False):
-            return verify(cfg)
-        stage = parse_stage(getattr(args, "stage", "all"), cfg.num_stages)
-        return run(cfg, stage)
-    except UserError as e:
-        print(f"seqtrain: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Interrupted as e:
-        print(f"seqtrain: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        if e.errno != errno.ENOSPC and "No space left" not in str(e):
-            raise
-        print(f"seqtrain: error: no space left on device{' writing ' + e.filename if e.filename else ''}; "
-              "free some space and rerun the same command (finished stages are kept)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # outside a training loop (loading, caching): the last checkpoint stands
-        print("seqtrain: interrupted; finished work is saved: rerun the same command to resume", file=sys.stderr)
-        return 130
+
+def run_command(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "json", False) and not getattr(args, "plan", False):
+        raise UserError("--json prints the plan: give it with --plan")
+    cfg = config_from_args(args)
+    if getattr(args, "plan", False):
+        from seqtrain.plan import format_plan, plan
+
+        planned = plan(cfg)
+        print(json.dumps(planned, indent=1) if getattr(args, "json", False) else format_plan(planned))
+        sys.stdout.flush()  # here, so that a closed pipe (`--plan | head`) is an EPIPE caught in main()
+        return 0
+    if getattr(args, "verify", False):
+        return verify(cfg)
+    stage = parse_stage(getattr(args, "stage", "all"), cfg.num_stages)
+    return run(cfg, stage)
+
+
+def say(line: str) -> None:
+    """An interrupt's one line on stderr; under torchrun every rank stops, and rank 0 alone says so."""
+    from seqtrain.log import is_main_process
+
+    if is_main_process():
+        print(line, file=sys.stderr)
+
+
+def closed_stdout() -> int:
+    """The reader of our output went away (`--plan | head -3`): stop quietly, as the Python documentation's
+    "Note on SIGPIPE" advises; stdout goes to devnull so that the interpreter's final flush cannot fail too."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a stdout with no file behind it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (what torchrun forwards, or `kill`) interrupts as Ctrl-C does: the training loop finishes its
+    step and checkpoints (train.stop_on_signal), anywhere else KeyboardInterrupt; either way exit status 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def verify(cfg: Config) -> int:
@@ -125,8 +187,12 @@ def verify(cfg: Config) -> int:
 
     if not (RunDir(cfg.run_dir).config).exists():
         raise UserError(f"{cfg.run_dir} is not a seqtrain run directory (no config.json); check --run-dir")
-    for line in verify_run(cfg, RunDir(cfg.run_dir)):
+    lines, incomplete = verify_run(cfg, RunDir(cfg.run_dir))
+    for line in lines:
         log(line)
+    if incomplete:
+        raise UserError(f"{cfg.run_dir} is incomplete ({', '.join(incomplete)}); complete it with: "
+                        f"python -m seqtrain.run --stage all --run-dir {cfg.run_dir}")
     return 0
 
 
@@ -139,9 +205,9 @@ def run(cfg: Config, stage: int | str) -> int:
     from seqtrain.pipeline import (
         RunDir,
         RunLock,
+        check_inputs,
         collect_results,
         prepare_run_dir,
-        require_input_cache,
         run_all,
         run_e2e,
         run_stage,
@@ -155,17 +221,16 @@ def run(cfg: Config, stage: int | str) -> int:
         release_freed_memory()
     try:
         world = distributed.world_size()
-        if cfg.batch_size % world:
+        if cfg.batch_size % world or cfg.batch_size < 2 * world:
             raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
-                            f"the {world} ranks; use a multiple of {world}")
+                            f"the {world} ranks, at least 2 samples each; use a multiple of {world} from {2 * world}")
         raw = None
         if stage in ("all", "e2e", 0):
             # Rank 0 first: it may generate (or --download) the dataset, which the others then read.
             raw = load_raw(cfg) if distributed.is_main() else None
             distributed.barrier()
             raw = raw or load_raw(cfg)
-        if isinstance(stage, int) and stage > 0:
-            require_input_cache(cfg, RunDir(cfg.run_dir), stage, checksums=False)
+        check_inputs(cfg, RunDir(cfg.run_dir), stage, raw, device)
         run_dir = prepare_run_dir(cfg)
         # One run per directory; under torchrun rank 0 holds the lock for the group.
         with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():

@@ -127,7 +127,7 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
             stop_now, bad = (v > 0 for v in distributed.sum_all([stop_now, bad], device))
         if bad:  # the weights are poisoned: stop before a checkpoint can save them
             raise Diverged(f"{desc}: the loss is {loss.item()} at step {i + 1} (lr {progress.lr:.3g}); "
-                           "the last good checkpoint is kept: rerun with a lower --lr")
+                           "the last good checkpoint is kept: rerun with a lower --lr and --rebuild")
         progress.step = i + 1
         progress.loss_sum += loss.item() * len(y)
         progress.correct += (logits.argmax(1) == y).sum().item()
@@ -137,24 +137,38 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
     return True
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what torchrun forwards to every rank, and `kill`
+
+
 @contextlib.contextmanager
-def stop_on_sigint():
-    """The first Ctrl-C asks the loop to stop after its current step; a second one interrupts at once."""
+def stop_on_signal():
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop after its current step; a second one of the same
+    kind gets the handler from before (Ctrl-C: KeyboardInterrupt at once)."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield requested
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def handler(signum, frame):
         requested.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signum])
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, previous[sig])
+
+
+def position(epochs_done: int, step: int, steps: int) -> str:
+    """Where training stands, in the words both the interrupt and the resume line use: "after epoch 2",
+    "in epoch 3 after step 1 of 11" (epochs count from 1; `step` batches of the next epoch are done)."""
+    if step == 0:
+        return f"after epoch {epochs_done}" if epochs_done else "before its first step"
+    return f"in epoch {epochs_done + 1} after step {step} of {steps}"
 
 
 @torch.no_grad()
@@ -204,8 +218,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
     # Early-stopping state; with the model, optimizer, epoch progress and RNG it is the whole checkpoint.
     state = {"epoch": 0, "bad_epochs": 0, "best_acc": -1.0, "best_epoch": 0, "best_model": None}
     progress = EpochProgress()
-    ckpt = load_torch(ckpt_path) if ckpt_path.exists() else None
-    if ckpt is not None and ckpt.get("format") == CHECKPOINT_FORMAT and ckpt["identity"] == identity:
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt is not None and ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("identity") == identity:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = {k: ckpt[k] for k in state}
@@ -215,8 +229,9 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        log(f"{desc}: resuming after epoch {state['epoch']}" + (f" step {progress.step}" if progress.step else "")
-            + f" (best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']})")
+        best = (f"best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']}" if state["best_epoch"]
+                else "no epoch finished yet")
+        log(f"{desc}: resuming {position(state['epoch'], progress.step, len(train_batches))} ({best})")
     main = distributed.is_main()  # only rank 0 writes files
     if main:
         keep_metrics(metrics_path, below_epoch=state["epoch"])
@@ -233,7 +248,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
 
     t0 = time.perf_counter()
     epochs_bar = counter(desc, cfg.max_epochs, state["epoch"])
-    with stop_on_sigint() as stop:
+    with stop_on_signal() as stop:
         while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
             e0 = time.perf_counter()
             epoch = state["epoch"]
@@ -243,8 +258,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
                                        memory=memory)
             if not finished:
                 save_checkpoint()
-                raise Interrupted(f"{desc}: interrupted at epoch {epoch + 1}, step {progress.step}; progress is "
-                                  "saved: rerun the same command to resume")
+                raise Interrupted(f"{desc}: interrupted {position(epoch, progress.step, len(train_batches))}; "
+                                  "progress is saved: rerun the same command to resume")
             val_loss, val_acc = evaluate(model, val_batches, autocast, channels_last)
             state["epoch"] = epoch = epoch + 1
             if val_acc >= state["best_acc"] + cfg.min_delta or state["best_model"] is None:
@@ -276,6 +291,19 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
     return TrainResult(state["best_acc"], state["best_epoch"], state["epoch"], time.perf_counter() - t0)
 
 
+def read_checkpoint(path: Path) -> dict | None:
+    """The stage's checkpoint, None when there is none; a UserError naming it when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = load_torch(path)
+    except Exception:  # torn or altered: torch.load raises any of several types
+        ckpt = None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is damaged: delete it to train this stage from its start")
+    return ckpt
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -291,6 +319,6 @@ def keep_metrics(path: Path, below_epoch: int) -> None:
         try:
             if json.loads(line)["epoch"] <= below_epoch:
                 kept.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut short by a kill
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill (or damaged: --verify names it)
     write_bytes(path, "".join(line + "\n" for line in kept).encode())

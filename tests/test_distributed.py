@@ -1,32 +1,43 @@
 """Two gloo ranks on the CPU under torchrun, as a user launches them: the whole pipeline completes, each
-rank caches its own contiguous slice, and the cache holds every sample exactly once."""
+rank caches its own contiguous slice, and the cache holds every sample exactly once; Ctrl-C stops both
+ranks after the same step, rank 0 alone says so, and the rerun ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
 from seqtrain.config import Config
 from seqtrain.data import load_raw
+from seqtrain.files import load_torch
 
 from conftest import ROOT, tiny_flags
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
+# One thread per rank: two ranks on two cores, as `torchrun` itself would advise.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(args: list[str], ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
+            "seqtrain.run", *args]
+
+
 def torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
-    # One thread per rank: two ranks on two cores, as `torchrun` itself would advise.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={ranks}", "-m", "seqtrain.run", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(torchrun_command(args, ranks), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=600)
 
 
 @pytest.mark.slow
@@ -54,3 +65,33 @@ def test_two_ranks_complete_the_pipeline_and_cache_every_sample_once(tmp_path):
     # A second launch finds every stage complete and trains nothing.
     again = torchrun(["--stage", "all", *flags])
     assert again.returncode == 0 and again.stdout.count("complete, skipped") == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_step_and_resumes_identically(tmp_path):
+    flags = ["--stage", "0", "--n-train", "1000", "--patience", "10"]
+    straight = torchrun([*flags, *tiny_flags(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    # Ctrl-C in a terminal reaches torchrun alone (each rank has a session of its own); torchrun forwards it.
+    d = tmp_path / "interrupted"
+    proc = subprocess.Popen(torchrun_command([*flags, *tiny_flags(d)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    metrics = d / "run" / "stage_00" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    ours = [line for line in err.splitlines() if line.startswith("seqtrain:")]
+    assert len(ours) == 1 and ": interrupted " in ours[0], err[-3000:]  # rank 0 alone speaks
+    # torchrun itself reports the signal with its own traceback and exits 1 (docs/distributed.md).
+    assert proc.returncode == 1 and "SignalException" in err
+    assert load_torch(d / "run" / "stage_00" / "checkpoint.pt")["epoch"] >= 1
+
+    again = torchrun([*flags, *tiny_flags(d)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {ours[0].split(' interrupted ')[1].split(';')[0]}" in again.stdout
+    a, b = (load_torch(x / "run" / "stage_00" / "block.pt") for x in (tmp_path / "straight", d))
+    for part in ("block", "head"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{part} differs after the resume"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,7 +24,8 @@ MISTAKES = {
     "stage not a number": (["--stage", "last"], "--stage 'last' is not"),
     "missing input cache": (["--stage", "1"], "stage 0 has no complete cache"),
     "bad number": (["--lr", "fast"], "argument --lr: invalid float value"),
-    "negative size": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "negative size": (["--n-test", "0"], "--n-test must be at least 1"),
+    "batch of one": (["--batch-size", "1"], "--batch-size must be at least 2"),
     "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs"),
     "json without plan": (["--json"], "--json prints the plan: give it with --plan"),
     "negative width": (["--width", "-4"], "--width must be 0 or more"),
@@ -31,6 +33,10 @@ MISTAKES = {
     "too many images": (["--n-train", "60000"], "--n-train is at most 50000"),
     "bad downsampling": (["--downsample", "fast"], "--downsample 'fast' is not"),
     "dataset not on disk": (["--dataset", "cifar10"], "cifar10 was not found in --data-dir"),
+    # Refused before config.json is written, so that the advised smaller batch is not then refused (issue 14).
+    "batch above the data": (["--batch-size", "100000"], "leaves no full batch of the 360 training samples"),
+    "vgg on small images": (["--arch", "vgg11", "--image-size", "16"], "use --image-size 32 or more"),
+    "non-finite number": (["--lr", "nan"], "--lr must be a finite number"),
 }
 if not torch.cuda.is_available():
     MISTAKES["cuda without a gpu"] = (["--device", "cuda"], "torch sees no CUDA GPU")
@@ -44,6 +50,13 @@ def test_mistake_gets_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     assert err.count("\n") == 1 and err.startswith("seqtrain: error: ") and message in err, err
     assert "run --stage 0 first" in err or case != "missing input cache"
     assert not (tmp_path / "run").exists()
+
+
+def test_unknown_dataset_is_named_before_a_torchvision_network_looks_it_up(tmp_path, capsys):
+    # Its image size comes from the dataset: an unknown name was a KeyError traceback (issue 14).
+    argv = ["--plan", "--arch", "torchvision:resnet18", "--dataset", "nosuchset", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("seqtrain: error: --dataset 'nosuchset' is not known")
 
 
 def test_real_command_line_prints_no_traceback(tmp_path):
@@ -118,3 +131,23 @@ def test_help_answers_without_loading_torch():
             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
     assert "--stage STAGE" in out and out.strip().endswith("torch not loaded"), out[-300:]
+
+
+def test_closed_output_pipe_ends_quietly(tmp_path):
+    # `--plan | head -3`: the reader is gone before the plan is printed (python docs, "Note on SIGPIPE").
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "seqtrain.run", "--plan", *tiny_flags(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 1 and err == "", err
+
+
+@pytest.mark.parametrize("content", ["null", '{"lr": "fast"}', "[1, 2]", '{"max_epochs": 1.5}'])
+def test_damaged_config_json_is_named(content, tmp_path, capsys):
+    # Found by tests/test_fuzz.py: `null` read as "no configuration", wrong types as a TypeError traceback.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(content)
+    assert main(["--plan", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqtrain: error: ") and str(tmp_path / "run" / "config.json") in err, err

@@ -13,6 +13,7 @@ import pytest
 
 import seqtrain.cache
 import seqtrain.pipeline
+import seqtrain.plan
 from seqtrain.config import Config
 from seqtrain.pipeline import RunDir, RunLock
 
@@ -21,7 +22,7 @@ from conftest import ROOT
 
 def test_cache_that_cannot_fit_is_refused_before_training(tiny, monkeypatch, capsys):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(seqtrain.pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(seqtrain.plan.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
     assert tiny("--stage", "all") == 2
     err = capsys.readouterr().err
     assert "stage 0's cache needs 4 MB but" in err and "has 1 MB free" in err
@@ -58,6 +59,13 @@ def test_verify_reports_a_healthy_run_and_names_a_damaged_shard(tiny, capsys):
     assert tiny("--verify") == 0
     out = capsys.readouterr().out
     assert "stage 0: complete" in out and "stage 1: complete" in out and "final: complete" in out
+    results = tiny.run_dir / "final" / "results.json"
+    kept = results.read_bytes()
+    results.unlink()  # an incomplete run is not a verified one: exit 2, and the command that completes it
+    assert tiny("--verify") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "incomplete (the final network)" in err and "--stage all --run-dir" in err
+    results.write_bytes(kept)
     shard = sorted((tiny.run_dir / "stage_01" / "cache").glob("val-*.h5"))[0]
     data = bytearray(shard.read_bytes())
     data[-10] ^= 1

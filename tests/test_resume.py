@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import seqtrain.train
 from seqtrain.files import load_torch
 
 from conftest import ROOT, tiny_flags
@@ -85,7 +86,28 @@ def test_ctrl_c_finishes_the_step_checkpoints_mid_epoch_and_exits_130(tmp_path, 
     stage_dir = tmp_path / "run" / "stage_00"
     ckpt = load_torch(stage_dir / "checkpoint.pt")
     assert ckpt["epoch"] >= 1
+    where = err.split(": interrupted ")[1].split(";")[0]  # "in epoch 3 after step 7 of 56"
 
     out = rerun(tmp_path)
-    assert f"resuming after epoch {ckpt['epoch']}" in out
+    assert f"resuming {where} (best val acc" in out  # the interrupt and the resume name one place alike
     assert_same_weights(straight, load_torch(stage_dir / "block.pt"))
+
+
+def test_interrupt_and_resume_lines_agree_and_show_no_placeholder(tiny, monkeypatch, capsys):
+    real_step, calls = seqtrain.train.train_step, []
+
+    def step(model, x, *rest):
+        calls.append(x.device.type != "meta")  # the memory-balanced cut steps on the meta device first
+        if sum(calls) == 3:  # Ctrl-C during the third step of the first epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(model, x, *rest)
+
+    monkeypatch.setattr(seqtrain.train, "train_step", step)
+    assert tiny("--stage", "0", "--max-epochs", "1") == 130
+    err = capsys.readouterr().err
+    assert err == ("seqtrain: stage 0/1: interrupted in epoch 1 after step 3 of 11; progress is saved: rerun the "
+                   "same command to resume\n")
+    monkeypatch.undo()
+    assert tiny("--stage", "0", "--max-epochs", "1") == 0
+    out = capsys.readouterr().out
+    assert "stage 0/1: resuming in epoch 1 after step 3 of 11 (no epoch finished yet)" in out
