@@ -134,13 +134,13 @@ class Config:
         for name in FIELD_TYPES:
             if FIELD_TYPES[name] == "float" and not math.isfinite(getattr(self, name)):
                 raise UserError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
-        for name in ("n_train", "n_test", "max_epochs", "shard_mb", "cache_views"):
+        for name in ("n_train", "n_test", "max_epochs", "patience", "shard_mb", "cache_views"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:  # a 1x1 feature map of one sample leaves BatchNorm nothing to normalise
             raise UserError(f"--batch-size must be at least 2 (BatchNorm normalises over the batch), got "
                             f"{self.batch_size}")
-        for name in ("width", "head_convs", "head_width", "patience", "workers", "data_seed", "seed", "image_size",
+        for name in ("width", "head_convs", "head_width", "workers", "data_seed", "seed", "image_size",
                      "crop_padding"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")

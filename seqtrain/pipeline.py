@@ -9,7 +9,6 @@ stage stale whenever its features changed, without any bookkeeping beyond the ma
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -36,7 +35,14 @@ from seqtrain.cache import (
 from seqtrain.config import Config, config_hash, shaping_dict
 from seqtrain.data import RawData, Split, source_fingerprint
 from seqtrain.errors import UserError
-from seqtrain.files import load_torch, read_json, save_torch, sha256_json, sha256_state_dict, write_json
+from seqtrain.files import read_json, save_torch, sha256_json, sha256_state_dict, write_json
+from seqtrain.integrity import (
+    check_manifest_fields,
+    check_metrics,
+    read_e2e_results,
+    read_final_results,
+    read_weights,
+)
 from seqtrain.loader import CachedBatches
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
@@ -111,64 +117,12 @@ def stage_manifest(cfg: Config, run: RunDir, k: int) -> tuple[dict | None, str]:
     return manifest, ""
 
 
-# What the summary table reads of a stage's or e2e's result (report.summary_table).
-RESULT_FIGURES = ("val_acc", "test_acc", "epochs", "best_epoch", "peak_tensor_mb", "peak_rss_mb", "train_seconds")
-
-
-def are_figures(record, keys: tuple[str, ...]) -> bool:
-    """`record` is a dict whose `keys` are all numbers (JSON's, not booleans)."""
-    return isinstance(record, dict) and all(
-        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
-
-
-def is_count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
-
-
-def check_manifest_fields(manifest: dict, path: Path, k: int) -> None:
-    """The manifest fields its fingerprint does not cover (cache.fingerprint: only what shapes the features)."""
-    result = manifest.get("result")
-    if (manifest.get("stage") != k or not is_count(manifest.get("num_classes")) or manifest["num_classes"] < 1
-            or not are_figures(result, (*RESULT_FIGURES, "cache_seconds"))
-            or not (is_count(result["epochs"]) and is_count(result["best_epoch"]))):
-        raise CorruptCache(f"{path} is not a valid seqtrain manifest of stage {k}")
-
-
-def read_results(path: Path, valid, hint: str) -> dict | None:
-    """A results.json (None when there is none); a UserError naming it when it does not parse or `valid(data)`
-    is false."""
-    if not path.exists():
-        return None
-    try:
-        data = read_json(path)
-    except (ValueError, OSError):
-        data = None
-    if not valid(data):
-        raise UserError(f"{path} is damaged: delete it and rerun {hint} to write it again")
-    return data
-
-
 def final_results(run: RunDir) -> dict | None:
-    return read_results(run.final / "results.json", lambda d: isinstance(d, dict) and are_figures(
-        d.get("final"), ("test_acc", "cached_path_test_acc")) and isinstance(d["final"].get("fingerprint"), str),
-        f"--stage all --run-dir {run.root}")
+    return read_final_results(run.final / "results.json", f"--stage all --run-dir {run.root}")
 
 
-def e2e_results(run: RunDir) -> dict | None:
-    return read_results(run.e2e / "results.json", lambda d: are_figures(d, RESULT_FIGURES) and isinstance(
-        d.get("config_hash"), str), f"--stage e2e --run-dir {run.root}")
-
-
-def load_weights(path: Path, k: int | str, run: RunDir) -> dict:
-    """A stage's block.pt, or a UserError naming it when it is missing or cannot be read."""
-    try:
-        saved = load_torch(path)
-        assert isinstance(saved, dict) and isinstance(saved.get("block"), dict) and isinstance(saved.get("head"), dict)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: rebuild the stage with {rebuild_hint(run, k)}") from None
-    except Exception:  # a torn or altered file: torch.load raises any of several types
-        raise UserError(f"{path} is damaged: rebuild the stage with {rebuild_hint(run, k)}") from None
-    return saved
+def load_weights(path: Path, k: int, run: RunDir) -> dict:
+    return read_weights(path, f"rebuild the stage with {rebuild_hint(run, k)}")
 
 
 def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True) -> dict:
@@ -528,7 +482,7 @@ def collect_results(cfg: Config, run: RunDir) -> dict:
             stages.append({"stage": k, **manifest["result"], "cache_mb": round(cache_bytes(manifest) / 2**20, 2),
                            "feature_shape": manifest["feature_shape"]})
     final = (final_results(run) or {}).get("final")
-    e2e = e2e_results(run)
+    e2e = read_e2e_results(run.e2e / "results.json", f"--stage e2e --run-dir {run.root}")
     if e2e and e2e.get("config_hash") != config_hash(cfg):
         e2e = None
     return {"stages": stages, "final": final, "e2e": e2e, "config_hash": config_hash(cfg),
@@ -589,7 +543,8 @@ def verify_run(cfg: Config, run: RunDir) -> tuple[list[str], list[str]]:
         if sha256_state_dict(load_weights(block, k, run)["block"]) != manifest["weights_hash"]:
             raise UserError(f"{block} does not hold the weights that made stage {k}'s cache; "
                             f"rebuild the stage with: {rebuild_hint(run, k)}")
-        check_metrics(run.stage(k) / "metrics.jsonl", manifest["result"]["epochs"], rebuild_hint(run, k))
+        check_metrics(run.stage(k) / "metrics.jsonl", manifest["result"]["epochs"],
+                      f"rebuild the stage with: {rebuild_hint(run, k)}")
         n = sum(len(manifest["splits"][s]["shards"]) for s in manifest["splits"])
         lines.append(f"stage {k}: complete, {n} shards ({cache_bytes(manifest) / 2**20:.1f} MB), weights and "
                      f"epoch log verified in {time.perf_counter() - t0:.2f}s")
@@ -601,17 +556,3 @@ def verify_run(cfg: Config, run: RunDir) -> tuple[list[str], list[str]]:
         lines.append("final: not assembled from the current stages")
         incomplete.append("the final network")
     return lines, incomplete
-
-
-def check_metrics(path: Path, epochs: int, hint: str) -> None:
-    """A complete stage's metrics.jsonl: one JSON object per epoch, epochs 1 to `epochs` in order."""
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        logged = [r["epoch"] for r in records if are_figures(r, ("epoch", "train_loss", "val_acc", "lr"))]
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; rebuild the stage with: {hint}") from None
-    except (ValueError, TypeError, KeyError):
-        logged = None
-    if logged != list(range(1, epochs + 1)):
-        raise UserError(f"{path} is damaged: it does not log epochs 1 to {epochs} as the stage's manifest says; "
-                        f"rebuild the stage with: {hint}")

@@ -37,6 +37,7 @@ MISTAKES = {
     "batch above the data": (["--batch-size", "100000"], "leaves no full batch of the 360 training samples"),
     "vgg on small images": (["--arch", "vgg11", "--image-size", "16"], "use --image-size 32 or more"),
     "non-finite number": (["--lr", "nan"], "--lr must be a finite number"),
+    "no patience": (["--patience", "0"], "--patience must be at least 1"),  # found by tests/test_fuzz.py
 }
 if not torch.cuda.is_available():
     MISTAKES["cuda without a gpu"] = (["--device", "cuda"], "torch sees no CUDA GPU")

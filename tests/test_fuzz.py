@@ -137,7 +137,7 @@ def flat(items: list[list[str]]) -> list[str]:
 # --plan: every drawn command line answers with a plan or one line, and writes nothing
 
 
-@fuzz(default=100, ci=2000)
+@fuzz(default=80, ci=2000)
 @given(st.lists(flag_items(), max_size=6))
 def test_fuzzed_plan_command_line(items):
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,7 +313,7 @@ def parses(data: bytes, is_lines: bool) -> bool:
     return all(isinstance(d, dict) for d in docs) and (bool(docs) or not is_lines)
 
 
-@fuzz(default=40, ci=600)
+@fuzz(default=60, ci=600)
 @given(st.sampled_from(DAMAGEABLE), st.data())
 def test_damaged_run_directory_is_named_never_a_traceback(complete_run, data_dir, name, data):
     original = (complete_run / name).read_bytes()
