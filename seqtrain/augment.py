@@ -109,7 +109,7 @@ def views_of(x: torch.Tensor, ids: torch.Tensor, views: int, seed: int, aug: Aug
 
 
 # --------------------------------------------------------------------------------------------------------
-# Batch wrappers (data.BatchWrapper: the interface of data.ImageBatches)
+# Batch wrappers (batches.BatchWrapper: the interface of batches.ImageBatches)
 
 
 class AugmentedBatches(BatchWrapper):

@@ -7,8 +7,10 @@ depends on (seed, epoch) alone and a resumed run sees the same ones:
 - `ImageBatches` (here): raw images held in RAM, normalised on the device;
 - `loader.CachedBatches`: a stage's cached features, streamed from HDF5 shards;
 - wrappers that transform another stream's batches (`BatchWrapper`): `augment.AugmentedBatches` (random
-  crop/flip while training), `augment.ViewBatches` (every cached view, for caching) and
-  `distributed.RankShare` (this rank's rows under torchrun).
+  crop/flip while training) and `augment.ViewBatches` (every cached view, for caching).
+
+Under torchrun each source yields only this rank's rows (docs/design.md, "Distributed"), read and copied to
+the device by this rank alone.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ class Batches(Protocol):
 class ImageBatches:
     """Normalised float batches (x, y, ids) from an in-memory Split; shuffled by (seed, epoch) when asked.
 
-    Normalising on the device keeps host-to-device traffic at one byte per pixel.
+    Normalising on the device keeps host-to-device traffic at one byte per pixel. Rank `rank` of `world`
+    takes rows r, r + W, ... of every global batch of `batch_size`, before they are copied to the device.
     """
 
     def __init__(self, split: Split, mean: list[float], std: list[float], batch_size: int, *,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, device: str = "cpu"):
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, device: str = "cpu",
+                 rank: int = 0, world: int = 1):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.rank, self.world = rank, world
         self.drop_last, self.device, self.epoch = drop_last, torch.device(device), 0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
@@ -66,15 +71,15 @@ class ImageBatches:
         else:
             order = torch.arange(n)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
             x = self.split.x[idx].to(self.device, non_blocking=True).float().div_(255)
             yield (x.sub_(self.mean).div_(self.std), self.split.y[idx].to(self.device, non_blocking=True),
                    self.split.ids[idx])
 
 
 class BatchWrapper:
-    """Base of batch streams that transform another's batches (augmentation, views, a rank's share): the
-    same interface as ImageBatches, with epoch and length passed through."""
+    """Base of batch streams that transform another's batches (augmentation, views): the same interface as
+    ImageBatches, with epoch and length passed through."""
 
     def __init__(self, batches):
         self.batches = batches

@@ -264,17 +264,21 @@ def read_manifest_after_barrier(cache_dir: Path) -> dict:
     return manifest
 
 
-def verify_shards(cache_dir: Path, manifest: dict, checksums: bool = True) -> None:
-    """Check that every shard exists with its recorded size (and checksum); CorruptCache names the first bad one."""
-    for split in SPLITS:
-        for shard in manifest["splits"][split]["shards"]:
-            path = cache_dir / shard["file"]
-            if not path.exists():
-                raise CorruptCache(f"{path} is missing")
-            if path.stat().st_size != shard["bytes"]:
-                raise CorruptCache(f"{path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-            if checksums and sha256_file(path) != shard["sha256"]:
-                raise CorruptCache(f"{path} is corrupt: its checksum differs from the manifest's")
+def verify_shards(cache_dir: Path, manifest: dict, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> None:
+    """Check that every shard exists with its recorded size (and checksum); CorruptCache names the first bad one.
+
+    `share` = (r, W): checksum only shards r, r + W, ... of the manifest's list (splits in order), a rank's
+    part of the reading when W ranks check one cache together."""
+    r, w = share
+    shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    for i, shard in enumerate(shards):
+        path = cache_dir / shard["file"]
+        if not path.exists():
+            raise CorruptCache(f"{path} is missing")
+        if path.stat().st_size != shard["bytes"]:
+            raise CorruptCache(f"{path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+        if checksums and i % w == r and sha256_file(path) != shard["sha256"]:
+            raise CorruptCache(f"{path} is corrupt: its checksum differs from the manifest's")
 
 
 def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

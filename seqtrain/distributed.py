@@ -6,11 +6,17 @@ torchrun starts one process per GPU (NCCL) or per CPU worker (gloo) and sets RAN
 WORLD_SIZE; a plain `python -m seqtrain.run` is a world of one and none of this is active. The division
 of labour (docs/design.md, "Distributed"):
 
-- training: every rank draws the same global batch order from (seed, epoch) and keeps its own rows
-  (`RankShare`), so --batch-size is the global batch and every rank takes the same number of steps;
-  DDP averages the gradients;
-- evaluation: each rank scores a disjoint share and the counts are summed, so early stopping decides
-  the same on every rank;
+- training: every rank reads, and copies to its device, only the rows it trains on, so reading does not
+  grow with the number of ranks. Cached features (loader.py): each epoch's shard order is the same on
+  every rank, rank r takes the r-th of W contiguous ranges of its rows (whole shards, at most two partial
+  ones), and pools, shuffles and batches them alone; every rank stops at the fewest batches any rank has.
+  Raw images (batches.ImageBatches): every rank draws the same global batch order from (seed, epoch) and
+  keeps rows r, r + W, ... of each batch. Either way --batch-size is the global batch, every rank takes
+  the same number of steps, and DDP averages the gradients;
+- evaluation: each rank scores a disjoint share (a contiguous part of a cached split, rows r::W of raw
+  images' batches) and the counts are summed, so early stopping decides the same on every rank;
+- checking the previous cache: each rank checksums its own shards (r, r + W, ... of the manifest's) and
+  any rank's failure is every rank's error;
 - caching: each rank pushes a contiguous slice of every split through the frozen block and writes its
   own shards; rank 0 writes the manifest after the others have finished;
 - files: only rank 0 writes checkpoints, metrics, weights and results, and only rank 0 prints.
@@ -23,7 +29,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from seqtrain.batches import BatchWrapper
 from seqtrain.errors import UserError
 
 
@@ -121,14 +126,3 @@ def contiguous_part(n: int) -> tuple[int, int]:
     r, w = rank(), world_size()
     return r * n // w, (r + 1) * n // w
 
-
-class RankShare(BatchWrapper):
-    """This rank's rows of every global batch of `batches` (rows r, r + W, ...): disjoint across ranks."""
-
-    def __init__(self, batches):
-        super().__init__(batches)
-        self.rank, self.world = rank(), world_size()
-
-    def __iter__(self):
-        for x, y, ids in self.batches:
-            yield x[self.rank::self.world], y[self.rank::self.world], ids[self.rank::self.world]

@@ -10,9 +10,16 @@ host-to-device bytes on a GPU). int8 rows are dequantized there too: pools hold 
 row, the index of the shard it came from; the shards' scales and zero points sit in a small table
 ([shards, C]), and each batch carries the entries of the shards it draws from (cache.dequantize).
 
-With DataLoader worker processes each worker streams a disjoint subset of the shards with its own two
-pools; HDF5 files are only ever opened inside the process that reads them (h5py handles cannot cross fork
-or spawn).
+Under torchrun each rank reads only the rows it trains on: the epoch's shard order is the same on every
+rank, and rank r of W takes the r-th of W contiguous ranges of rows of that sequence (whole shards, and at
+most two partial ones: contiguous reads still), which it pools, shuffles and batches alone, in batches of
+its share of the global batch. Every rank stops at the fewest batches any rank has (DDP needs the same
+number of steps on each), a count every rank computes alike from (seed, epoch, world, workers).
+
+With DataLoader worker processes each worker streams a disjoint subset of the (rank's) shards with its own
+two pools; HDF5 files are only ever opened inside the process that reads them (h5py handles cannot cross
+fork or spawn). The feature bytes read from HDF5 are counted (`CachedBatches.bytes_read`), in shared memory
+when workers read them.
 
 A train split cached with V augmented views ([n, V, C, H, W]) yields one view per sample, drawn anew each
 epoch (`views="draw"`), or all of them for the next stage's caching pass (`views="all"`).
@@ -36,52 +43,91 @@ PART_BYTES = 4  # an int8 pool's int32 shard index per row, beside the row itsel
 
 def budget_rows(loader_mb: int, row_bytes: int, batch_size: int) -> int:
     """Rows of shards one pool may hold within --loader-mb: two pools, each with room for a batch of leftover
-    rows. ShardStream raises it to one whole shard and caps it at the split; plan.py predicts the same."""
+    rows. ShardStream raises it to one whole shard and caps it at the (rank's share of the) split; plan.py
+    predicts the same for one rank, an upper bound for each of several."""
     return loader_mb * 2**20 // 2 // row_bytes - batch_size
 
 
+def row_range(parts: list[tuple], lo: int, hi: int) -> list[tuple]:
+    """Rows [lo, hi) of the rows of `parts` ((shard, first row, end row) laid end to end), as such parts."""
+    out, start = [], 0
+    for path, a, b in parts:
+        x, y = a + max(lo - start, 0), a + min(hi - start, b - a)
+        if x < y:
+            out.append((path, x, y))
+        start += b - a
+    return out
+
+
+def local_batch(batch_size: int, rank: int, world: int) -> int:
+    """Rank `rank`'s rows of a global batch of `batch_size` (rows r, r + W, ...)."""
+    return len(range(rank, batch_size, world))
+
+
 class ShardStream(IterableDataset):
-    """Yields CPU batches (x in the cache's dtype, y, ids) from one split's shards; picklable (holds only paths)."""
+    """Yields CPU batches (x in the cache's dtype, y, ids) from one split's shards; picklable (holds only paths
+    and a shared counter)."""
 
     def __init__(self, parts: list[tuple[Path, int, int]], batch_size: int, *, shuffle: bool, seed: int,
-                 pool_rows: int, drop_last: bool, views: str = "draw"):
-        # parts: (shard path, first row, end row) -- whole shards, or a rank's contiguous slice of them
+                 pool_rows: int, drop_last: bool, views: str = "draw", rank: int = 0, world: int = 1,
+                 workers: int = 0):
+        # parts: (shard path, first row, end row) -- whole shards, or a contiguous slice of them.
+        # batch_size is the global batch: rank `rank` of `world` streams its own rows of it (local_batch).
         self.parts = [(str(p), a, b) for p, a, b in parts]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        # At least one shard, at most the whole split: a small cache gets small pools.
-        self.pool_rows = max(min(pool_rows, sum(b - a for _, a, b in self.parts)),
-                             max((b - a for _, a, b in self.parts), default=1))
+        self.rank, self.world = rank, world
+        # At least one shard (or a whole rank's share, when that is smaller), at most the rank's share.
+        share = -(-sum(b - a for _, a, b in self.parts) // world)
+        self.pool_rows = min(max(pool_rows, max((b - a for _, a, b in self.parts), default=1)), max(1, share))
         self.drop_last, self.epoch, self.views = drop_last, 0, views
+        # Feature bytes read from HDF5, one slot per worker (each written by its own reader thread alone);
+        # in shared memory when worker processes read, so that this process sees their counts.
+        self.read_bytes = torch.zeros(max(1, workers), dtype=torch.int64)
+        if workers:
+            self.read_bytes.share_memory_()
 
     def epoch_seed(self) -> int:
         return self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
 
-    def worker_parts(self, worker: int, num_workers: int) -> list[tuple[str, int, int]]:
-        """This epoch's shard order, and the share of it that worker `worker` of `num_workers` streams."""
+    def rank_parts(self, rank: int) -> list[tuple[str, int, int]]:
+        """This epoch's shard order (the same on every rank), cut to rank `rank`'s contiguous range of rows."""
         order = self.parts
         if self.shuffle:
             g = torch.Generator().manual_seed(self.epoch_seed())
             order = [order[i] for i in torch.randperm(len(order), generator=g)]
-        return order[worker::num_workers]
+        if self.world == 1:
+            return order
+        n = sum(b - a for _, a, b in order)
+        return row_range(order, rank * n // self.world, (rank + 1) * n // self.world)
+
+    def worker_parts(self, worker: int, num_workers: int, rank: int | None = None) -> list[tuple[str, int, int]]:
+        """The share of rank `rank`'s parts (this rank's by default) that worker `worker` of `num_workers` streams."""
+        return self.rank_parts(self.rank if rank is None else rank)[worker::num_workers]
+
+    def rank_batches(self, rank: int, num_workers: int) -> int:
+        """Batches rank `rank` could yield this epoch. Each worker batches its own shards and keeps (or drops)
+        its own leftover rows, so with workers the count depends on which shards each one streams."""
+        total, b = 0, local_batch(self.batch_size, rank, self.world)
+        for w in range(max(1, num_workers)):
+            rows = sum(y - x for _, x, y in self.worker_parts(w, max(1, num_workers), rank))
+            total += rows // b if self.drop_last else -(-rows // b)
+        return total
 
     def num_batches(self, num_workers: int) -> int:
-        """Batches this epoch yields. Each worker batches its own shards and keeps (or drops) its own leftover
-        rows, so with workers the count depends on which shards each one streams this epoch."""
-        total = 0
-        for w in range(max(1, num_workers)):
-            rows = sum(b - a for _, a, b in self.worker_parts(w, max(1, num_workers)))
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        """Batches this epoch yields on every rank: the fewest any rank has, so that all take as many steps."""
+        return min(self.rank_batches(r, num_workers) for r in range(self.world))
 
     def __iter__(self):
         worker = get_worker_info()
-        order = self.worker_parts(worker.id, worker.num_workers) if worker else self.worker_parts(0, 1)
-        g = torch.Generator().manual_seed(self.epoch_seed() * 101 + (worker.id if worker else 0))
+        wid = worker.id if worker else 0
+        order = self.worker_parts(wid, worker.num_workers) if worker else self.worker_parts(0, 1)
+        g = torch.Generator().manual_seed(self.epoch_seed() * 101 + wid + (self.rank << 32))
         if not order:
             return
-        front = self.batch_size  # each pool keeps room before its shards for the previous pool's leftover rows
+        # each pool keeps room before its shards for the previous pool's leftover rows
+        size = front = local_batch(self.batch_size, self.rank, self.world)
         held = None  # (pool, its leftover rows) while they wait to be moved into the next pool
-        with Pools(order, self.pool_rows, front) as pools:
+        with Pools(order, self.pool_rows, front, self.read_bytes[wid]) as pools:
             for pool, n in pools:
                 c = 0
                 if held is not None:
@@ -92,9 +138,9 @@ class ShardStream(IterableDataset):
                     pools.release(prev)
                 perm = torch.randperm(c + n, generator=g) if self.shuffle else torch.arange(c + n)
                 perm += front - c
-                full = (c + n) // self.batch_size * self.batch_size
-                for i in range(0, full, self.batch_size):
-                    yield self.batch(pools, pool, perm[i:i + self.batch_size], g)
+                full = (c + n) // size * size
+                for i in range(0, full, size):
+                    yield self.batch(pools, pool, perm[i:i + size], g)
                 held = (pool, perm[full:]) if full < c + n else None
                 if held is None:
                     pools.release(pool)
@@ -137,10 +183,12 @@ class Pools:
     """Two pools; a background thread reads whole shards (rows [a, b) of each) straight into the free one,
     after its first `front` rows, while the consumer draws from the other. Iterating yields (pool, rows
     read); `release` hands a pool back to be filled again. torch and h5py release the GIL while they work,
-    so reading the next shards overlaps training on the current ones."""
+    so reading the next shards overlaps training on the current ones. `read_bytes` (a one-element tensor)
+    counts the feature bytes read."""
 
-    def __init__(self, parts: list[tuple[str, int, int]], rows: int, front: int):
-        self.parts, self.rows, self.front = parts, rows, front
+    def __init__(self, parts: list[tuple[str, int, int]], rows: int, front: int, read_bytes: torch.Tensor):
+        assert all(b - a <= rows for _, a, b in parts), f"a part exceeds the pool's {rows} rows"
+        self.parts, self.rows, self.front, self.read_bytes = parts, rows, front, read_bytes
         self.filled: queue.Queue = queue.Queue(maxsize=1)
         self.free: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -172,6 +220,7 @@ class Pools:
                 while i < len(self.parts) and n + self.parts[i][2] - self.parts[i][1] <= self.rows:
                     path, a, b = self.parts[i]
                     quant = read_shard_into(Path(path), a, b, pool, self.front + n)
+                    self.read_bytes += (b - a) * pool.x[0].nbytes
                     if quant is not None:
                         pool.part[self.front + n:self.front + n + b - a] = i
                         self.scale[i], self.zero[i] = quant
@@ -226,25 +275,29 @@ class CachedBatches:
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, loader_mb: int = 128, workers: int = 0,
-                 device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None):
+                 device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None,
+                 rank: int = 0, world: int = 1):
         """`rows` = (start, end): only that contiguous range of the split's samples, in manifest order;
-        `loader_mb`: host memory for the two pools (each holds at least one shard, whatever the bound)."""
-        parts, start = [], 0
-        lo, hi = rows if rows is not None else (0, manifest["splits"][split]["count"])
-        for s in manifest["splits"][split]["shards"]:
-            a, b = max(lo, start) - start, min(hi, start + s["count"]) - start
-            if a < b:
-                parts.append((cache_dir / s["file"], a, b))
-            start += s["count"]
+        `loader_mb`: host memory for the two pools (each holds at least one shard, whatever the bound);
+        `rank` of `world`: read and batch only this rank's range of each epoch's rows, in batches of its
+        rows of the global `batch_size`, and stop where the rank with the fewest batches stops."""
+        info = manifest["splits"][split]
+        lo, hi = rows if rows is not None else (0, info["count"])
+        parts = row_range([(cache_dir / s["file"], 0, s["count"]) for s in info["shards"]], lo, hi)
         self.num_samples, self.batch_size = hi - lo, batch_size
         self.drop_last = drop_last
         self.workers, self.device = workers, torch.device(device)
-        info = manifest["splits"][split]
         row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
         row_bytes += PART_BYTES if manifest.get("dtype") == "int8" else 0
-        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed,
-                                  pool_rows=budget_rows(loader_mb, row_bytes, batch_size),
-                                  drop_last=drop_last, views=views)
+        pool_rows = budget_rows(loader_mb, row_bytes, local_batch(batch_size, rank, world))
+        self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, pool_rows=pool_rows,
+                                  drop_last=drop_last, views=views, rank=rank, world=world, workers=workers)
+        self.passes = 0  # epochs iterated: bytes_read / passes is what one epoch reads
+
+    @property
+    def bytes_read(self) -> int:
+        """Feature bytes this stream (and its workers) has read from HDF5 so far."""
+        return int(self.stream.read_bytes.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
@@ -253,14 +306,21 @@ class CachedBatches:
         return self.stream.num_batches(self.workers)
 
     def __iter__(self):
+        self.passes += 1
         pin = self.device.type == "cuda"
         if self.workers:
-            batches = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=pin)
+            batches = iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=pin))
         else:
             batches = (tuple(t.pin_memory() for t in b) if pin else b for b in self.stream)
-        for x, y, ids, *quant in batches:  # x goes to the device as it is stored and becomes float32 there
-            x = x.to(self.device, non_blocking=True)
-            if quant:  # int8: each row's shard in the batch's table, the table's scales and zero points
-                part, scale, zero = (t.to(self.device, non_blocking=True) for t in quant)
-                x = dequantize(x, scale[part], zero[part])
-            yield x.float(), y.to(self.device, non_blocking=True), ids
+        # Every rank takes len(self) steps, the fewest of any rank: a rank with more stops early, and its
+        # reader thread (closed here) or worker processes (when their iterator goes) stop with it.
+        try:
+            for _, (x, y, ids, *quant) in zip(range(len(self)), batches):
+                x = x.to(self.device, non_blocking=True)  # as stored; float32 on the device
+                if quant:  # int8: each row's shard in the batch's table, the table's scales and zero points
+                    part, scale, zero = (t.to(self.device, non_blocking=True) for t in quant)
+                    x = dequantize(x, scale[part], zero[part])
+                yield x.float(), y.to(self.device, non_blocking=True), ids
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()

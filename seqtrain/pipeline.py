@@ -43,7 +43,7 @@ from seqtrain.integrity import (
     read_final_results,
     read_weights,
 )
-from seqtrain.loader import CachedBatches
+from seqtrain.loader import CachedBatches, local_batch
 from seqtrain.log import log
 from seqtrain.memory import PeakMemory
 from seqtrain.models import SequentialNet, StageModel, build_head, build_network, build_stage
@@ -126,15 +126,23 @@ def load_weights(path: Path, k: int, run: RunDir) -> dict:
 
 
 def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True) -> dict:
-    """The complete (and checksum-verified) cache of stage k-1, or a UserError naming the stage to run first."""
+    """The complete (and checksum-verified) cache of stage k-1, or a UserError naming the stage to run first.
+
+    Under torchrun each rank checksums its own shards (r, r + W, ...), and a damaged shard any rank finds
+    is every rank's error: the same line, and no rank left waiting for the others."""
     manifest, why = stage_manifest(cfg, run, k - 1)
     if manifest is None:
         raise UserError(f"stage {k} reads the cache of stage {k - 1}, but {why} in {run.root}: "
                         f"run --stage {k - 1} first (or --stage all)")
+    error = None
     try:
-        verify_shards(run.cache(k - 1), manifest, checksums)
+        share = (distributed.rank(), distributed.world_size())
+        verify_shards(run.cache(k - 1), manifest, checksums, share=share)
     except CorruptCache as e:
-        raise UserError(f"{e}; rebuild it with: {rebuild_hint(run, k - 1)}") from None
+        error = f"{e}; rebuild it with: {rebuild_hint(run, k - 1)}"
+    errors = [e for e in distributed.gather(error) if e is not None]
+    if errors:
+        raise UserError(errors[0])
     return manifest
 
 
@@ -246,10 +254,21 @@ def train_stage(cfg: Config, run: RunDir, k: int, model: StageModel, inputs: Sta
     if distributed.is_main():
         save_torch(run.stage(k) / "block.pt", {"block": model.block.state_dict(), "head": model.head.state_dict(),
                                                "identity": identity, "config": cfg.to_dict()})
-    log(f"{desc}: trained | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}")
+    read = read_per_epoch(inputs.batches["train"])
+    log(f"{desc}: trained | val acc {trained.best_val_acc:.4f} | test acc {test_acc:.4f}"
+        + (f" | read {read['rank0']:.1f} MB per rank and epoch" if read else ""))
     return {"val_acc": trained.best_val_acc, "test_acc": test_acc, "epochs": trained.epochs,
             "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
-            "parameters": sum(p.numel() for p in model.block.parameters()), "train_memory": memory.as_dict()}
+            "parameters": sum(p.numel() for p in model.block.parameters()), "train_memory": memory.as_dict(),
+            **({"read_mb_per_rank_epoch": read} if read else {})}
+
+
+def read_per_epoch(batches) -> dict | None:
+    """MB of cached features one epoch of training read from HDF5, rank 0's and the most any rank read; None
+    for raw images (held in RAM) or when no epoch was iterated here (a resume after the last one)."""
+    here = isinstance(batches, CachedBatches) and batches.passes
+    every = distributed.gather(batches.bytes_read / batches.passes / 2**20 if here else None)
+    return None if None in every else {"rank0": round(every[0], 3), "max": round(max(every), 3)}
 
 
 def cache_stage(cfg: Config, run: RunDir, k: int, block: torch.nn.Module, inputs: StageInputs,
@@ -301,22 +320,26 @@ def check_disk(run: RunDir, k: int, need: int) -> None:
 def image_batches(cfg: Config, raw: RawData, split: str, device, train: bool):
     """Raw-image batches to train on (shuffled, augmented as --augment says) or to evaluate on, this rank's share."""
     batches = ImageBatches(getattr(raw, split), raw.mean, raw.std, cfg.batch_size, shuffle=train, seed=cfg.seed,
-                           drop_last=train, device=device)
-    if distributed.world_size() > 1:
-        batches = distributed.RankShare(batches)
+                           drop_last=train, device=device, rank=distributed.rank(), world=distributed.world_size())
     aug = augment_for(cfg)
     if train and aug.active:
         batches = AugmentedBatches(batches, aug, cfg.seed, distributed.rank())
     return batches
 
 
-def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device, train: bool):
-    """Cached-feature batches to train on (one random view per sample) or to evaluate on, this rank's share."""
-    batches = CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=train,
-                            seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=train,
-                            loader_mb=cfg.loader_mb, workers=cfg.workers, device=device,
-                            views="draw" if train else "plain")
-    return distributed.RankShare(batches) if distributed.world_size() > 1 else batches
+def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device, train: bool) -> CachedBatches:
+    """Cached-feature batches to train on (one random view per sample) or to evaluate on: this rank reads
+    only its share, its range of each epoch's rows to train on, its contiguous part to evaluate."""
+    r, w = distributed.rank(), distributed.world_size()
+    if train:
+        return CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=True,
+                             seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=True, loader_mb=cfg.loader_mb,
+                             workers=cfg.workers, device=device, rank=r, world=w)
+    # Evaluation sums counts over the ranks (train.evaluate): any disjoint parts will do, and contiguous ones
+    # are whole-shard reads. Batches of the rank's rows of the global batch hold its memory to training's.
+    rows = distributed.contiguous_part(manifest["splits"][split]["count"])
+    return CachedBatches(cache_dir, manifest, split, local_batch(cfg.batch_size, r, w), loader_mb=cfg.loader_mb,
+                         workers=cfg.workers, device=device, views="plain", rows=rows)
 
 
 def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
