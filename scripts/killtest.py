@@ -2,7 +2,7 @@
 result with an uninterrupted run of the same seed.
 
     python scripts/killtest.py --kills 20             # about 3 minutes on 2 CPU cores
-    python scripts/killtest.py --kills 20 --ranks 2   # under torchrun, 2 gloo ranks: the whole job is killed
+    python scripts/killtest.py --kills 20 --ranks 2   # under torchrun, 2 gloo ranks: about 5 minutes
 
 With --ranks N every run is `torchrun --standalone --nproc-per-node N` (gloo on the CPU, one thread per
 rank), and each kill is a SIGKILL of torchrun and of every rank at once, as a lost machine or a scheduler's
