@@ -9,12 +9,14 @@ view 0 plain (augment.py). Under torchrun each rank writes the shards of its own
 samples, `{split}-rank{r}-{index:05d}.h5`, and rank 0 writes the manifest. `cache/manifest.json` is
 written last: a stage is complete exactly when a valid manifest exists. Shards are chunked along the
 sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here, gzip and lzf at
-120-160 MB/s (docs/design.md, "Storage").
+120-160 MB/s; hdf5plugin's LZ4 and Zstd store as small as lzf and gzip and read 3-5x faster than them
+(docs/design.md, "Storage").
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -34,12 +36,35 @@ from seqtrain.files import (
 )
 from seqtrain.log import bar
 
+with contextlib.suppress(ImportError):  # registers the LZ4 and Zstd filters with HDF5 in every process that reads
+    import hdf5plugin
+
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: views per training sample; rank-sliced shards
 SPLITS = ("train", "val", "test")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: large enough for full-speed reads, small enough to be cheap
+
+
+# --compression: h5py's own filters, and hdf5plugin's (an optional dependency) at the settings measured
+# in docs/design.md ("Storage")
+PLUGIN_FILTERS = {"lz4": lambda: hdf5plugin.LZ4(), "zstd": lambda: hdf5plugin.Zstd(clevel=3)}
+
+
+def require_filter(compression: str) -> None:
+    """A UserError naming the install when --compression (or a cache's) needs hdf5plugin and it is missing."""
+    if compression in PLUGIN_FILTERS and importlib.util.find_spec("hdf5plugin") is None:
+        raise UserError(f"--compression {compression} needs the hdf5plugin package: pip install hdf5plugin "
+                        '(or pip install -e ".[compression]"), or use --compression none, lzf or gzip')
+
+
+def filter_options(compression: str) -> dict:
+    """create_dataset's keyword arguments for a --compression value."""
+    if compression in PLUGIN_FILTERS:
+        require_filter(compression)
+        return dict(PLUGIN_FILTERS[compression]())
+    return {} if compression == "none" else {"compression": compression}
 
 
 class CorruptCache(UserError):
@@ -98,7 +123,7 @@ class ShardWriter:
     def __init__(self, cache_dir: Path, split: str, samples_per_shard: int, dtype: str, compression: str,
                  prefix: str = ""):
         self.cache_dir, self.split, self.per_shard, self.prefix = cache_dir, split, samples_per_shard, prefix
-        self.dtype, self.compression = np.dtype(dtype), None if compression == "none" else compression
+        self.dtype, self.filter = np.dtype(dtype), filter_options(compression)
         # int8 is quantized per shard, from the shard's own range: until then its rows wait as float32 (up to
         # one shard, 4x --shard-mb of host memory)
         self.pending_dtype = np.float32 if self.dtype == np.int8 else self.dtype
@@ -142,8 +167,7 @@ class ShardWriter:
         chunk_rows = max(1, min(n, CHUNK_BYTES // max(1, x[0].nbytes)))
         try:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("features", data=x, chunks=(chunk_rows, *x.shape[1:]),
-                                 compression=self.compression)
+                f.create_dataset("features", data=x, chunks=(chunk_rows, *x.shape[1:]), **self.filter)
                 for key, value in quant.items():
                     f.create_dataset(key, data=value)
                 f.create_dataset("labels", data=y[:n].astype(np.int64))

@@ -29,6 +29,7 @@ from seqtrain.cache import (
     publish_manifest,
     read_manifest,
     read_manifest_after_barrier,
+    require_filter,
     verify_shards,
     write_shards,
 )
@@ -134,6 +135,7 @@ def require_input_cache(cfg: Config, run: RunDir, k: int, checksums: bool = True
     if manifest is None:
         raise UserError(f"stage {k} reads the cache of stage {k - 1}, but {why} in {run.root}: "
                         f"run --stage {k - 1} first (or --stage all)")
+    require_filter(manifest.get("compression", "none"))  # a cache written with hdf5plugin's filters
     error = None
     try:
         share = (distributed.rank(), distributed.world_size())
