@@ -135,6 +135,11 @@ def run_command(argv: list[str] | None) -> int:
     if getattr(args, "json", False) and not getattr(args, "plan", False):
         raise UserError("--json prints the plan: give it with --plan")
     cfg = config_from_args(args)
+    if cfg.arch.startswith("custom:") and not getattr(args, "verify", False):
+        # found by tests/test_fuzz.py: the command line has no module to build such a network from
+        raise UserError(f"--arch {cfg.arch} is a network given to seqtrain.train_stages() from Python; train or "
+                        "resume it from Python (the command line can only --verify it), or use --arch "
+                        "resnet20, torchvision:NAME, ...")
     if getattr(args, "plan", False):
         from seqtrain.plan import format_plan, plan
 

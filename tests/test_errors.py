@@ -152,3 +152,12 @@ def test_damaged_config_json_is_named(content, tmp_path, capsys):
     assert main(["--plan", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seqtrain: error: ") and str(tmp_path / "run" / "config.json") in err, err
+
+
+def test_a_python_only_network_on_the_command_line_is_refused_in_one_line(tmp_path, capsys):
+    # Found by tests/test_fuzz.py: `--plan --arch custom:abc` ended in a ValueError traceback.
+    for extra in (["--plan"], ["--stage", "all"]):
+        assert main([*extra, "--arch", "custom:abc", "--run-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a network given to seqtrain.train_stages() from Python" in err, err
+    assert not (tmp_path / "run").exists()
