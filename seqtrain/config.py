@@ -105,7 +105,7 @@ class Config:
     seed: int = opt(0, "initialisation and data order; runs with the same seed on CPU are bit-identical")
     # --- feature cache
     cache_dtype: str = opt("float16", "stored feature precision: float16 halves disk, float32 is exact, "
-                           "int8 quarters it (per-channel scale; accuracy vs float16 not yet measured)")
+                           "int8 quarters it (per-channel scale; accuracy within noise of float16, docs/design.md)")
     shard_mb: int = opt(32, "target size of one HDF5 shard, the unit of reading and of the integrity check")
     loader_mb: int = opt(128,
                          "host memory of the cache loader: two shuffle pools of shards, one read while one is used")
