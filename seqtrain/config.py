@@ -22,7 +22,6 @@ from seqtrain.archs import (
     is_known_arch,
     num_blocks,
 )
-from seqtrain.cache import require_filter
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -159,6 +158,8 @@ class Config:
             raise UserError("--lr must be > 0, --weight-decay >= 0, --momentum in [0, 1), --warmup-epochs >= 0")
         if self.loader_mb < 1:
             raise UserError(f"--loader-mb must be at least 1, got {self.loader_mb}")
+        from seqtrain.cache import require_filter  # here: --help answers without importing torch
+
         require_filter(self.compression)
         if 0 < self.image_size < 8 or self.image_size > 1024:
             raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
