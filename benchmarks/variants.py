@@ -4,8 +4,8 @@ setting that saves bytes or time cost accuracy?
 Run from the repository root:
 
     python -m benchmarks.variants --variant float16="--cache-dtype float16" --variant int8="--cache-dtype int8"
-    python -m benchmarks.variants --variant 1-shard="--loader-mb 16" --variant split="--loader-mb 4096" \\
-        -- --n-train 4000 --stages 3
+    python -m benchmarks.variants --variant 1-shard="--shuffle-mb 8" --variant split="--shuffle-mb 4096" \\
+        -- --n-train 4000 --n-test 1000 --stages 2 --max-epochs 8 --shard-mb 8
     python -m benchmarks.variants --variant W1="--ranks 1" --variant W2="--ranks 2" -- --n-train 4000
 
 Each variant is a name and the seqtrain flags that make it; everything after `--` is passed to every run

@@ -46,8 +46,10 @@ class ImageBatches:
 
     def __init__(self, split: Split, mean: list[float], std: list[float], batch_size: int, *,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, device: str = "cpu",
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, rows: torch.Tensor | None = None):
+        """`rows`: the split's rows to yield, in this order (unshuffled), instead of all of them in order."""
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.rows = torch.arange(len(split)) if rows is None else rows
         self.rank, self.world = rank, world
         self.drop_last, self.device, self.epoch = drop_last, torch.device(device), 0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
@@ -58,18 +60,19 @@ class ImageBatches:
 
     @property
     def num_samples(self) -> int:
-        return len(self.split)
+        return len(self.rows)
 
     def __len__(self) -> int:
-        n = len(self.split)
+        n = len(self.rows)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.split)
+        n = len(self.rows)
         if self.shuffle:  # order depends only on (seed, epoch): a resumed run sees the same batches
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = self.rows[torch.randperm(n, generator=g)]
         else:
-            order = torch.arange(n)
+            order = self.rows
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
             x = self.split.x[idx].to(self.device, non_blocking=True).float().div_(255)

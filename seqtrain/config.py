@@ -106,8 +106,9 @@ class Config:
     cache_dtype: str = opt("float16", "stored feature precision: float16 halves disk, float32 is exact, "
                            "int8 quarters it (per-channel scale; accuracy within noise of float16, docs/design.md)")
     shard_mb: int = opt(32, "target size of one HDF5 shard, the unit of reading and of the integrity check")
-    loader_mb: int = opt(128,
-                         "host memory of the cache loader: two shuffle pools of shards, one read while one is used")
+    shuffle_mb: float = opt(64.0, "MB of cached features shuffled together, whole shards (at least one); the loader "
+                            "holds two such windows, one read while the other is used, or a split that fits in "
+                            "them, read once")
     compression: str = opt("none", '"lz4" (0.64x on disk) or "zstd" (0.51x) with hdf5plugin installed, read at '
                            '1/2 and 1/4 of uncompressed speed; "lzf", "gzip" save as much, read 5x slower still')
     # --- device
@@ -156,8 +157,8 @@ class Config:
             raise UserError("--n-train is too small to carve a validation split; use at least 100")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise UserError("--lr must be > 0, --weight-decay >= 0, --momentum in [0, 1), --warmup-epochs >= 0")
-        if self.loader_mb < 1:
-            raise UserError(f"--loader-mb must be at least 1, got {self.loader_mb}")
+        if not 0 < self.shuffle_mb < float("inf"):
+            raise UserError(f"--shuffle-mb must be a positive number of MB, got {self.shuffle_mb}")
         from seqtrain.cache import require_filter  # here: --help answers without importing torch
 
         require_filter(self.compression)
@@ -309,7 +310,14 @@ class Config:
     def from_dict(cls, values: dict) -> Config:
         """A Config from a saved dict such as a run's config.json, which also holds facts measured by the run
         (its "normalization" statistics) beside the fields."""
-        return cls(**{k: v for k, v in values.items() if k in FIELD_TYPES})
+        return cls(**{k: v for k, v in upgrade_saved(values).items() if k in FIELD_TYPES})
+
+
+def upgrade_saved(values: dict) -> dict:
+    """A config saved by an earlier seqtrain, in today's fields: --loader-mb held two shuffle windows."""
+    if "loader_mb" in values and "shuffle_mb" not in values:
+        values = {**values, "shuffle_mb": values["loader_mb"] / 2}
+    return values
 
 
 def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
@@ -361,7 +369,10 @@ def config_hash(cfg: Config) -> str:
     """Hash of what shapes a run's numbers. --balance and --memory-budget act only through the stage sizes
     they choose, so those are hashed instead (a split chosen anew by a later seqtrain is then a new run);
     --stages K --balance blocks hashes as runs made before --balance existed."""
-    shaping = {k: v for k, v in shaping_dict(cfg).items() if k not in ("balance", "memory_budget")}
+    shaping = {k: v for k, v in shaping_dict(cfg).items() if k not in ("balance", "memory_budget", "shuffle_mb")}
+    # the shuffle window was once given as the loader's two windows, an int: runs made then keep their hash
+    both = cfg.shuffle_mb * 2
+    shaping["loader_mb"] = int(both) if both == int(both) else both
     if not (cfg.balance == "blocks" and str(cfg.stages).strip().isdigit()):
         shaping["stage_sizes"] = cfg.stage_sizes()
     return sha256_json(shaping)[:16]
@@ -402,6 +413,9 @@ def read_toml(path: Path) -> dict:
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name == "loader_mb":
+            raise UserError(f"--config {path}: loader-mb is now shuffle-mb, the size of one of the loader's two "
+                            f"windows: write shuffle-mb = {value / 2:g} for the same loader")
         if name not in FIELD_TYPES:
             raise UserError(f"--config {path}: unknown key {key!r}; keys are the long flag names, e.g. max-epochs")
         out[name] = coerce(name, value, f"--config {path}")
@@ -412,6 +426,7 @@ def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool
     """Merge defaults < saved run config < TOML file < flags; refuse to change a run's results-shaping values
     unless `rebuild` (then every stage made with the old values is stale and retrained)."""
     values = Config().to_dict()
+    saved = upgrade_saved(saved) if saved else saved
     if saved and "balance" not in saved:  # made before --balance existed: its stages were cut by block count
         saved = {**saved, "balance": "blocks"}
     if saved:
@@ -441,7 +456,7 @@ GROUPS = {
                 "stage_width", "head", "head_blocks", "head_fraction", "head_convs", "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed"),
-    "feature cache": ("cache_dtype", "shard_mb", "loader_mb", "compression"),
+    "feature cache": ("cache_dtype", "shard_mb", "shuffle_mb", "compression"),
     "device": ("device", "bf16", "channels_last", "workers", "release_memory"),
 }
 assert sorted(n for names in GROUPS.values() for n in names) == sorted(FIELD_TYPES), "every field in one group"

@@ -3,10 +3,17 @@
 Each epoch the shard order is permuted and shards are read whole (one contiguous read each, docs/design.md
 "Reading") straight into one of two pre-allocated pools (h5py `read_direct`, no intermediate copy): while
 the consumer draws shuffled batches from one pool, a background thread fills the other with the next
-shards. So the loader's host memory is the two pools, `--loader-mb` in all, never a pool and its parts at
-once. Rows left over when a pool runs out (fewer than a batch) move to the front of the next pool and are
-shuffled with it. Batches leave in the cache's dtype; float16 becomes float32 on the device (half the
-host-to-device bytes on a GPU). int8 rows are dequantized there too: pools hold the int8 codes and, per
+shards. A pool is the shuffle window, `--shuffle-mb` of rows (at least one shard); the loader's host memory
+is the two pools, never a pool and its parts at once. Rows left over when a pool runs out (fewer than a
+batch) move to the front of the next pool and are shuffled with it.
+
+A split that fits in the two pools' memory is read once and kept (`Resident`): each later epoch draws the
+very batches streaming would (the same windows, permutations and leftovers, as indices into the resident
+rows), without reading again or waiting for a read at the epoch's start. This is what makes a small split's
+stage as fast as one fed from RAM (docs/design.md, "Reading").
+
+Batches leave in the cache's dtype; float16 becomes float32 on the device (half the host-to-device bytes
+on a GPU). int8 rows are dequantized there too: pools hold the int8 codes and, per
 row, the index of the shard it came from; the shards' scales and zero points sit in a small table
 ([shards, C]), and each batch carries the entries of the shards it draws from (cache.dequantize).
 
@@ -41,11 +48,23 @@ from seqtrain.cache import CorruptCache, dequantize, read_quantization
 PART_BYTES = 4  # an int8 pool's int32 shard index per row, beside the row itself
 
 
-def budget_rows(loader_mb: int, row_bytes: int, batch_size: int) -> int:
-    """Rows of shards one pool may hold within --loader-mb: two pools, each with room for a batch of leftover
-    rows. ShardStream raises it to one whole shard and caps it at the (rank's share of the) split; plan.py
-    predicts the same for one rank, an upper bound for each of several."""
-    return loader_mb * 2**20 // 2 // row_bytes - batch_size
+def window_rows(shuffle_mb: float, row_bytes: int, batch_size: int) -> int:
+    """Rows of shards one pool (the shuffle window) may hold within --shuffle-mb, room for a batch of leftover
+    rows included. ShardStream raises it to one whole shard and caps it at the (rank's share of the) split;
+    plan.py predicts the same for one rank, an upper bound for each of several."""
+    return int(shuffle_mb * 2**20) // row_bytes - batch_size
+
+
+def windows(parts: list[tuple], rows: int) -> list[list[int]]:
+    """The indices of `parts` that fill each pool of `rows` rows in turn: whole parts, in order, as many as fit."""
+    out, n = [], rows
+    for i, (_, a, b) in enumerate(parts):
+        if n + b - a > rows:
+            out.append([])
+            n = 0
+        out[-1].append(i)
+        n += b - a
+    return out
 
 
 def row_range(parts: list[tuple], lo: int, hi: int) -> list[tuple]:
@@ -70,7 +89,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, parts: list[tuple[Path, int, int]], batch_size: int, *, shuffle: bool, seed: int,
                  pool_rows: int, drop_last: bool, views: str = "draw", rank: int = 0, world: int = 1,
-                 workers: int = 0):
+                 workers: int = 0, keep: bool = True):
         # parts: (shard path, first row, end row) -- whole shards, or a contiguous slice of them.
         # batch_size is the global batch: rank `rank` of `world` streams its own rows of it (local_batch).
         self.parts = [(str(p), a, b) for p, a, b in parts]
@@ -85,6 +104,12 @@ class ShardStream(IterableDataset):
         self.read_bytes = torch.zeros(max(1, workers), dtype=torch.int64)
         if workers:
             self.read_bytes.share_memory_()
+        # Keep the split in memory when it fits in the two pools' rows and every epoch reads the same rows
+        # (one rank, or a fixed order): not with worker processes, each of which streams its own shards.
+        front = local_batch(batch_size, rank, world)
+        self.keep = keep and not workers and (world == 1 or not shuffle) and \
+            share + front <= 2 * (self.pool_rows + front)
+        self.resident: Resident | None = None
 
     def epoch_seed(self) -> int:
         return self.seed * 100_003 + self.epoch  # order depends on (seed, epoch) only: resumes reproduce it
@@ -124,6 +149,11 @@ class ShardStream(IterableDataset):
         g = torch.Generator().manual_seed(self.epoch_seed() * 101 + wid + (self.rank << 32))
         if not order:
             return
+        if self.keep and worker is None:
+            if self.resident is None:
+                self.resident = Resident(order, self.read_bytes[0])
+            yield from self.resident_batches(order, g)
+            return
         # each pool keeps room before its shards for the previous pool's leftover rows
         size = front = local_batch(self.batch_size, self.rank, self.world)
         held = None  # (pool, its leftover rows) while they wait to be moved into the next pool
@@ -147,9 +177,25 @@ class ShardStream(IterableDataset):
             if held is not None and not self.drop_last:
                 yield self.batch(pools, *held, g)
 
-    def batch(self, pools: Pools, pool: Pool, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def resident_batches(self, order: list[tuple[str, int, int]], g: torch.Generator):
+        """The batches __iter__ would stream from `order`, drawn from the resident rows: the same windows,
+        the same random draws, the leftover rows carried into the next window as indices."""
+        size, res = local_batch(self.batch_size, self.rank, self.world), self.resident
+        held = torch.empty(0, dtype=torch.int64)
+        for window in windows(order, self.pool_rows):
+            rows = torch.cat([held] + [res.rows(order[i]) for i in window])
+            perm = torch.randperm(len(rows), generator=g) if self.shuffle else torch.arange(len(rows))
+            full = len(rows) // size * size
+            for i in range(0, full, size):
+                yield self.batch(res, res.pool, rows[perm[i:i + size]], g)
+            held = rows[perm[full:]]
+        if len(held) and not self.drop_last:
+            yield self.batch(res, res.pool, held, g)
+
+    def batch(self, pools: Pools | Resident, pool: Pool, idx: torch.Tensor,
+              g: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Rows `idx` of `pool`: (x, y, ids), and for int8 (each row's shard in the batch's own table, the
-        table's scales [S, C], its zero points [S, C]) for the few shards the batch draws from."""
+        table's scales [S, C], its zero points [S, C], from `pools`) for the few shards the batch draws from."""
         x, y, ids = self.pick(pool.x, idx, g), pool.y[idx], pool.ids[idx]
         if pool.part is None:
             return x, y, ids
@@ -211,20 +257,13 @@ class Pools:
 
     def fill_all(self) -> None:
         try:
-            i = 0  # the next part to read
-            while i < len(self.parts):
+            for window in windows(self.parts, self.rows):
                 pool = self.free.get()
                 if pool is None or self.stop.is_set():
                     return
                 n = 0
-                while i < len(self.parts) and n + self.parts[i][2] - self.parts[i][1] <= self.rows:
-                    path, a, b = self.parts[i]
-                    quant = read_shard_into(Path(path), a, b, pool, self.front + n)
-                    self.read_bytes += (b - a) * pool.x[0].nbytes
-                    if quant is not None:
-                        pool.part[self.front + n:self.front + n + b - a] = i
-                        self.scale[i], self.zero[i] = quant
-                    n, i = n + b - a, i + 1
+                for i in window:
+                    n += read_part(self.parts[i], i, pool, self.front + n, self, self.read_bytes)
                 self.hand_over((pool, n))
             self.hand_over(None)
         except BaseException as e:  # handed to the consumer, which re-raises it where it is seen
@@ -246,6 +285,38 @@ class Pools:
 
     def release(self, pool: Pool) -> None:
         self.free.put(pool)
+
+
+class Resident:
+    """A whole (rank's share of a) split read once into one pool, rows laid out part after part; each part's
+    rows are found by (path, first row, end row). For int8, the parts' scale and zero point tables."""
+
+    def __init__(self, parts: list[tuple[str, int, int]], read_bytes: torch.Tensor):
+        row_shape, dtype = shard_layout(parts[0][0])
+        self.pool = Pool(sum(b - a for _, a, b in parts), row_shape, dtype)
+        self.scale = self.zero = None
+        if dtype == torch.int8:
+            self.scale, self.zero = (torch.empty(len(parts), row_shape[-3]) for _ in range(2))
+        self.start, n = {}, 0
+        for i, part in enumerate(parts):
+            self.start[part] = n
+            n += read_part(part, i, self.pool, n, self, read_bytes)
+
+    def rows(self, part: tuple[str, int, int]) -> torch.Tensor:
+        """The resident rows of `part`, in order."""
+        return torch.arange(self.start[part], self.start[part] + part[2] - part[1])
+
+
+def read_part(part: tuple[str, int, int], i: int, pool: Pool, at: int, tables, read_bytes: torch.Tensor) -> int:
+    """Read part `i` (shard path, first row, end row) into `pool` at row `at`; for int8, mark its rows as part i
+    and put its scale and zero point in row i of `tables`' scale and zero tables. Returns the rows read."""
+    path, a, b = part
+    quant = read_shard_into(Path(path), a, b, pool, at)
+    read_bytes += (b - a) * pool.x[0].nbytes
+    if quant is not None:
+        pool.part[at:at + b - a] = i
+        tables.scale[i], tables.zero[i] = quant
+    return b - a
 
 
 def shard_layout(path: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -274,11 +345,12 @@ class CachedBatches:
     """(x, y, ids) batches of one split of a stage cache, on `device`: a batches.Batches stream."""
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, loader_mb: int = 128, workers: int = 0,
+                 seed: int = 0, drop_last: bool = False, shuffle_mb: float = 64, workers: int = 0,
                  device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, keep: bool = True):
         """`rows` = (start, end): only that contiguous range of the split's samples, in manifest order;
-        `loader_mb`: host memory for the two pools (each holds at least one shard, whatever the bound);
+        `shuffle_mb`: the rows of one of the two pools, the shuffle window (at least one shard, whatever the
+        bound); `keep`: keep a split that fits in the two pools in memory across epochs (read once);
         `rank` of `world`: read and batch only this rank's range of each epoch's rows, in batches of its
         rows of the global `batch_size`, and stop where the rank with the fewest batches stops."""
         info = manifest["splits"][split]
@@ -289,9 +361,10 @@ class CachedBatches:
         self.workers, self.device = workers, torch.device(device)
         row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
         row_bytes += PART_BYTES if manifest.get("dtype") == "int8" else 0
-        pool_rows = budget_rows(loader_mb, row_bytes, local_batch(batch_size, rank, world))
+        pool_rows = window_rows(shuffle_mb, row_bytes, local_batch(batch_size, rank, world))
         self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, pool_rows=pool_rows,
-                                  drop_last=drop_last, views=views, rank=rank, world=world, workers=workers)
+                                  drop_last=drop_last, views=views, rank=rank, world=world, workers=workers,
+                                  keep=keep)
         self.passes = 0  # epochs iterated: bytes_read / passes is what one epoch reads
 
     @property
@@ -301,6 +374,10 @@ class CachedBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
+
+    def release(self) -> None:
+        """Let go of the rows kept in memory (a later epoch reads them again)."""
+        self.stream.resident = None
 
     def __len__(self) -> int:
         return self.stream.num_batches(self.workers)

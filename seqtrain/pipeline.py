@@ -34,7 +34,7 @@ from seqtrain.cache import (
     write_shards,
 )
 from seqtrain.config import Config, config_hash, shaping_dict
-from seqtrain.data import RawData, Split, source_fingerprint
+from seqtrain.data import RawData, source_fingerprint
 from seqtrain.errors import UserError
 from seqtrain.files import read_json, save_torch, sha256_json, sha256_state_dict, write_json
 from seqtrain.integrity import (
@@ -252,7 +252,9 @@ def train_stage(cfg: Config, run: RunDir, k: int, model: StageModel, inputs: Sta
     with PeakMemory(device) as memory:
         trained = fit(model, inputs.batches["train"], inputs.batches["val"], cfg, workdir=run.stage(k),
                       identity=identity, device=device, desc=desc, memory=memory)
+        release(inputs.batches["train"], inputs.batches["val"])  # splits kept in memory go once trained on
         _, test_acc = evaluate(model, inputs.batches["test"], autocast_for(device, cfg.bf16))
+        release(inputs.batches["test"])
     if distributed.is_main():
         save_torch(run.stage(k) / "block.pt", {"block": model.block.state_dict(), "head": model.head.state_dict(),
                                                "identity": identity, "config": cfg.to_dict()})
@@ -263,6 +265,13 @@ def train_stage(cfg: Config, run: RunDir, k: int, model: StageModel, inputs: Sta
             "best_epoch": trained.best_epoch, "train_seconds": round(trained.train_seconds, 2),
             "parameters": sum(p.numel() for p in model.block.parameters()), "train_memory": memory.as_dict(),
             **({"read_mb_per_rank_epoch": read} if read else {})}
+
+
+def release(*streams) -> None:
+    """Let cached-feature streams drop the splits they keep in memory (CachedBatches.release)."""
+    for batches in streams:
+        if isinstance(batches, CachedBatches):
+            batches.release()
 
 
 def read_per_epoch(batches) -> dict | None:
@@ -335,21 +344,26 @@ def cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, dev
     r, w = distributed.rank(), distributed.world_size()
     if train:
         return CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle=True,
-                             seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=True, loader_mb=cfg.loader_mb,
+                             seed=cfg.seed * 1000 + manifest["stage"] + 1, drop_last=True, shuffle_mb=cfg.shuffle_mb,
                              workers=cfg.workers, device=device, rank=r, world=w)
     # Evaluation sums counts over the ranks (train.evaluate): any disjoint parts will do, and contiguous ones
     # are whole-shard reads. Batches of the rank's rows of the global batch hold its memory to training's.
     rows = distributed.contiguous_part(manifest["splits"][split]["count"])
-    return CachedBatches(cache_dir, manifest, split, local_batch(cfg.batch_size, r, w), loader_mb=cfg.loader_mb,
+    return CachedBatches(cache_dir, manifest, split, local_batch(cfg.batch_size, r, w), shuffle_mb=cfg.shuffle_mb,
                          workers=cfg.workers, device=device, views="plain", rows=rows)
 
 
 def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
-    """What stage 0 caches: this rank's contiguous slice of the split in order, with every view for train."""
+    """What stage 0 caches: this rank's contiguous slice of the split, with every view for train.
+
+    The train split is cached in a random order (seeded by --data-seed): datasets often come sorted by class
+    (an image folder always), and a shuffle window of a few shards must hold every class, not one or two."""
     whole = getattr(raw, split)
-    part = slice(*distributed.contiguous_part(len(whole)))
-    batches = ImageBatches(Split(whole.x[part], whole.y[part], whole.ids[part]), raw.mean, raw.std,
-                           cfg.batch_size, device=device)
+    order = torch.arange(len(whole))
+    if split == "train":
+        order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(cfg.data_seed))
+    batches = ImageBatches(whole, raw.mean, raw.std, cfg.batch_size, device=device,
+                           rows=order[slice(*distributed.contiguous_part(len(whole)))])
     if split == "train" and cfg.cache_views > 1:
         return ViewBatches(batches, cfg.cache_views, cfg.seed, augment_for(cfg))
     return batches
@@ -358,8 +372,9 @@ def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
 def frozen_cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device) -> CachedBatches:
     """What stage k > 0 caches: this rank's contiguous slice of the previous cache, every view of each sample."""
     rows = distributed.contiguous_part(manifest["splits"][split]["count"])
-    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, loader_mb=cfg.loader_mb,
-                         workers=cfg.workers, device=device, views="all", rows=rows)
+    # read once: nothing to keep for a later epoch
+    return CachedBatches(cache_dir, manifest, split, cfg.batch_size, shuffle_mb=cfg.shuffle_mb,
+                         workers=cfg.workers, device=device, views="all", rows=rows, keep=False)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from seqtrain.balance import block_costs
 from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.data import dataset_info
-from seqtrain.loader import budget_rows
+from seqtrain.loader import window_rows
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
 from seqtrain.report import aligned, mb, shape_text
@@ -105,15 +105,22 @@ def predicted_cache_bytes(shape: tuple[int, ...], cfg: Config, counts: dict[str,
 
 def input_bytes(cfg: Config, k: int, in_shape: tuple[int, ...], counts: dict[str, int]) -> int:
     """Host memory of stage k's input beside the step: for stage 0 (and e2e) the raw uint8 dataset, held
-    whole in RAM; for later stages the loader's two pools (--loader-mb, at least a shard each, at most the split,
-    each with room for a batch of leftover rows), as loader.CachedBatches sizes them."""
+    whole in RAM; for later stages the train and val loaders' two pools each (--shuffle-mb each, at least a
+    shard, at most the split, each with room for a batch of leftover rows), as loader.CachedBatches sizes
+    them; a split that fits in them is kept whole instead."""
     if k == 0:
         return sum(counts.values()) * int(np.prod(in_shape))
-    row_shp = row_shape(in_shape, cfg, "train")  # with --cache-views, a sample's row holds all its views
+    return sum(loader_bytes(cfg, in_shape, split, counts[split]) for split in ("train", "val"))
+
+
+def loader_bytes(cfg: Config, in_shape: tuple[int, ...], split: str, count: int) -> int:
+    """Host memory of the loader of one split while a stage trains: two pools, or the split if it fits in them
+    (kept whole). Training and validation loaders live together; the test split is read once trained."""
+    row_shp = row_shape(in_shape, cfg, split)  # with --cache-views, a train sample's row holds all its views
     row = int(np.prod(row_shp)) * np.dtype(cfg.cache_dtype).itemsize
-    per_shard = min(counts["train"], samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb))
-    pool = max(min(budget_rows(cfg.loader_mb, row, cfg.batch_size), counts["train"]), per_shard)
-    return 2 * (pool + cfg.batch_size) * row
+    per_shard = min(count, samples_per_shard(row_shp, cfg.cache_dtype, cfg.shard_mb))
+    pool = max(min(window_rows(cfg.shuffle_mb, row, cfg.batch_size), count), per_shard)
+    return min(count, 2 * (pool + cfg.batch_size)) * row
 
 
 def free_disk(path: str | Path) -> tuple[str, int]:
@@ -267,7 +274,8 @@ def format_plan(p: dict) -> str:
     short = t["cache_bytes"] > disk["free_bytes"]
     lines.append("floor MB: activations saved for backward + weights, grads, optimizer state + batch; peak MB: the "
                  "floor + backward's transient gradients (2 activations), the predicted tensor peak")
-    lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the loader's two pools (--loader-mb)")
+    lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the train and val loaders' pools "
+                 "(2 x --shuffle-mb each)")
     lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's "
                  f"{mb(e2e['train_bytes'])} MB (predicted peaks)")
     if p["cut"]:

@@ -115,18 +115,25 @@ def test_target_check(gap, ratio, met):
     assert accuracy.target_check([other])["measured"] is False
 
 
-def test_study_target_reports_the_best_setting_within_the_memory_ratio():
-    def row(downsample, head, gap, ratio):
-        return {"method": "sequential", "arch": "resnet56", "k": 8, "downsample": downsample, "head": head,
-                "intensity": "usual" if head == "conv" else f"head {head}", "gap_points": (gap, 0.2),
-                "mem_ratio": (ratio, 0.0), "analytic_ratio": ratio, "seeds": [0, 1, 2]}
-    rows = [row("standard", "conv", -3.0, 0.25), row("standard", "aug", -0.5, 0.28),
-            row("accelerated", "conv", +1.0, 0.35), {**row("standard", "conv", 5.0, 0.1), "k": 4}]
+def test_study_target_reports_the_most_accurate_setting_within_the_memory_ratio_against_the_best_e2e():
+    def row(downsample, head, acc, gap, ratio, method="sequential"):
+        return {"method": method, "arch": "resnet56", "k": 8 if method == "sequential" else None,
+                "downsample": downsample, "head": head, "intensity": "usual" if head == "conv" else f"head {head}",
+                "test_acc": (acc, 0.01), "gap_points": (gap, 0.2), "mem_ratio": (ratio, 0.0), "analytic_ratio": ratio,
+                "seeds": [0, 1, 2]}
+    e2e = [row("standard", "conv", 0.90, 0.0, 1.0, "e2e"), row("accelerated", "conv", 0.60, 0.0, 1.0, "e2e")]
+    rows = e2e + [row("standard", "conv", 0.87, -3.0, 0.25), row("standard", "aug", 0.895, -0.5, 0.28),
+                  row("accelerated", "conv", 0.75, +15.0, 0.2),  # far above its own poor e2e, not the best
+                  row("standard", "conv", 0.95, 5.0, 0.35), {**row("standard", "conv", 0.99, 5.0, 0.1), "k": 4}]
     target = accuracy.target_check(rows, target=accuracy.STUDY_TARGET)
-    assert (target["downsample"], target["head"], target["gap_points"]) == ("standard", "aug", -0.5) and target["met"]
-    target = accuracy.target_check(rows[:1] + rows[2:], target=accuracy.STUDY_TARGET)
-    assert (target["gap_points"], target["met"], target["mem_met"]) == (-3.0, False, True)
-    assert "resnet56, K=8, standard, conv head, 3 seed(s)): gap -3.00" in accuracy_report.target_line(target)
+    assert (target["downsample"], target["head"], target["gap_to_best_e2e"]) == ("standard", "aug", -0.5)
+    assert target["met"] and target["gap_points"] == -0.5
+    target = accuracy.target_check([r for r in rows if r.get("head") != "aug"], target=accuracy.STUDY_TARGET)
+    assert (target["downsample"], target["gap_to_best_e2e"], target["met"], target["mem_met"]) == \
+        ("standard", -3.0, False, True)
+    line = accuracy_report.target_line(target)
+    assert "resnet56, K=8, standard, conv head, 3 seed(s)): test acc 87.00% against the best e2e's 90.00%" in line
+    assert "-3.00 points (>= -1.0: MISSED; -3.00 ± 0.20 to its own e2e)" in line
 
 
 def test_quick_preset_is_the_issues_sweep_with_its_training_settings(tmp_path):

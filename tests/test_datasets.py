@@ -5,6 +5,7 @@ kind of missing or broken input."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import struct
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from seqtrain import load_model
 from seqtrain.augment import default_augment
+from seqtrain.cache import read_shard
 from seqtrain.config import Config
 from seqtrain.data import dataset_info, load_raw, source_fingerprint
 from seqtrain.imagefolder import TEST_SHARE, decode, list_folder
@@ -162,6 +164,12 @@ def test_image_folder_end_to_end_through_the_cli(tmp_path):
     assert main(flags) == 0
     net = load_model(run_dir / "final" / "model.pt")
     assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    # The folder is read class by class, but stage 0 caches the train split shuffled: a shuffle window of
+    # the first shards holds every class, not one.
+    manifest = json.loads((run_dir / "stage_00" / "cache" / "manifest.json").read_text())
+    labels = torch.cat([read_shard(run_dir / "stage_00" / "cache" / s["file"])[1]
+                        for s in manifest["splits"]["train"]["shards"]])
+    assert not (labels[1:] >= labels[:-1]).all() and len(set(labels[:len(labels) // 2].tolist())) == 3
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from seqtrain.config import Config, config_hash, resolve
 from seqtrain.run import main
 
 from conftest import ROOT, run_cli, tiny_flags
@@ -26,6 +27,7 @@ MISTAKES = {
     "bad number": (["--lr", "fast"], "argument --lr: invalid float value"),
     "negative size": (["--n-test", "0"], "--n-test must be at least 1"),
     "batch of one": (["--batch-size", "1"], "--batch-size must be at least 2"),
+    "no shuffle window": (["--shuffle-mb", "0"], "--shuffle-mb must be a positive number of MB, got 0.0"),
     "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs"),
     "json without plan": (["--json"], "--json prints the plan: give it with --plan"),
     "negative width": (["--width", "-4"], "--width must be 0 or more"),
@@ -161,3 +163,16 @@ def test_a_python_only_network_on_the_command_line_is_refused_in_one_line(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is a network given to seqtrain.train_stages() from Python" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_with_the_loaders_two_windows_keeps_its_hash(tmp_path, capsys):
+    # --loader-mb N (two pools) became --shuffle-mb N/2 (one): a run made before resumes as the same run.
+    old = {k: v for k, v in Config().to_dict().items() if k != "shuffle_mb"} | {"loader_mb": 1, "arch": "resnet20"}
+    cfg = Config.from_dict(old)
+    assert cfg.shuffle_mb == 0.5 and resolve(old, {}, {}).shuffle_mb == 0.5
+    assert config_hash(cfg) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
+    assert config_hash(Config()) == "9aea3ce86242f954"  # and the defaults' hash, --loader-mb 128
+    toml = tmp_path / "c.toml"
+    toml.write_text("loader-mb = 256\n")
+    assert main(["--config", str(toml), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "loader-mb is now shuffle-mb" in capsys.readouterr().err and not (tmp_path / "run").exists()

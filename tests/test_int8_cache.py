@@ -138,7 +138,7 @@ def test_loader_batches_equal_read_shard_and_pools_hold_int8(cache, workers, mon
     real_init = Pool.__init__
     monkeypatch.setattr(Pool, "__init__", lambda self, *a: real_init(self, *a) or pools.append(self))
     # 1 MB: pools of about 6 of the 17 shards, so batches mix shards and leftover rows move between pools
-    loader = CachedBatches(d, manifest, "train", batch_size=50, shuffle=True, seed=2, loader_mb=1, views="all",
+    loader = CachedBatches(d, manifest, "train", batch_size=50, shuffle=True, seed=2, shuffle_mb=0.5, views="all",
                            workers=workers)
     seen = []
     for x, y, ids in loader:
@@ -146,7 +146,7 @@ def test_loader_batches_equal_read_shard_and_pools_hold_int8(cache, workers, mon
         seen.append(ids)
     assert sorted(torch.cat(seen).tolist()) == list(range(1000))
     assert any(len(set((ids // 64).tolist())) > 1 for ids in seen)  # batches that span shards
-    if not workers:  # pools in this process: int8 rows and their shard index, within --loader-mb
+    if not workers:  # pools in this process: int8 rows and their shard index, within --shuffle-mb
         assert len(pools) == 2 and all(p.x.dtype == torch.int8 for p in pools)
         assert sum(p.x.nbytes + p.y.nbytes + p.ids.nbytes + p.part.nbytes for p in pools) <= 2**20
 

@@ -63,7 +63,7 @@ def test_pools_stay_within_the_loader_budget_and_mix_shards(tmp_path, monkeypatc
     manifest = {"splits": {"train": {"count": N, "shards": writer.close()}}}
     pools = []
     monkeypatch.setattr(loader_module.Pool, "__init__", record(loader_module.Pool.__init__, pools))
-    loader = CachedBatches(tmp_path, manifest, "train", batch_size=64, shuffle=True, loader_mb=1)
+    loader = CachedBatches(tmp_path, manifest, "train", batch_size=64, shuffle=True, shuffle_mb=0.5)
     batches = list(loader)
     assert len(pools) == 2 and sum(p.x.nbytes + p.y.nbytes + p.ids.nbytes for p in pools) <= 2**20
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(N))
@@ -86,3 +86,48 @@ def test_length_counts_the_batches_that_arrive_with_workers(cache, drop_last):
         for epoch in range(2):
             loader.set_epoch(epoch)
             assert len(loader) == sum(1 for _ in loader), (batch_size, epoch)
+
+
+def mb_of_rows(cache, rows: int) -> float:
+    """The --shuffle-mb of a window of `rows` rows, with the loader's measure of a row (shard bytes / rows)."""
+    shards = cache[1]["splits"]["train"]["shards"]
+    return rows * (sum(s["bytes"] for s in shards) // N) / 2**20
+
+
+def all_batches(loader, epochs):
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out += [tuple(t.clone() for t in batch) for batch in loader]
+    return out
+
+
+@pytest.mark.parametrize("batch_size, drop_last", [(64, True), (50, False)])
+def test_a_split_that_fits_is_read_once_and_batched_as_streaming_would(cache, batch_size, drop_last, monkeypatch):
+    # Windows of 600 rows: two hold the split of 1,000, which is kept; the same loader without `keep`
+    # streams it in two pools. Both yield identical batches, every epoch.
+    kw = {"batch_size": batch_size, "shuffle": True, "seed": 7, "drop_last": drop_last,
+          "shuffle_mb": mb_of_rows(cache, 600 + batch_size)}
+    streamed = CachedBatches(*cache, "train", keep=False, **kw)
+    kept = CachedBatches(*cache, "train", **kw)
+    assert kept.stream.keep and not streamed.stream.keep
+    pools = []
+    monkeypatch.setattr(loader_module.Pool, "__init__", record(loader_module.Pool.__init__, pools))
+    epochs = range(3)
+    want, got = all_batches(streamed, epochs), all_batches(kept, epochs)
+    assert len(want) == len(got) == 3 * len(kept) and all(
+        all(torch.equal(a, b) for a, b in zip(w, g)) for w, g in zip(want, got))
+    assert kept.bytes_read == N * 36 and streamed.bytes_read == 3 * N * 36  # read once, against every epoch
+    assert len(pools) == 3 * 2 + 1  # two pools per streamed epoch, one for the kept split
+    # a fresh loader starting at epoch 2 (a resumed run) draws the same batches
+    again = all_batches(CachedBatches(*cache, "train", **kw), [2])
+    assert all(torch.equal(a, b) for w, g in zip(want[-len(again):], again) for a, b in zip(w, g))
+    kept.release()
+    assert kept.stream.resident is None and len(all_batches(kept, [0])) == len(kept)
+
+
+def test_a_split_larger_than_two_windows_streams(cache):
+    loader = CachedBatches(*cache, "train", batch_size=64, shuffle=True, shuffle_mb=mb_of_rows(cache, 300 + 64))
+    assert not loader.stream.keep  # two windows of 300 rows < 1,000 rows: streamed, in bounded memory
+    epoch_ids(loader, 0)
+    assert loader.stream.resident is None and loader.bytes_read == N * 36

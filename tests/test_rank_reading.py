@@ -35,7 +35,7 @@ N = 1000  # samples in the loader's cache, shards of 64
 
 def make_cache(d, views: int = 2, dtype: str = "float16"):
     """N samples of [views, 2, 16, 16] whose features encode their id and view: rows of 2 KiB (float16, 2
-    views), so that --loader-mb 1 pools hold 3 shards and batches cross pool boundaries."""
+    views), so that --shuffle-mb 0.5 pools hold 3 shards and batches cross pool boundaries."""
     d.mkdir()
     writer = ShardWriter(d, "train", samples_per_shard=64, dtype=dtype, compression="none")
     ids = torch.arange(N)
@@ -62,7 +62,8 @@ def digest(loader: CachedBatches, epochs=(0, 1)) -> str:
 
 
 # Digests of epochs 0 and 1 (ids and features, so the drawn views too) from the loader before rank-strided
-# reading (commit 65dbbb3, torch 2.14.1): (cache, batch size, workers, drop_last, --loader-mb) -> batches, digest.
+# reading (commit 65dbbb3, torch 2.14.1): (cache, batch size, workers, drop_last, --loader-mb,
+# twice --shuffle-mb) -> batches, digest: the 128 MB cases keep the split in memory, the 1 MB cases stream it.
 BEFORE = {
     ("views", 50, 0, True, 128): (20, "62a0bd02ceaac0b4"),
     ("views", 96, 2, True, 128): (10, "c84410c74779ba52"),
@@ -76,14 +77,14 @@ BEFORE = {
 def test_one_rank_reads_in_the_order_of_before(caches, case):
     name, batch_size, workers, drop_last, loader_mb = case
     loader = CachedBatches(*caches[name], "train", batch_size, shuffle=True, seed=3, drop_last=drop_last,
-                           workers=workers, loader_mb=loader_mb)
+                           workers=workers, shuffle_mb=loader_mb / 2)
     assert (len(loader), digest(loader)) == BEFORE[case]
 
 
 def rank_epochs(cache, world: int, batch_size: int, workers: int, epochs=(0, 1, 2)):
     """Per epoch, each rank's (length, batches of ids) (rank r of `world`, all in this process); the loaders."""
     loaders = [CachedBatches(*cache, "train", batch_size, shuffle=True, seed=5, drop_last=True, workers=workers,
-                             loader_mb=1, rank=r, world=world) for r in range(world)]
+                             shuffle_mb=0.5, rank=r, world=world) for r in range(world)]
     out = []
     for epoch in epochs:
         for loader in loaders:
@@ -120,7 +121,7 @@ def test_step_counts_agree_whatever_each_rank_could_do(caches):
     # workers, each worker drops its own leftover: every rank is told, and gets, the fewest any rank has.
     for world, B, workers in ((3, 501, 0), (3, 96, 2)):
         loaders = [CachedBatches(*caches["views"], "train", B, shuffle=True, seed=1, drop_last=True,
-                                 workers=workers, loader_mb=1, rank=r, world=world) for r in range(world)]
+                                 workers=workers, shuffle_mb=0.5, rank=r, world=world) for r in range(world)]
         could = set()
         for epoch in range(2):
             for loader in loaders:
@@ -275,3 +276,18 @@ def test_a_damaged_shard_any_rank_checks_is_every_ranks_one_line_error(stage0, t
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and f"{damaged} is corrupt" in lines[0] and "--stage 0" in lines[0], p.stderr[-3000:]
     assert procs[0].stderr == procs[1].stderr
+
+
+@pytest.mark.parametrize("name, shuffle_mb", [("views", 1.2), ("int8", 0.35)])
+def test_a_kept_split_yields_the_streamed_batches_views_and_int8_scales_included(caches, name, shuffle_mb):
+    # windows of about 600 rows: the 1,000-row split fits in two and is kept, or streams in two pools
+    kw = {"batch_size": 64, "shuffle": True, "seed": 3, "shuffle_mb": shuffle_mb}
+    kept, streamed = (CachedBatches(*caches[name], "train", keep=k, **kw) for k in (True, False))
+    assert kept.stream.keep and not streamed.stream.keep
+    assert digest(kept, (0, 1, 2)) == digest(streamed, (0, 1, 2))
+    row = {"views": 2 * 2 * 16 * 16 * 2, "int8": 2 * 16 * 16}[name]
+    assert kept.bytes_read == N * row and streamed.bytes_read == 3 * N * row  # once, against every epoch
+    # evaluation: a rank's contiguous part, unshuffled, kept across epochs
+    kw = {"batch_size": 32, "views": "plain", "rows": (500, 1000), "shuffle_mb": shuffle_mb}
+    kept, streamed = (CachedBatches(*caches[name], "train", keep=k, **kw) for k in (True, False))
+    assert digest(kept, (0, 1)) == digest(streamed, (0, 1)) and kept.bytes_read == 500 * row
