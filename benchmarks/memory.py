@@ -298,7 +298,8 @@ def child(spec: dict) -> dict:
             except torch.cuda.OutOfMemoryError:
                 return {"oom": True, "device_name": device_description(device)}
             if kind == "ram":  # the loader's efficiency: the cache against RAM, timed in one process
-                _, cached = training_job(cfg, run, "stage", k, device)
+                prev = run.cache(k - 1)
+                cached = cached_batches(cfg, prev, read_manifest(prev), "train", device, train=True)
                 speeds = interleaved(model, cached, batches, cfg, device, spec["steps"])
                 result["cache_vs_ram_samples_per_s"] = speeds
     return {**result, "peak": peak.read(), "tensor": {"peak": memory.tensor_bytes, **memory.as_dict()},
@@ -468,8 +469,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per configuration after warm-up (default: 20, --quick 30)")
     p.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: 3, --quick 2)")
     p.add_argument("--shard-mb", type=int, help="cache shard size (default: 32, --quick 4)")
-    p.add_argument("--shuffle-mb", type=float, default=64.0, help="as seqtrain's --shuffle-mb: a split that fits in "
-                   "two windows is kept in memory, a larger one streamed; 4 with --quick streams every stage")
+    p.add_argument("--shuffle-mb", type=float, default=Config().shuffle_mb, help="as seqtrain's --shuffle-mb: a "
+                   "split that fits in two windows is kept in memory, a larger one streamed; 4 with --quick streams "
+                   "every stage")
     p.add_argument("--downsample", default="standard", help="as seqtrain's --downsample, e.g. accelerated")
     p.add_argument("--depths", help="with --budget-mb: the CIFAR ResNet depths (6n+2) to measure (default: "
                    "8,14,20,32,56,110)")

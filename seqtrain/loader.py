@@ -242,9 +242,7 @@ class Pools:
     def __enter__(self) -> Pools:
         row_shape, dtype = shard_layout(self.parts[0][0])
         # int8: row i of these is the scale and zero point of part i, filled as the part is read
-        self.scale = self.zero = None
-        if dtype == torch.int8:
-            self.scale, self.zero = (torch.empty(len(self.parts), row_shape[-3]) for _ in range(2))
+        self.scale, self.zero = quantization_tables(len(self.parts), row_shape, dtype)
         for _ in range(2):
             self.free.put(Pool(self.front + self.rows, row_shape, dtype))
         self.thread = threading.Thread(target=self.fill_all, daemon=True, name="shard-prefetch")
@@ -294,9 +292,7 @@ class Resident:
     def __init__(self, parts: list[tuple[str, int, int]], read_bytes: torch.Tensor):
         row_shape, dtype = shard_layout(parts[0][0])
         self.pool = Pool(sum(b - a for _, a, b in parts), row_shape, dtype)
-        self.scale = self.zero = None
-        if dtype == torch.int8:
-            self.scale, self.zero = (torch.empty(len(parts), row_shape[-3]) for _ in range(2))
+        self.scale, self.zero = quantization_tables(len(parts), row_shape, dtype)
         self.start, n = {}, 0
         for i, part in enumerate(parts):
             self.start[part] = n
@@ -305,6 +301,13 @@ class Resident:
     def rows(self, part: tuple[str, int, int]) -> torch.Tensor:
         """The resident rows of `part`, in order."""
         return torch.arange(self.start[part], self.start[part] + part[2] - part[1])
+
+
+def quantization_tables(parts: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> tuple:
+    """Empty per-part scale and zero point tables [parts, C] for int8 shards; (None, None) for float ones."""
+    if dtype != torch.int8:
+        return None, None
+    return torch.empty(parts, row_shape[-3]), torch.empty(parts, row_shape[-3])
 
 
 def read_part(part: tuple[str, int, int], i: int, pool: Pool, at: int, tables, read_bytes: torch.Tensor) -> int:

@@ -359,14 +359,17 @@ def frozen_image_batches(cfg: Config, raw: RawData, split: str, device):
     The train split is cached in a random order (seeded by --data-seed): datasets often come sorted by class
     (an image folder always), and a shuffle window of a few shards must hold every class, not one or two."""
     whole = getattr(raw, split)
-    order = torch.arange(len(whole))
-    if split == "train":
-        order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(cfg.data_seed))
+    order = cached_train_order(cfg, len(whole)) if split == "train" else torch.arange(len(whole))
     batches = ImageBatches(whole, raw.mean, raw.std, cfg.batch_size, device=device,
                            rows=order[slice(*distributed.contiguous_part(len(whole)))])
     if split == "train" and cfg.cache_views > 1:
         return ViewBatches(batches, cfg.cache_views, cfg.seed, augment_for(cfg))
     return batches
+
+
+def cached_train_order(cfg: Config, n: int) -> torch.Tensor:
+    """The order in which stage 0 caches the n rows of the train split: a permutation fixed by --data-seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data_seed))
 
 
 def frozen_cached_batches(cfg: Config, cache_dir: Path, manifest: dict, split: str, device) -> CachedBatches:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
+from seqtrain.pipeline import cached_train_order
 
 from conftest import ROOT, tiny_flags
 
@@ -50,7 +51,7 @@ def test_two_ranks_complete_the_pipeline_and_cache_every_sample_once(tmp_path):
     cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
     raw = load_raw(cfg)
     # the train split is cached in a random order of --data-seed's (pipeline.frozen_image_batches)
-    shuffled = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(cfg.data_seed))
+    shuffled = cached_train_order(cfg, len(raw.train))
     order = {"train": raw.train.ids[shuffled].numpy(), "val": raw.val.ids.numpy(), "test": raw.test.ids.numpy()}
     for k in (0, 1):
         cache = run / f"stage_{k:02d}" / "cache"

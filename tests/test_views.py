@@ -19,6 +19,7 @@ from seqtrain.data import load_raw
 from seqtrain.files import load_torch
 from seqtrain.loader import CachedBatches
 from seqtrain.models import build_stage_block
+from seqtrain.pipeline import cached_train_order
 
 AUG = Augment(crop=True, flip=True, padding=2)
 
@@ -79,7 +80,7 @@ def test_cache_holds_views_and_view_zero_is_the_plain_forward_pass(tiny):
     cache0, cache1 = tiny.run_dir / "stage_00" / "cache", tiny.run_dir / "stage_01" / "cache"
     features, ids = read_split(cache0, "train")
     # the train split is cached in a random order of --data-seed's (pipeline.frozen_image_batches)
-    order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(cfg.data_seed))
+    order = cached_train_order(cfg, len(raw.train))
     assert features.shape[:2] == (len(raw.train), 3) and np.array_equal(ids, raw.train.ids[order].numpy())
     assert read_split(cache0, "test")[0].ndim == 4  # val and test are cached plain
 
