@@ -99,9 +99,9 @@ class Config:
     warmup_epochs: float = opt(1.0, "linear warm-up, then cosine decay to zero at --max-epochs")
     batch_size: int = opt(128, "samples per step; 64-512")
     max_epochs: int = opt(12, "cap on epochs per stage; early stopping usually ends a stage sooner")
-    patience: int = opt(3, "epochs without a validation gain of --min-delta before a stage stops, 2-10")
+    patience: int = opt(5, "epochs without a validation gain of --min-delta before a stage stops, 2-10")
     min_delta: float = opt(0.001, "smallest validation accuracy gain (fraction, 0.001 = 0.1 point) that counts")
-    seed: int = opt(0, "initialisation and data order; runs with the same seed on CPU are bit-identical")
+    seed: int = opt(0, "initialisation and data order; CPU runs with the same seed and thread count are bit-identical")
     # --- feature cache
     cache_dtype: str = opt("float16", "stored feature precision: float16 halves disk, float32 is exact, "
                            "int8 quarters it (per-channel scale; accuracy within noise of float16, docs/design.md)")

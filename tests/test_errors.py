@@ -167,11 +167,13 @@ def test_a_python_only_network_on_the_command_line_is_refused_in_one_line(tmp_pa
 
 def test_a_run_saved_with_the_loaders_two_windows_keeps_its_hash(tmp_path, capsys):
     # --loader-mb N (two pools) became --shuffle-mb N/2 (one): a run made before resumes as the same run.
-    old = {k: v for k, v in Config().to_dict().items() if k != "shuffle_mb"} | {"loader_mb": 1, "arch": "resnet20"}
+    # Such runs were made when --patience defaulted to 3; their config.json says so.
+    old = {k: v for k, v in Config().to_dict().items() if k != "shuffle_mb"} | {"loader_mb": 1, "arch": "resnet20",
+                                                                               "patience": 3}
     cfg = Config.from_dict(old)
     assert cfg.shuffle_mb == 0.5 and resolve(old, {}, {}).shuffle_mb == 0.5
     assert config_hash(cfg) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
-    assert config_hash(Config()) == "9aea3ce86242f954"  # and the defaults' hash, --loader-mb 128
+    assert config_hash(Config(patience=3)) == "9aea3ce86242f954"  # and the then defaults' hash, --loader-mb 128
     toml = tmp_path / "c.toml"
     toml.write_text("loader-mb = 256\n")
     assert main(["--config", str(toml), "--run-dir", str(tmp_path / "run")]) == 2
