@@ -172,6 +172,7 @@ def test_a_run_saved_with_the_loaders_two_windows_keeps_its_hash(tmp_path, capsy
                                                                                "patience": 3}
     cfg = Config.from_dict(old)
     assert cfg.shuffle_mb == 0.5 and resolve(old, {}, {}).shuffle_mb == 0.5
+    assert resolve(old, {}, {}).patience == 3  # a saved value outlives a changed default
     assert config_hash(cfg) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
     assert config_hash(Config(patience=3)) == "9aea3ce86242f954"  # and the then defaults' hash, --loader-mb 128
     toml = tmp_path / "c.toml"
