@@ -53,8 +53,9 @@ Reported per (arch, downsample, intensity, K, method), mean and std over seeds:
                 and e2e's: on CUDA the allocator's peak, on a CPU MemTracker's count of live tensors
   mem ratio     largest stage / e2e; beside it the analytic ratio of seqtrain.plan (predicted peaks)
   time s        training and caching seconds of all seeds, as the runs recorded them
-The target: ResNet-32, K = 4, accelerated downsampling within 1 point of e2e, with mem ratio <= 0.3. It is
-printed, met or missed, whenever that point was run.
+The target: ResNet-32, K = 4, accelerated downsampling within 1 point of e2e, with mem ratio <= 0.3 (the
+study preset's: ResNet-56, K = 8, the best of every downsampling and head). It is printed, met or missed,
+whenever that point was run.
 Output: OUT/results.json (written first), then from it (benchmarks/accuracy_report.py) a table,
 OUT/accuracy.png (accuracy against depth and K), OUT/curves.png (e2e learning curves) and, last, a JSON line
 (wall_s beside cpu_s, the CPU seconds of all runs: on a busy machine wall_s grows, cpu_s does not).
