@@ -88,9 +88,11 @@ from seqtrain.data import load_raw
 from seqtrain.distributed import resolve_device
 from seqtrain.errors import UserError
 from seqtrain.files import read_json, sha256_json, write_json
+from seqtrain.job import resolve
+from seqtrain.layout import StageLayout
 from seqtrain.memory import device_description
-from seqtrain.pipeline import RunDir, collect_results, stage_manifest
 from seqtrain.plan import plan
+from seqtrain.rundir import RunDir, collect_results, stage_manifest
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: every run starts here, with this checkout's seqtrain
 PRESETS = {
@@ -220,7 +222,7 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
         run_seqtrain(["--stage", "e2e", *flags], log, args.threads)
     if point["method"] == "sequential" and not (results and results["final"]):
         for k in range(0 if args.one_process else point["k"]):  # one process per stage: its peak is its own
-            if not (run.config.exists() and stage_manifest(run_config(run), run, k)[0]):
+            if not (run.config.exists() and stage_manifest(*run_config(run), run, k)[0]):
                 run_seqtrain(["--stage", str(k), *flags], log, args.threads)
         run_seqtrain(["--stage", "all", *flags], log, args.threads)  # assembles and evaluates the final network
     results = existing_results(run)
@@ -255,18 +257,20 @@ def probes(point: dict, args: argparse.Namespace, log: Path) -> dict:
     return out
 
 
-def run_config(run: RunDir) -> Config:
-    return Config.from_dict(read_json(run.config))  # config.json also holds the run's normalisation statistics
+def run_config(run: RunDir) -> tuple[Config, StageLayout]:
+    """A run directory's configuration (config.json also holds its normalisation statistics) and stage layout."""
+    cfg = Config.from_dict(read_json(run.config))
+    return cfg, resolve(cfg)
 
 
 def existing_results(run: RunDir) -> dict | None:
     """collect_results of a run directory (None when it has no config yet); `final` only when it is current."""
     if not run.config.exists():
         return None
-    cfg = run_config(run)
-    results = collect_results(cfg, run)
-    last, _ = stage_manifest(cfg, run, cfg.num_stages - 1)
-    if results["final"] and (last is None or results["final"]["fingerprint"] != last["fingerprint"]):
+    cfg, layout = run_config(run)
+    results = collect_results(cfg, layout, run)
+    last, _ = stage_manifest(cfg, layout, run, layout.num_stages - 1)
+    if results["final"] and (last is None or results["final"]["fingerprint"] != last.fingerprint):
         results["final"] = None  # assembled from stages that have since been retrained
     return results
 
@@ -318,7 +322,7 @@ def points(args: argparse.Namespace) -> list[dict]:
     root = args.out / "runs" / sha256_json(settings)[:8]
     out = []
     for arch in args.archs:
-        blocks = num_blocks(Config(arch=arch, width=args.width))
+        blocks = num_blocks(arch, args.width)
         for downsample, head in ((d, h) for d in args.downsamples for h in args.heads):
             for convs in args.stage_convs:
                 for swidth in args.stage_width:
@@ -396,7 +400,7 @@ def analytic_ratio(args: argparse.Namespace, point: dict) -> float:
     cfg = Config(arch=point["arch"], width=args.width, stages=str(point["k"]), **downsampling(point["downsample"]),
                  head=point["head"], dataset=args.dataset, stage_convs=point["stage_convs"],
                  stage_width=point["stage_width"], **({"batch_size": args.batch_size} if args.batch_size else {}))
-    return plan(cfg)["totals"]["peak_ratio"]
+    return plan(cfg)["largest_stage_ratio"]
 
 
 def val_curve(run_dir: str) -> list[float]:

@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         manifest = read_manifest(args.cache)
-    except Exception as e:  # a missing or damaged cache: say which, no traceback
+    except Exception as e:  # a damaged cache: say which, no traceback
         sys.exit(f"compression: {args.cache} is not a complete seqtrain cache ({e})")
-    files = [args.cache / s["file"] for s in manifest["splits"]["train"]["shards"]][:args.max_shards]
+    if manifest is None:
+        sys.exit(f"compression: {args.cache} is not a complete seqtrain cache (no manifest.json)")
+    files = [args.cache / s.file for s in manifest.splits["train"].shards][:args.max_shards]
     shards = []
     for path in files:
         with h5py.File(path, "r") as f:

@@ -73,17 +73,21 @@ except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, 
     from common import CpuWait, require_plotting, target
     from memory_report import peak_of
 from seqtrain.allocator import release_freed_memory
-from seqtrain.archs import block_specs, cifar_resnet_n, specs_after, stage_specs
-from seqtrain.cache import SPLITS, cache_bytes, clear_cache, publish_manifest, read_manifest, read_shard, write_shards
-from seqtrain.config import Config, config_hash
+from seqtrain.archs import block_specs, cifar_resnet_n
+from seqtrain.cache import clear_cache, publish_manifest, read_manifest, read_shard, write_shards
+from seqtrain.config import Config
+from seqtrain.contract import SPLITS, Identity, Manifest
 from seqtrain.data import RawData, Split
 from seqtrain.distributed import resolve_device
 from seqtrain.files import sha256_state_dict, write_json
+from seqtrain.layout import StageLayout, resolve_layout
 from seqtrain.memory import PeakMemory, ProcessPeak, analytic_step, device_description
-from seqtrain.models import StageModel, build_head, build_network, build_stage_block
-from seqtrain.pipeline import RunDir, cached_batches, image_batches
+from seqtrain.models import StageModel, build_head, build_stage_block
+from seqtrain.network import build_network
 from seqtrain.plan import plan, split_counts
 from seqtrain.report import MB
+from seqtrain.rundir import RunDir
+from seqtrain.streams import cached_batches, image_batches
 from seqtrain.train import autocast_for, make_optimizer, train_step
 
 IN_SHAPE = (3, 32, 32)
@@ -119,8 +123,8 @@ def random_raw(cfg: Config) -> RawData:
 class RamBatches:
     """A cache's train split preloaded into RAM as float32 and shuffled per epoch: what the loader is held to."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, cfg: Config, device: torch.device):
-        parts = [read_shard(cache_dir / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    def __init__(self, cache_dir: Path, manifest: Manifest, cfg: Config, device: torch.device):
+        parts = [read_shard(cache_dir / s.file) for s in manifest.splits["train"].shards]
         x, self.y, self.ids = (torch.cat(p) for p in zip(*parts))
         self.x = x.float()
         self.batch_size, self.seed, self.device, self.epoch = cfg.batch_size, cfg.seed, device, 0
@@ -149,17 +153,17 @@ class Checkpointed(nn.Module):
         return checkpoint(self.block, x, use_reentrant=False)
 
 
-def training_job(cfg: Config, run: RunDir, kind: str, k: int, device: torch.device):
+def training_job(cfg: Config, layout: StageLayout, run: RunDir, kind: str, k: int, device: torch.device):
     """The model and train batches of an e2e, ckpt, stage or ram configuration, built as the pipeline builds them."""
     if kind in ("e2e", "ckpt"):
-        net = build_network(cfg, IN_SHAPE[0], NUM_CLASSES)
+        net = build_network(cfg, layout, IN_SHAPE[0], NUM_CLASSES)
         if kind == "ckpt":
             for stage in net.stages:
                 for i, block in enumerate(stage):
                     stage[i] = Checkpointed(block)
         return net.to(device), image_batches(cfg, random_raw(cfg), "train", device, train=True)
-    specs = stage_specs(cfg, IN_SHAPE[0])[k]
-    head = build_head(cfg, specs[-1].out_ch, NUM_CLASSES, specs_after(cfg, k, IN_SHAPE[0]))
+    specs = list(layout.specs[k])
+    head = build_head(cfg, specs[-1].out_ch, NUM_CLASSES, layout.specs_after(k))
     model = StageModel(build_stage_block(specs), head).to(device)
     if k == 0:
         return model, image_batches(cfg, random_raw(cfg), "train", device, train=True)
@@ -240,16 +244,17 @@ def interleaved(model: nn.Module, first, second, cfg: Config, device: torch.devi
     return [steps * cfg.batch_size / t for t in seconds]
 
 
-def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device, memory: PeakMemory) -> dict:
+def measure_caching(cfg: Config, layout: StageLayout, run: RunDir, k: int, device: torch.device,
+                    memory: PeakMemory) -> dict:
     """Stage k's caching pass, as pipeline.run_stage runs it, with a fresh block; publishes its manifest.
     Its first batches are watched by MemTracker, as in the pipeline, and counted in its time."""
-    block = build_stage_block(stage_specs(cfg, IN_SHAPE[0])[k]).to(device)  # write_shards runs it under no_grad
+    block = build_stage_block(list(layout.specs[k])).to(device)  # write_shards runs it under no_grad
     if k == 0:
         raw, input_fp = random_raw(cfg), "random-images"
         batches = {s: image_batches(cfg, raw, s, device, train=False) for s in SPLITS}
     else:
         prev = read_manifest(run.cache(k - 1))
-        input_fp = prev["fingerprint"]
+        input_fp = prev.fingerprint
         batches = {s: cached_batches(cfg, run.cache(k - 1), prev, s, device, train=False) for s in SPLITS}
     clear_cache(run.cache(k))
     t0 = time.perf_counter()
@@ -257,13 +262,13 @@ def measure_caching(cfg: Config, run: RunDir, k: int, device: torch.device, memo
         table = write_shards(block, batches, run.cache(k), dtype=cfg.cache_dtype, shard_mb=cfg.shard_mb,
                              compression=cfg.compression, autocast=autocast_for(device, cfg.bf16), memory=memory)
     seconds = time.perf_counter() - t0
-    manifest = publish_manifest(
-        run.cache(k), identity={"stage": k, "config_hash": config_hash(cfg), "input_fingerprint": input_fp},
-        weights_hash=sha256_state_dict(block.state_dict()), num_classes=NUM_CLASSES, table=table)
-    samples = sum(table["splits"][s]["count"] for s in SPLITS)
+    manifest = publish_manifest(  # no stage result: this cache is the next measurement's input, nothing more
+        run.cache(k), identity=Identity(layout.config_hash, input_fp, k),
+        weights_hash=sha256_state_dict(block.state_dict()), num_classes=NUM_CLASSES, table=table, result=None)
+    samples = sum(table.splits[s].count for s in SPLITS)
     steps = sum(len(b) for b in batches.values())
     return {"analytic": None, "step_ms": seconds / steps * 1e3, "samples_per_s": samples / seconds,  # mean, not median
-            "cpu_wait": wait.share, "cache_bytes": cache_bytes(manifest)}
+            "cpu_wait": wait.share, "cache_bytes": manifest.bytes}
 
 
 def warm_up_libraries(cfg: Config, device: torch.device) -> None:
@@ -287,12 +292,13 @@ def child(spec: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_limit_mb"] * MB / total), device)
     peak = ProcessPeak(device)  # everything from here on counts
     run, kind, k = RunDir(spec["run_dir"]), spec["kind"], spec["stage"]
+    layout = resolve_layout(cfg, IN_SHAPE)
     torch.manual_seed(cfg.seed * 1000 + k)
     with PeakMemory(device, watch_steps=WATCHED_STEPS) as memory:  # tensor level: the figure the ratios compare
         if kind == "cache":
-            result = measure_caching(cfg, run, k, device, memory)
+            result = measure_caching(cfg, layout, run, k, device, memory)
         else:
-            model, batches = training_job(cfg, run, kind, k, device)
+            model, batches = training_job(cfg, layout, run, kind, k, device)
             try:
                 result = measure_training(model, batches, cfg, device, peak, spec["steps"], spec["warmup"], memory)
             except torch.cuda.OutOfMemoryError:
@@ -326,9 +332,10 @@ def measure_all(cfg: Config, args: argparse.Namespace, run_dir: str) -> dict[str
     base = {"cfg": cfg.to_dict(), "device": args.device, "run_dir": run_dir, "steps": args.steps,
             "warmup": args.warmup}
     rows = {}
-    for k in range(cfg.num_stages):
+    num_stages = resolve_layout(cfg, IN_SHAPE).num_stages
+    for k in range(num_stages):
         rows[f"cache {k}"] = spawn({**base, "kind": "cache", "stage": k}, args)
-    for k in range(cfg.num_stages):  # back to back, so that a change in the machine's load hits both alike
+    for k in range(num_stages):  # back to back, so that a change in the machine's load hits both alike
         rows[f"stage {k}"] = spawn({**base, "kind": "stage", "stage": k}, args)
         if k > 0:
             rows[f"ram {k}"] = spawn({**base, "kind": "ram", "stage": k}, args)
@@ -357,7 +364,7 @@ def ratios(rows: dict[str, dict], p: dict, device: str) -> dict:
         "rss_peak_ratio": rss[rss_sequential] / rss["e2e"], "rss_largest_sequential": rss_sequential,
         "rss_floor_ratio": rss[f"stage {k}"] / host,
         "loader_efficiency": min(loader.values()), "loader_efficiency_by_stage": loader,
-        "analytic_peak_ratio": p["totals"]["peak_ratio"],
+        "analytic_peak_ratio": p["largest_stage_ratio"],
         "max_cpu_wait": max((row["cpu_wait"] for row in rows.values() if row["cpu_wait"] is not None), default=None),
     }
 
@@ -387,15 +394,17 @@ def environment(args: argparse.Namespace, row: dict) -> dict:
 def run_stages(args: argparse.Namespace) -> dict:
     """The main benchmark: every configuration of one network; returns the summary."""
     cfg = bench_config(args)
-    if cfg.num_stages < 2:
+    layout = resolve_layout(cfg, IN_SHAPE)
+    if layout.num_stages < 2:
         sys.exit("benchmarks/memory.py: --stages must give at least 2 stages (stage 1 reads the first cache)")
-    p = plan(cfg, IN_SHAPE, NUM_CLASSES)
-    finest = plan(bench_config(args, stages=str(len(block_specs(cfg.arch, cfg.width)))), IN_SHAPE, NUM_CLASSES)
+    p = plan(cfg, layout, NUM_CLASSES)
+    finer = bench_config(args, stages=str(len(block_specs(cfg.arch, cfg.width))))
+    finest = plan(finer, resolve_layout(finer, IN_SHAPE), NUM_CLASSES)
     with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
         rows = measure_all(cfg, args, run_dir)
-    r = {**ratios(rows, p, args.device), "finest_analytic_ratio": finest["totals"]["peak_ratio"]}
+    r = {**ratios(rows, p, args.device), "finest_analytic_ratio": finest["largest_stage_ratio"]}
     targets = {name: target(name, r[name], TARGETS) for name in TARGETS}
-    settings = {"arch": cfg.arch, "stages": cfg.stage_sizes(), **run_settings(args, cfg)}
+    settings = {"arch": cfg.arch, "stages": list(layout.sizes), **run_settings(args, cfg)}
     summary = {**environment(args, rows["e2e"]), "config": settings, **r, "targets": targets}
     write_json(args.out / "memory.json", {"summary": summary, "rows": rows, "plan": p})  # before anything is drawn
     memory_report.report(args.out)
@@ -413,19 +422,20 @@ def run_budget(args: argparse.Namespace) -> dict:
     points = []
     for depth in args.depths:
         cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
+        layout = resolve_layout(cfg, IN_SHAPE)
         base = {"cfg": cfg.to_dict(), "device": args.device, "steps": args.steps, "warmup": args.warmup,
                 "memory_limit_mb": args.budget_mb}
         with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
             e2e = spawn({**base, "run_dir": run_dir, "kind": "e2e", "stage": 0}, args)
             stages = []
-            for k in range(cfg.num_stages):
+            for k in range(layout.num_stages):
                 cache = spawn({**base, "run_dir": run_dir, "kind": "cache", "stage": k}, args)
                 train = spawn({**base, "run_dir": run_dir, "kind": "stage", "stage": k}, args)
                 stages.append({"train": peak_of(train), "cache": peak_of(cache)})
         largest = max(max(s.values()) for s in stages)
         points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e),
                        "e2e_oom": e2e.get("oom"),
-                       "stages": cfg.stage_sizes(), "stage_peaks": stages, "largest_stage_peak": largest,
+                       "stages": list(layout.sizes), "stage_peaks": stages, "largest_stage_peak": largest,
                        "fits": largest <= budget})
     fitting = [pt["depth"] for pt in points if pt["e2e_peak"] is not None and pt["e2e_peak"] <= budget]
     deepest = max((pt for pt in points if pt["fits"]), key=lambda pt: pt["depth"], default=None)

@@ -85,7 +85,7 @@ def outcome(run: Path) -> dict:
     stages = sorted(run.glob("stage_*"))
     return {
         "weights": [load_torch(s / "block.pt") for s in stages],
-        "fingerprints": [read_manifest(s / "cache")["fingerprint"] for s in stages],
+        "fingerprints": [read_manifest(s / "cache").fingerprint for s in stages],
         "final": json.loads((run / "final" / "results.json").read_text())["final"],
     }
 

@@ -4,8 +4,9 @@
     stages = seqtrain.split(trunk, at=["layer2", "layer3", "layer4"])      # any sequence of named children
     net = seqtrain.train_stages(stages, dataset="cifar10", data_dir="data", run_dir="runs/mine", max_epochs=30)
     net.results["final"]["test_acc"]                                          # the summary table's figures
+    seqtrain.train_stages(stages, e2e=True, ...)                               # and the end-to-end baseline
 
-`train()` takes the settings of the command line as keyword arguments (the fields of `seqtrain.config.Config`),
+`train_stages()` takes the settings of the command line as keyword arguments (the fields of `seqtrain.config.Config`),
 trains stage after stage exactly as `--stage all` does (early stopping, HDF5 caches, checkpoints, resume
 after a kill), and returns the composed network: your stages, trained in place, then the last stage's
 auxiliary head. The run directory identifies your network by the structure of its stages (`custom:HASH`
@@ -16,14 +17,23 @@ trains, and the network comes back on the CPU.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch.nn as nn
 
-from seqtrain.config import Config
+from seqtrain.config import FIELD_TYPES, Config
+from seqtrain.data import image_side
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, sha256_json
-from seqtrain.models import SequentialNet, build_network
+from seqtrain.final import final_head
+from seqtrain.job import resolve, run_job
+from seqtrain.layout import resolve_layout
+from seqtrain.log import log
+from seqtrain.models import SequentialNet
+from seqtrain.network import build_network
+from seqtrain.report import summary_table
+from seqtrain.rundir import RunDir
 
 
 def custom_arch(stages: list[nn.Module]) -> str:
@@ -32,43 +42,41 @@ def custom_arch(stages: list[nn.Module]) -> str:
     return "custom:" + sha256_json(structure)[:12]
 
 
-def train_stages(stages: list[nn.Module], **settings) -> nn.Module:
+def train_stages(stages: list[nn.Module], *, e2e: bool = False, **settings) -> nn.Module:
     """Train `stages` one at a time (resuming or skipping finished ones), cache their features, compose them.
 
-    Returns the final network in eval mode; its `.results` holds the summary table's figures.
+    `e2e=True` also trains the end-to-end baseline of the same network in the same run directory (RUN/e2e,
+    or RUN/e2e_checkpoint with checkpoint=True): a copy of your stages as you passed them (their
+    initialisation), with the last stage's kind of head, trained by back-propagation with the same settings;
+    the summary then compares the two. Returns the final network in eval mode; its `.results` holds the
+    summary table's figures.
     """
-    from seqtrain.allocator import release_freed_memory
-    from seqtrain.data import load_raw
-    from seqtrain.distributed import resolve_device
-    from seqtrain.log import log
-    from seqtrain.pipeline import RunLock, final_head, prepare_run_dir, run_all, write_run_config
-    from seqtrain.report import summary_table
-
     stages = list(stages)
-    cfg = Config.from_dict({**settings, "arch": custom_arch(stages), "stages": str(len(stages))}).validate()
-    device = resolve_device(cfg.device)
-    if cfg.release_memory:
-        release_freed_memory()
-    raw = load_raw(cfg)
-    run = prepare_run_dir(cfg)
-    with RunLock(run):
-        write_run_config(run, cfg, raw)
-        log(f"seqtrain: {len(stages)} stages of {cfg.arch} on {cfg.dataset}, device {device}, run dir {run.root}")
-        results = run_all(cfg, run, raw, device, blocks=stages)
-    log("\n" + summary_table(results))
-    net = SequentialNet(stages, final_head(cfg, run)).cpu().eval()  # training left the stages on the device
-    net.mean, net.std, net.results = raw.mean, raw.std, results
+    unknown = sorted(set(settings) - set(FIELD_TYPES))
+    if unknown:
+        raise UserError(f"train_stages() has no setting {', '.join(unknown)}; its keyword arguments are the fields "
+                        "of seqtrain.config.Config (the command line's flags with underscores)")
+    cfg = Config(**{**settings, "arch": custom_arch(stages), "stages": str(len(stages))}).validate()
+    layout = resolve(cfg)
+    baseline = copy.deepcopy(stages) if e2e else None  # before training: the baseline starts where you did
+    outcome = run_job(cfg, layout, "all", blocks=stages)
+    if baseline is not None:
+        outcome = run_job(cfg, layout, "e2e", blocks=baseline, e2e_checkpoint=cfg.checkpoint)
+    log("\n" + summary_table(outcome.results))
+    net = SequentialNet(stages, final_head(cfg, layout, RunDir(cfg.run_dir))).cpu().eval()  # trained on the device
+    net.mean, net.std, net.results = outcome.raw.mean, outcome.raw.std, outcome.results
     return net
 
 
 def load_model(path: str | Path) -> SequentialNet:
     """Rebuild a saved network (final/model.pt or e2e/model.pt) in eval mode; its dict has config and stats."""
     saved = load_torch(Path(path))
-    cfg = Config(**saved["config"])
+    cfg = Config.from_dict(saved["config"])  # from_dict: a model.pt of an earlier seqtrain, in today's fields
     if cfg.arch.startswith("custom:"):
         raise UserError(f"{path} holds a network given to seqtrain.train_stages(), which only your code can rebuild: "
                         "split it as before and load torch.load(path)['model'] into SequentialNet(stages, head)")
-    net = build_network(cfg, saved["in_channels"], saved["num_classes"])
+    in_shape = (saved["in_channels"], image_side(cfg), image_side(cfg))
+    net = build_network(cfg, resolve_layout(cfg, in_shape), saved["in_channels"], saved["num_classes"])
     net.load_state_dict(saved["model"])
     net.mean, net.std = saved["mean"], saved["std"]  # per-channel input normalisation, as lists
     return net.eval()

@@ -1,16 +1,13 @@
-"""Architectures as plain data: block tables, block counts, downsampling schedules, stage grouping.
+"""Architectures as plain data: block tables, block counts, downsampling schedules, feature shapes.
 
-Imports nothing that imports torch, so the command line (and `--help`) can name the architectures and
-count their blocks without loading torch; models.py turns these specs into modules.
+Imports nothing of the package and nothing that imports torch, so the command line (and `--help`) can name
+the architectures and count their blocks without loading torch, and every module may import it;
+models.py turns these specs into modules, layout.py groups them into stages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from seqtrain.config import Config
 
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # n = (d-2)/6; any
 # depth 6n+2 (resnet8, resnet1202, ...) is also a CIFAR ResNet: cifar_resnet_n() reads n from the name
@@ -137,46 +134,15 @@ def standard_specs(arch: str, width: int = 0, in_channels: int = 3) -> list[Bloc
     raise ValueError(f"unknown arch {arch!r}")
 
 
-def num_blocks(cfg: Config) -> int:
-    """Blocks of the network; a torchvision:NAME or custom:HASH network has one block per stage."""
-    if cfg.arch.startswith("torchvision:"):
-        from seqtrain.splitting import torchvision_num_stages
-
-        return torchvision_num_stages(cfg.arch, cfg.split)
-    if cfg.arch.startswith("custom:"):  # seqtrain.train_stages() sets --stages to the number of modules it was given
-        return int(cfg.stages)
-    return len(standard_specs(cfg.arch, cfg.width))
-
-
-def stage_specs(cfg: Config, in_channels: int = 3) -> list[list[BlockSpec]]:
-    """The network's blocks grouped into the configured trainable stages, with each stage's convolution
-    intensity applied: --stage-convs sets the conv layers of its blocks (the ResNet stem keeps its one),
-    --stage-width multiplies their output channels (rounded, at least 1); input channels follow."""
-    specs, out, start = block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample, cfg.downsample_op), [], 0
-    convs, widths = cfg.stage_convs_list(), cfg.stage_width_list()
-    ch = in_channels
-    for k, size in enumerate(cfg.stage_sizes()):
-        group = []
-        for s in specs[start:start + size]:
-            if convs is not None and s.kind != "stem":
-                s = replace(s, convs=convs[k])
-            out_ch = max(1, round(s.out_ch * widths[k])) if widths is not None else s.out_ch
-            group.append(replace(s, in_ch=ch, out_ch=out_ch))
-            ch = out_ch
-        out.append(group)
-        start += size
-    return out
+def num_blocks(arch: str, width: int = 0) -> int:
+    """Blocks of one of seqtrain's own networks (torchvision and custom networks: layout.py counts their stages)."""
+    return len(standard_specs(arch, width))
 
 
 def even_sizes(total: int, k: int) -> list[int]:
     """`total` blocks in `k` stages of (nearly) equal counts; earlier stages get the extra blocks: they run at
     the highest resolution, where blocks are cheap in parameters."""
     return [total // k + (1 if i < total % k else 0) for i in range(k)]
-
-
-def specs_after(cfg: Config, k: int, in_channels: int = 3) -> list[BlockSpec]:
-    """The blocks of the stages after stage k, in order: what an --head aug head copies from."""
-    return [s for group in stage_specs(cfg, in_channels)[k + 1:] for s in group]
 
 
 def head_specs(after: list[BlockSpec], in_ch: int, blocks: int, fraction: float) -> list[BlockSpec]:

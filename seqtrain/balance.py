@@ -23,25 +23,34 @@ caching batch (--batch-size x --cache-views samples), under torch.no_grad.
 from __future__ import annotations
 
 import functools
-import math
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seqtrain.archs import BlockSpec, block_specs, feature_shape
+from seqtrain.config import Config
 from seqtrain.errors import UserError
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, SavedTensorBytes, storage_key, tensor_bytes
 from seqtrain.models import build_block, build_head
+from seqtrain.recompute import RECOMPUTE_TRANSIENTS
 from seqtrain.report import MB
 from seqtrain.train import make_optimizer, train_step
 
-if TYPE_CHECKING:
-    from seqtrain.config import Config
-
 NUM_CLASSES = 10  # the head's classes barely matter to its bytes; plan.py counts the real head
+
+# What the CUDA libraries allocate beside the tensors, counted by the CUDA allocator's peak but not by a plan
+# on the meta device: cuBLAS's workspace is 32 MiB per stream on compute capability 9.0 (H100, H200) in
+# PyTorch since 2.3 (PyTorch PR #120925, after NVIDIA's cuBLAS recommendation), 4-8 MiB before; cuDNN's
+# convolution workspaces come and go within a step. The larger figure is used for every GPU, since the
+# capability cannot be read without creating a CUDA context (which --plan must not do).
+CUDA_WORKSPACE_BYTES = 32 * 2**20
+
+
+def library_bytes(device: str) -> int:
+    """Bytes the CUDA libraries hold beside a step's tensors on `device` (--device), 0 on a CPU."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())  # is_available creates no context
+    return CUDA_WORKSPACE_BYTES if cuda else 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,10 @@ class BlockCosts:
     weights: tuple[int, ...]  # parameters and buffers of block b (the caching pass holds them)
     activation: tuple[int, ...]  # block b's output at the training batch
     forward: tuple[int, ...]  # block b's largest no-grad forward at the caching batch: input + 4 outputs
+    state: tuple[int, ...]  # weights, grads and optimizer state of block b (fixed = state + what it saves)
+    head_own_input: tuple[int, ...]  # block b's output when the head saves it, whoever saved it first
+    head_saved: tuple[int, ...]  # everything the head on block b's output saves for backward, its input included
+    checkpoint: bool = False  # --checkpoint: every block keeps its input only and recomputes in backward
 
     def floor_bytes(self, i: int, j: int) -> int:
         """The analytic bytes of one training step of the stage of blocks i..j (inclusive): memory.analytic_step's
@@ -65,8 +78,22 @@ class BlockCosts:
 
     def train_bytes(self, i: int, j: int) -> int:
         """The predicted tensor peak of a training step: the floor, plus the transient gradients of backward
-        (an activation's gradient and its input's, both alive at once; MemTracker counts them as temporaries)."""
-        return self.floor_bytes(i, j) + TRANSIENT_ACTIVATIONS * max(self.activation[i:j + 1])
+        (an activation's gradient and its input's, both alive at once; MemTracker counts them as temporaries).
+        With --checkpoint the floor holds every block's input instead of what the blocks save, and the peak
+        adds what a block's recompute brings back (recompute.recompute_extra_bytes: its saved tensors, less
+        the inputs of the blocks after it, already freed)."""
+        transient = TRANSIENT_ACTIVATIONS * max(self.activation[i:j + 1])
+        if not self.checkpoint:
+            return self.floor_bytes(i, j) + transient
+        held = sum(self.activation[i:j])  # the inputs of blocks i+1..j; block i's is the batch
+        floor = (sum(self.state[i:j + 1]) + self.batch_in[i] + held + self.head[j] + self.head_own_input[j])
+        back = max(self.recompute(b) - sum(self.activation[b:j]) for b in range(i, j + 1))
+        return floor + transient + max(0, back - self.head_saved[j] - transient)
+
+    def recompute(self, b: int) -> int:
+        """What block b's recompute brings back: what it saves for backward beyond its input, and the gradients
+        of its backward (recompute.RECOMPUTE_TRANSIENTS of its output)."""
+        return self.fixed[b] - self.state[b] - self.own_input[b] + RECOMPUTE_TRANSIENTS * self.activation[b]
 
     def caching_bytes(self, i: int, j: int) -> int:
         """Predicted bytes of the caching pass of blocks i..j: their weights and the largest block forward."""
@@ -82,11 +109,21 @@ class BlockCosts:
         weights = np.concatenate([[0], np.cumsum(self.weights, dtype=np.int64)])
         own, batch, forward, activation = (np.array(v, dtype=np.int64) for v in (
             self.own_input, self.batch_in, self.forward, self.activation))
+        state = np.concatenate([[0], np.cumsum(self.state, dtype=np.int64)])
+        acts = np.concatenate([[0], np.cumsum(activation, dtype=np.int64)])  # acts[m]: blocks 0..m-1's outputs
+        back = np.array([self.recompute(b) for b in range(len(self.fixed))], dtype=np.int64)
         out = []
         for j in range(len(self.fixed)):
-            train = fixed[j + 1] - fixed[:j + 1] - own[:j + 1] + batch[:j + 1] + self.head[j] + self.head_input[j]
             largest = np.maximum.accumulate(activation[j::-1])[::-1]  # max(activation[i..j]) for each i
-            train = train + TRANSIENT_ACTIVATIONS * largest
+            transient = TRANSIENT_ACTIVATIONS * largest
+            if self.checkpoint:
+                train = (state[j + 1] - state[:j + 1] + batch[:j + 1] + acts[j] - acts[:j + 1] + self.head[j]
+                         + self.head_own_input[j])
+                worst = np.maximum.accumulate((back[:j + 1] + acts[:j + 1])[::-1])[::-1] - acts[j]
+                train = train + transient + np.maximum(worst - self.head_saved[j] - transient, 0)
+            else:
+                train = (fixed[j + 1] - fixed[:j + 1] - own[:j + 1] + batch[:j + 1] + self.head[j]
+                         + self.head_input[j] + transient)
             largest_forward = np.maximum.accumulate(forward[j::-1])[::-1]
             out.append(np.maximum(train, weights[j + 1] - weights[:j + 1] + largest_forward))
         return out
@@ -101,14 +138,13 @@ def specs_of(cfg: Config, in_channels: int) -> list[BlockSpec]:
     return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample, cfg.downsample_op)
 
 
-_costs: dict[tuple, BlockCosts] = {}  # validation, --plan and the pipeline ask for the same network's costs
+_costs: dict[tuple, BlockCosts] = {}  # layout resolution and --plan ask for the same network's costs
 
 
 def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
     """One training step of the whole network on the meta device, its bytes attributed to the blocks."""
-    key = (cfg.arch, cfg.width, cfg.downsample, cfg.downsample_op, cfg.batch_size, cfg.optimizer, cfg.momentum,
-           cfg.weight_decay, cfg.head, cfg.head_blocks, cfg.head_fraction, cfg.head_convs, cfg.head_width,
-           cfg.cache_views, tuple(in_shape))
+    # Keyed by every setting, not a hand-picked few: a setting that changes a cost can never be left out.
+    key = (tuple(sorted(cfg.to_dict().items())), tuple(in_shape))
     if key not in _costs:
         _costs[key] = measure_block_costs(cfg, tuple(in_shape))
     return _costs[key]
@@ -141,12 +177,12 @@ def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCos
         net(x).mean().backward()
         optim.step()
     first_saver = saved.first_saver
-    fixed, own_input, n = [], [], len(specs)
+    fixed, own_input, held, n = [], [], [], len(specs)
     for b, block in enumerate(blocks):
         params = list(block.parameters())
         state = [v for p in params for v in optim.state.get(p, {}).values() if torch.is_tensor(v)]
-        fixed.append(sum(saved.storages[k] for k, s in first_saver.items() if s == b)
-                     + tensor_bytes([*params, *block.buffers()]) + tensor_bytes(params) + tensor_bytes(state))
+        held.append(tensor_bytes([*params, *block.buffers()]) + tensor_bytes(params) + tensor_bytes(state))
+        fixed.append(sum(saved.storages[k] for k, s in first_saver.items() if s == b) + held[-1])
         own = inputs[b]
         own_input.append(saved.storages[own] if first_saver.get(own) == b else 0)
     out_saved = [first_saver.get(outputs[b]) == b for b in range(n)]  # e.g. by a final ReLU, not a max-pool
@@ -166,7 +202,9 @@ def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCos
     forward = [views * 4 * (numel[b] + 4 * numel[b + 1]) for b in range(n)]
     return BlockCosts(tuple(fixed), tuple(own_input), tuple(batch_in), tuple(head), tuple(head_input),
                       tuple(tensor_bytes([*blk.parameters(), *blk.buffers()]) for blk in blocks),
-                      tuple(activation), tuple(forward))
+                      tuple(activation), tuple(forward), tuple(held),
+                      tuple(heads[head_key(b)][1] for b in range(n)), tuple(heads[head_key(b)][2] for b in range(n)),
+                      cfg.checkpoint)
 
 
 class AttributedSaves(SavedTensorBytes):
@@ -184,9 +222,9 @@ class AttributedSaves(SavedTensorBytes):
         return super().pack(t)
 
 
-def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int]:
-    """(the head's step bytes without its input, the bytes of its input when it saves it) on `shape` features;
-    `after`: the blocks that follow (an aug head copies them)."""
+def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int, int]:
+    """(the head's step bytes without its input, the bytes of its input when it saves it, everything it saves
+    for backward) on `shape` features; `after`: the blocks that follow (an aug head copies them)."""
     with torch.device("meta"):
         head = build_head(cfg, shape[0], NUM_CLASSES, after)
         x = torch.empty(cfg.batch_size, *shape, requires_grad=False)
@@ -196,8 +234,10 @@ def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec])
     with SavedTensorBytes(exclude=[*params, *head.buffers(), y]) as saved:
         train_step(head, x, y, optim)
     state = [v for s in optim.state.values() for v in s.values() if torch.is_tensor(v)]
+    everything = saved.bytes
     own = saved.storages.pop(storage_key(x), 0)
-    return saved.bytes + tensor_bytes([*params, *head.buffers()]) + tensor_bytes(params) + tensor_bytes(state), own
+    return (saved.bytes + tensor_bytes([*params, *head.buffers()]) + tensor_bytes(params) + tensor_bytes(state), own,
+            everything)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -233,17 +273,28 @@ def balanced_sizes(costs: BlockCosts, k: int) -> list[int]:
     return sizes[::-1]
 
 
-def fewest_stages(costs: BlockCosts, budget: int, batch_size: int) -> int:
-    """The fewest stages each within `budget` bytes (greedy cuts are optimal for the count); UserError if none."""
+class BudgetTooSmall(UserError):
+    """A block that does not fit --memory-budget alone; layout.py turns it into advice that is accepted."""
+
+    def __init__(self, block: int, need: int, what: str):
+        super().__init__(f"block {block} alone needs {need / MB:,.1f} MB for its {what}")
+        self.block, self.need, self.what = block, need, what
+
+
+def largest_block_bytes(costs: BlockCosts) -> int:
+    """The most any one block needs as a stage of its own: no budget below it can be met."""
+    return max(int(costs.ending()[b][b]) for b in range(len(costs.fixed)))
+
+
+def fewest_stages(costs: BlockCosts, budget: int) -> int:
+    """The fewest stages each within `budget` bytes (greedy cuts are optimal for the count); BudgetTooSmall
+    naming the first block that cannot fit it alone."""
     n, ending = len(costs.fixed), costs.ending()
     for b in range(n):
         need = int(ending[b][b])
         if need > budget:
             what = "caching pass" if costs.caching_bytes(b, b) > costs.train_bytes(b, b) else "training step"
-            fits = max(1, int(batch_size * budget / need))
-            raise UserError(f"--memory-budget {budget / MB:,.0f} MB is too small: block {b} alone needs "
-                            f"{need / MB:,.1f} MB for its {what} at --batch-size {batch_size}; give a budget of at "
-                            f"least {math.ceil(need / MB):,} MB or a --batch-size of about {fits}")
+            raise BudgetTooSmall(b, need, what)
     stages, i = 0, 0
     while i < n:
         j = i
@@ -251,11 +302,3 @@ def fewest_stages(costs: BlockCosts, budget: int, batch_size: int) -> int:
             j += 1
         stages, i = stages + 1, j + 1
     return stages
-
-
-def parse_size(text: str) -> int:
-    """'4GB', '512MB', '1.5GiB', '800M' as bytes (binary units: 1 MB = 2**20 bytes); UserError otherwise."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise UserError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB")
-    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))

@@ -16,6 +16,7 @@ sample axis only and uncompressed by default: float16 reads at 1.5-2.1 GB/s here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ import h5py
 import numpy as np
 import torch
 
+from seqtrain import distributed
+from seqtrain.contract import MANIFEST_FORMAT, SPLITS, Identity, Manifest, ShardInfo, SplitInfo, SplitTable, StageResult
 from seqtrain.errors import UserError
 from seqtrain.files import (
     publish,
@@ -40,8 +43,6 @@ with contextlib.suppress(ImportError):  # registers the LZ4 and Zstd filters wit
     import hdf5plugin
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: views per training sample; rank-sliced shards
-SPLITS = ("train", "val", "test")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: large enough for full-speed reads, small enough to be cheap
@@ -145,7 +146,7 @@ class ShardWriter:
         while self.pending_count >= self.per_shard:
             self._flush(self.per_shard)
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[ShardInfo]:
         if self.pending_count:
             self._flush(self.pending_count)
         return self.shards
@@ -176,8 +177,7 @@ class ShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. ENOSPC mid-write: leave no temporary file behind
             raise
-        self.shards.append({"file": name, "count": n, "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
+        self.shards.append(ShardInfo(name, n, path.stat().st_size, sha256_file(path)))
 
 
 def samples_per_shard(feature_shape: tuple[int, ...], dtype: str, shard_mb: int) -> int:
@@ -195,7 +195,7 @@ def clear_cache(cache_dir: Path) -> None:
 
 @torch.no_grad()
 def write_shards(block: torch.nn.Module, batches: dict, cache_dir: Path, *, dtype: str, shard_mb: int,
-                 compression: str, autocast, prefix: str = "", memory=None) -> dict:
+                 compression: str, autocast, prefix: str = "", memory=None) -> SplitTable:
     """Run every split through the frozen `block` in order and write its shards; returns the split table.
 
     `batches[split]` yields (x, y, ids) in a fixed order, x [B, C, H, W] or, for the train split's views,
@@ -222,30 +222,25 @@ def write_shards(block: torch.nn.Module, batches: dict, cache_dir: Path, *, dtyp
                                      dtype, compression, prefix)
             writer.add(out, y, ids)
         shards = writer.close() if writer else []
-        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
-    return {"feature_shape": list(shape) if shape else None, "views": views, "dtype": dtype,
-            "compression": compression, "splits": splits}
+        splits[split] = SplitInfo(sum(s.count for s in shards), tuple(shards))
+    return SplitTable(shape, views, dtype, compression, splits)
 
 
-def merge_tables(tables: list[dict]) -> dict:
+def merge_tables(tables: list[SplitTable]) -> SplitTable:
     """One split table from the tables of ranks that each cached a contiguous slice (in rank order)."""
-    first = next(t for t in tables if t["feature_shape"] is not None)
-    splits = {split: {"count": sum(t["splits"][split]["count"] for t in tables),
-                      "shards": [s for t in tables for s in t["splits"][split]["shards"]]} for split in SPLITS}
-    return {**first, "views": max(t["views"] for t in tables), "splits": splits}
+    first = next(t for t in tables if t.feature_shape is not None)
+    splits = {split: SplitInfo(sum(t.splits[split].count for t in tables),
+                               tuple(s for t in tables for s in t.splits[split].shards)) for split in SPLITS}
+    return SplitTable(first.feature_shape, max(t.views for t in tables), first.dtype, first.compression, splits)
 
 
-def publish_manifest(cache_dir: Path, *, identity: dict, weights_hash: str, num_classes: int, table: dict,
-                     result: dict | None = None) -> dict:
-    """Write the manifest, last: from here on the cache is complete. Its fields are the one definition of a
-    manifest: the stage's `identity` (config_hash, input_fingerprint, stage), the hash of the weights that
-    made the features, the number of classes, the split table of write_shards (feature_shape, views, dtype,
-    compression, splits), the stage's `result` (accuracies, times, memory), and the `fingerprint` that
-    identifies this cache's content for the next stage."""
-    manifest = {**identity, "weights_hash": weights_hash, "num_classes": num_classes, **table,
-                "result": result or {}, "format": FORMAT}
-    manifest["fingerprint"] = fingerprint(manifest)
-    write_json(cache_dir / MANIFEST, manifest)
+def publish_manifest(cache_dir: Path, *, identity: Identity, weights_hash: str, num_classes: int,
+                     table: SplitTable, result: StageResult | None) -> Manifest:
+    """Write the manifest, last: from here on the cache is complete (contract.Manifest says what it holds)."""
+    manifest = Manifest(identity, weights_hash, num_classes, tuple(table.feature_shape), table.views, table.dtype,
+                        table.compression, table.splits, result, fingerprint="")
+    manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
+    write_json(cache_dir / MANIFEST, manifest.to_dict())
     return manifest
 
 
@@ -259,49 +254,47 @@ def fingerprint(manifest: dict) -> str:
 # Reading and checking
 
 
-def read_manifest(cache_dir: Path) -> dict | None:
+def read_manifest(cache_dir: Path) -> Manifest | None:
     """The cache's manifest, None when there is none (the stage is incomplete); CorruptCache if damaged."""
     path = cache_dir / MANIFEST
     if not path.exists():
         return None
     try:
-        manifest = read_json(path)
-        if manifest.get("format") != FORMAT:
-            raise CorruptCache(f"{path} has format {manifest.get('format')}, this seqtrain reads {FORMAT}")
-        if manifest["fingerprint"] != fingerprint(manifest):
+        raw = read_json(path)
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise CorruptCache(f"{path} has format {raw.get('format')}, this seqtrain reads {MANIFEST_FORMAT}")
+        if raw["fingerprint"] != fingerprint(raw):
             raise CorruptCache(f"{path} was altered: its fingerprint does not match its content")
-        for split in SPLITS:
-            info = manifest["splits"][split]
-            assert info["count"] == sum(s["count"] for s in info["shards"])
-    except (ValueError, KeyError, TypeError, AssertionError, AttributeError):
+        if raw.get("result") and "cache_seconds" not in raw["result"]:
+            raise ValueError("a stage's result records its caching time")
+        return Manifest.from_dict(raw)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CorruptCache(f"{path} is not a valid seqtrain manifest") from None
-    return manifest
 
 
-def read_manifest_after_barrier(cache_dir: Path) -> dict:
+def read_manifest_after_barrier(cache_dir: Path) -> Manifest:
     """The manifest rank 0 has just published, read by every rank once rank 0 has written it."""
-    from seqtrain import distributed
-
     distributed.barrier()
     manifest = read_manifest(cache_dir)
     assert manifest is not None, f"{cache_dir / MANIFEST} was not published"
     return manifest
 
 
-def verify_shards(cache_dir: Path, manifest: dict, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> None:
+def verify_shards(cache_dir: Path, manifest: Manifest, checksums: bool = True,
+                  share: tuple[int, int] = (0, 1)) -> None:
     """Check that every shard exists with its recorded size (and checksum); CorruptCache names the first bad one.
 
     `share` = (r, W): checksum only shards r, r + W, ... of the manifest's list (splits in order), a rank's
     part of the reading when W ranks check one cache together."""
     r, w = share
-    shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    shards = [s for split in SPLITS for s in manifest.splits[split].shards]
     for i, shard in enumerate(shards):
-        path = cache_dir / shard["file"]
+        path = cache_dir / shard.file
         if not path.exists():
             raise CorruptCache(f"{path} is missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise CorruptCache(f"{path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        if checksums and i % w == r and sha256_file(path) != shard["sha256"]:
+        if path.stat().st_size != shard.bytes:
+            raise CorruptCache(f"{path} has {path.stat().st_size} bytes, the manifest says {shard.bytes}")
+        if checksums and i % w == r and sha256_file(path) != shard.sha256:
             raise CorruptCache(f"{path} is corrupt: its checksum differs from the manifest's")
 
 
@@ -330,7 +323,3 @@ def read_quantization(f: h5py.File, path: Path) -> tuple[torch.Tensor, torch.Ten
     if scale.shape != (channels,) or zero.shape != (channels,) or not np.isfinite(scale).all():
         raise CorruptCache(f"{path} has no valid int8 scale and zero point for its {channels} channels")
     return torch.from_numpy(scale.astype(np.float32)), torch.from_numpy(zero.astype(np.float32))
-
-
-def cache_bytes(manifest: dict) -> int:
-    return sum(s["bytes"] for split in SPLITS for s in manifest["splits"][split]["shards"])

@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from seqtrain.archs import (
-    ARCHS,
-    BlockSpec,
-    block_specs,
-    even_sizes,
-    exact_reductions,
-    feature_shape,
-    is_known_arch,
-    num_blocks,
-)
+from seqtrain.archs import ARCHS, is_known_arch, num_blocks
 from seqtrain.errors import UserError
 from seqtrain.files import sha256_json
 
@@ -102,6 +94,9 @@ class Config:
     patience: int = opt(5, "epochs without a validation gain of --min-delta before a stage stops, 2-10")
     min_delta: float = opt(0.001, "smallest validation accuracy gain (fraction, 0.001 = 0.1 point) that counts")
     seed: int = opt(0, "initialisation and data order; CPU runs with the same seed and thread count are bit-identical")
+    checkpoint: bool = opt(False, "activation checkpointing of every block trained (each stage's; with --stage e2e "
+                           "the whole network's, in RUN/e2e_checkpoint): the same weights for less memory and a "
+                           "recomputed forward; --balance memory and --stages auto cut for it")
     # --- feature cache
     cache_dtype: str = opt("float16", "stored feature precision: float16 halves disk, float32 is exact, "
                            "int8 quarters it (per-channel scale; accuracy within noise of float16, docs/design.md)")
@@ -115,6 +110,8 @@ class Config:
     device: str = opt("auto", '"auto" picks cuda when available, else cpu')
     bf16: bool = opt(False, "CUDA only: bfloat16 autocast for training and caching")
     channels_last: bool = opt(False, "CUDA only: channels_last memory format, faster convolutions on tensor cores")
+    deterministic: bool = opt(False, "CUDA: deterministic cuDNN and cuBLAS algorithms, so that a resumed run ends with "
+                              "the weights of an uninterrupted one, as CPU runs always do; somewhat slower")
     workers: int = opt(0, "DataLoader worker processes for the cache loader; 0 reads in the main process")
     release_memory: bool = opt(False, "return freed host memory to the system at once (glibc: mmap threshold held "
                                "at 128 KiB), so a CPU run's resident set follows its live tensors (about 3x smaller) "
@@ -159,9 +156,6 @@ class Config:
             raise UserError("--lr must be > 0, --weight-decay >= 0, --momentum in [0, 1), --warmup-epochs >= 0")
         if not 0 < self.shuffle_mb < float("inf"):
             raise UserError(f"--shuffle-mb must be a positive number of MB, got {self.shuffle_mb}")
-        from seqtrain.cache import require_filter  # here: --help answers without importing torch
-
-        require_filter(self.compression)
         if 0 < self.image_size < 8 or self.image_size > 1024:
             raise UserError(f"--image-size must be 0 (the dataset's own) or 8 to 1024, got {self.image_size}")
         if self.head_blocks < 1 or not 0 < self.head_fraction <= 2:
@@ -172,136 +166,52 @@ class Config:
         if self.cache_views > 64:
             raise UserError(f"--cache-views {self.cache_views} multiplies the cache by {self.cache_views}; use 1 to 64 "
                             "(2-8 is usual)")
-        self.check_external_arch()
-        self.check_downsample()  # before the stage sizes: a memory-balanced cut builds the network
-        self.stage_sizes()  # parses --stages and checks it against the network
-        self.stage_convs_list()
-        self.stage_width_list()
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-        assert num_blocks(self) >= 1
+        self.check_arch_names()
+        self.check_stages_syntax()
+        self.check_downsample_syntax()
         return self
 
-    def stage_sizes(self) -> list[int]:
-        """Blocks in each trainable stage, from --stages: an explicit list, or a count (or "auto") cut where
-        --balance says (balance.py: by predicted memory, or into equal block counts)."""
-        total = num_blocks(self)
-        if ":" in self.arch:  # a torchvision or custom network: its stages are fixed by --split or by split()
-            if str(self.stages) not in (Config.stages, str(total)):
-                raise UserError(f"--stages {self.stages} does not apply to --arch {self.arch}, which has {total} "
-                                "stages: place them with --split")
-            return [1] * total
-        text = str(self.stages).replace(" ", "")
-        if text == "auto" or self.memory_budget:
-            return self.budget_sizes(text)
-        try:
-            parts = [int(p) for p in text.split(",")]
-        except ValueError:
-            raise UserError(f"--stages {self.stages!r} is neither a number, 'auto' nor a list like 3,3,2,2") from None
-        if len(parts) == 1:
-            k = parts[0]
-            if not 1 <= k <= total:
-                raise UserError(f"--stages {k} is out of range: {self.arch} has {total} blocks, "
-                                f"so use 1 to {total} stages")
-            if self.balance == "memory":
-                from seqtrain.balance import balanced_sizes, block_costs  # torch: not for --help
-
-                return balanced_sizes(block_costs(self, self.in_shape()), k)
-            return even_sizes(total, k)
-        if any(p < 1 for p in parts) or sum(parts) != total:
-            raise UserError(f"--stages {self.stages} must list positive block counts adding up to "
-                            f"{total}, the number of blocks of {self.arch}")
-        return parts
-
-    def budget_sizes(self, stages: str) -> list[int]:
-        """--stages auto --memory-budget SIZE: the fewest stages that each fit the budget, balanced by memory."""
-        if stages != "auto" or not self.memory_budget:
-            raise UserError("--stages auto and --memory-budget SIZE go together: give both (e.g. --stages auto "
-                            "--memory-budget 512MB), or neither")
-        from seqtrain.balance import balanced_sizes, block_costs, fewest_stages, parse_size
-
-        costs = block_costs(self, self.in_shape())
-        return balanced_sizes(costs, fewest_stages(costs, parse_size(self.memory_budget), self.batch_size))
-
-    def in_shape(self) -> tuple[int, int, int]:
-        """C, H, W of the images the network sees (every dataset is given three channels)."""
-        from seqtrain.data import image_side
-
-        return 3, image_side(self), image_side(self)
-
-    def check_downsample(self) -> None:
-        if ":" in self.arch:
-            return  # torchvision stages checked their shapes in check_external_arch
-        if self.downsample not in ("standard", "accelerated"):
-            try:
-                placed = [tuple(int(v) for v in item.split(":")) for item in self.downsample.split(",")]
-                assert all(len(p) == 2 for p in placed)
-            except (ValueError, AssertionError):
-                raise UserError(f"--downsample {self.downsample!r} is not 'standard', 'accelerated' or a list of "
-                                "BLOCK:FACTOR such as 0:2,4:2") from None
-            for block, factor in placed:
-                if not 0 <= block < num_blocks(self) or factor < 2 or factor & (factor - 1):
-                    raise UserError(f"--downsample {block}:{factor}: blocks are 0 to {num_blocks(self) - 1} and "
-                                    "factors powers of two (2, 4, ...)")
-        from seqtrain.data import image_side
-
-        size = image_side(self)
-        specs = block_specs(self.arch, self.width, 3, self.downsample, self.downsample_op)
-        if min(feature_shape(specs, (3, size, size))[1:]) < 1:
-            fits = smallest_side(specs)
-            by = f"--downsample {self.downsample}" if self.downsample != "standard" else f"--arch {self.arch}"
-            raise UserError(f"{by} reduces {size}x{size} images below one pixel: use --image-size {fits} or more, "
-                            "or a --downsample that reduces less")
-        if self.downsample_op != "stride" and specs[0].kind == "conv":
-            raise UserError(f"--downsample-op {self.downsample_op} applies to ResNets; {self.arch} reduces by its own "
-                            "max-pools: drop the flag")
-        why = exact_reductions(specs, (3, size, size))
-        if why:
-            raise UserError(f"--downsample-op {self.downsample_op}: {why}; use an --image-size that divides, or "
-                            "--downsample-op stride")
-
-    def check_external_arch(self) -> None:
-        """--arch torchvision:NAME (and --split), or a custom:HASH network given to seqtrain.train_stages()."""
-        from seqtrain.splitting import check_torchvision, is_torchvision, torchvision_stage_shapes
-
+    def check_arch_names(self) -> None:
+        """--arch torchvision:NAME or custom:HASH, and the flags that shape only seqtrain's own networks."""
         if ":" not in self.arch:
-            if self.split:
-                raise UserError("--split places the stages of --arch torchvision:NAME only; for seqtrain's own "
-                                "networks use --stages")
             return
-        if not (is_torchvision(self.arch) or self.arch.startswith("custom:")):
+        if not (self.arch.startswith("torchvision:") or self.arch.startswith("custom:")):
             raise UserError(f"--arch {self.arch!r} is not known; use one of {', '.join(choices()['arch'])} "
                             "or torchvision:NAME")
         for name in ("width", "downsample", "downsample_op", "stage_convs", "stage_width"):
             if getattr(self, name) != getattr(Config, name):
                 raise UserError(f"{flag(name)} shapes seqtrain's own networks, not --arch {self.arch}; "
                                 "drop it (stages are placed with --split)")
-        if is_torchvision(self.arch):
-            from seqtrain.data import image_side
 
-            check_torchvision(self.arch, self.split)
-            torchvision_stage_shapes(self.arch, self.split, (3, image_side(self), image_side(self)))
+    def check_stages_syntax(self) -> None:
+        """--stages is a count, "auto" (with --memory-budget) or a list of block counts; layout.py checks the
+        values against the network."""
+        text = str(self.stages).replace(" ", "")
+        if ":" in self.arch:
+            return  # its stages are its own: layout.py checks --stages against their number
+        if text == "auto" or self.memory_budget:
+            if text != "auto" or not self.memory_budget:
+                raise UserError("--stages auto and --memory-budget SIZE go together: give both (e.g. --stages auto "
+                                "--memory-budget 512MB), or neither")
+            parse_size(self.memory_budget)
+            return
+        try:
+            parts = [int(p) for p in text.split(",")]
+        except ValueError:
+            raise UserError(f"--stages {self.stages!r} is neither a number, 'auto' nor a list like 3,3,2,2") from None
+        if len(parts) > 1 and any(p < 1 for p in parts):
+            raise UserError(f"--stages {self.stages} must list positive block counts adding up to "
+                            f"{num_blocks(self.arch, self.width)}, the number of blocks of {self.arch}")
 
-    def stage_convs_list(self) -> list[int] | None:
-        """--stage-convs as one conv count per stage, or None for the architecture's own blocks."""
-        values = per_stage(self.stage_convs, "stage_convs", int, self.num_stages)
-        if values is not None and not all(1 <= v <= 4 for v in values):
-            raise UserError(f"--stage-convs {self.stage_convs}: each stage's conv layers per block are 1 to 4")
-        return values
-
-    def stage_width_list(self) -> list[float] | None:
-        """--stage-width as one channel multiplier per stage, or None for the architecture's own widths."""
-        values = per_stage(self.stage_width, "stage_width", float, self.num_stages)
-        if values is not None and not all(0.05 <= v <= 8 for v in values):
-            raise UserError(f"--stage-width {self.stage_width}: multipliers are between 0.05 and 8")
-        return values
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stage_sizes())
+    def check_downsample_syntax(self) -> None:
+        if ":" in self.arch or self.downsample in ("standard", "accelerated"):
+            return
+        try:
+            placed = [tuple(int(v) for v in item.split(":")) for item in self.downsample.split(",")]
+            assert all(len(p) == 2 for p in placed)
+        except (ValueError, AssertionError):
+            raise UserError(f"--downsample {self.downsample!r} is not 'standard', 'accelerated' or a list of "
+                            "BLOCK:FACTOR such as 0:2,4:2") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,33 +224,13 @@ class Config:
 
 
 def upgrade_saved(values: dict) -> dict:
-    """A config saved by an earlier seqtrain, in today's fields: --loader-mb held two shuffle windows."""
+    """A config saved by an earlier seqtrain, in today's fields: --loader-mb held two shuffle windows, and a
+    run made before --balance existed cut its stages by block count."""
     if "loader_mb" in values and "shuffle_mb" not in values:
         values = {**values, "shuffle_mb": values["loader_mb"] / 2}
+    if "balance" not in values:
+        values = {**values, "balance": "blocks"}
     return values
-
-
-def per_stage(text: str, name: str, kind: type, num_stages: int) -> list | None:
-    """A comma-separated list with one value per stage ("" = None), or a UserError naming the flag."""
-    if not str(text).strip():
-        return None
-    try:
-        values = [kind(v) for v in str(text).replace(" ", "").split(",")]
-    except ValueError:
-        raise UserError(f"{flag(name)} {text!r} is not a list of {kind.__name__}s such as "
-                        f"{'1,2,2,2' if kind is int else '0.5,1,1,1'}") from None
-    if len(values) != num_stages:
-        raise UserError(f"{flag(name)} {text} has {len(values)} values but the run has {num_stages} stages "
-                        "(--stages); give one per stage")
-    return values
-
-
-def smallest_side(specs: list[BlockSpec]) -> int:
-    """The smallest image side that `specs` reduce to at least one pixel, exactly where pooling needs it."""
-    for side in range(8, 1025):
-        if min(feature_shape(specs, (3, side, side))[1:]) >= 1 and not exact_reductions(specs, (3, side, side)):
-            return side
-    return 1024
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -357,25 +247,44 @@ LIMITS = {"seed": 2**31 - 1, "data_seed": 2**31 - 1, "width": 4096, "head_width"
 
 
 # Settings that change where or how fast a run goes, never its numbers. Every other field shapes
-# the results, so it is part of the hash every cache and checkpoint carries.
-OPERATIONAL = {"run_dir", "data_dir", "download", "device", "workers", "channels_last", "release_memory"}
+# the results, so it is part of the hash every cache and checkpoint carries. Activation checkpointing
+# changes memory and time only; a cut it changes (--balance memory, --stages auto) is hashed as sizes.
+OPERATIONAL = {"run_dir", "data_dir", "download", "device", "workers", "channels_last", "release_memory",
+               "checkpoint", "deterministic"}
 
 
 def shaping_dict(cfg: Config) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
 
 
-def config_hash(cfg: Config) -> str:
-    """Hash of what shapes a run's numbers. --balance and --memory-budget act only through the stage sizes
-    they choose, so those are hashed instead (a split chosen anew by a later seqtrain is then a new run);
+def config_hash(cfg: Config, stage_sizes: list[int]) -> str:
+    """Hash of what shapes a run's numbers: the settings and the `stage_sizes` they were resolved to
+    (layout.StageLayout.config_hash). --balance and --memory-budget act only through the stage sizes they
+    choose, so those are hashed instead (a split chosen anew by a later seqtrain is then a new run);
     --stages K --balance blocks hashes as runs made before --balance existed."""
     shaping = {k: v for k, v in shaping_dict(cfg).items() if k not in ("balance", "memory_budget", "shuffle_mb")}
-    # the shuffle window was once given as the loader's two windows, an int: runs made then keep their hash
+    # hashed as the loader's two windows (an int when whole), the form run directories are identified by
     both = cfg.shuffle_mb * 2
     shaping["loader_mb"] = int(both) if both == int(both) else both
     if not (cfg.balance == "blocks" and str(cfg.stages).strip().isdigit()):
-        shaping["stage_sizes"] = cfg.stage_sizes()
+        shaping["stage_sizes"] = list(stage_sizes)
     return sha256_json(shaping)[:16]
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512MB', '1.5GiB', '800M' as bytes (binary units: 1 MB = 2**20 bytes); UserError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
+def network_hash(cfg: Config, blocks: list) -> str:
+    """Hash of what shapes an end-to-end network's numbers: the settings, and the network's `blocks` (the
+    block specs in order) in place of the stage cut, which e2e does not depend on. So an e2e baseline stays
+    the run's baseline when a setting that only moves the cut changes (--checkpoint with --balance memory)."""
+    shaping = {k: v for k, v in shaping_dict(cfg).items() if k not in ("balance", "memory_budget", "stages")}
+    return sha256_json({**shaping, "blocks": blocks})[:16]
 
 
 def flag(name: str) -> str:
@@ -427,8 +336,6 @@ def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool
     unless `rebuild` (then every stage made with the old values is stale and retrained)."""
     values = Config().to_dict()
     saved = upgrade_saved(saved) if saved else saved
-    if saved and "balance" not in saved:  # made before --balance existed: its stages were cut by block count
-        saved = {**saved, "balance": "blocks"}
     if saved:
         values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
     explicit = {**from_file, **from_flags}
@@ -455,8 +362,8 @@ GROUPS = {
     "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "downsample_op", "stage_convs",
                 "stage_width", "head", "head_blocks", "head_fraction", "head_convs", "head_width", "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
-                                       "batch_size", "max_epochs", "patience", "min_delta", "seed"),
+                                       "batch_size", "max_epochs", "patience", "min_delta", "seed", "checkpoint"),
     "feature cache": ("cache_dtype", "shard_mb", "shuffle_mb", "compression"),
-    "device": ("device", "bf16", "channels_last", "workers", "release_memory"),
+    "device": ("device", "bf16", "channels_last", "deterministic", "workers", "release_memory"),
 }
 assert sorted(n for names in GROUPS.values() for n in names) == sorted(FIELD_TYPES), "every field in one group"

@@ -12,35 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from seqtrain.cache import CorruptCache
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, read_json
 
 # What the summary table reads of a stage's or e2e's result (report.summary_table).
 RESULT_FIGURES = ("val_acc", "test_acc", "epochs", "best_epoch", "peak_tensor_mb", "peak_rss_mb", "train_seconds")
-READ_FIGURES = ("rank0", "max")  # a stage's read_mb_per_rank_epoch: rank 0's, and the most any rank read
 
 
 def are_figures(record, keys: tuple[str, ...]) -> bool:
     """`record` is a dict whose `keys` are all numbers (JSON's, not booleans)."""
     return isinstance(record, dict) and all(
         isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
-
-
-def is_count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
-
-
-def check_manifest_fields(manifest: dict, path: Path, k: int) -> None:
-    """The fields of stage k's manifest that its fingerprint does not cover; CorruptCache when one is wrong."""
-    result = manifest.get("result")
-    # Stages k > 0 made since rank-strided reading record what they read; older manifests lack it.
-    read = result.get("read_mb_per_rank_epoch", dict.fromkeys(READ_FIGURES, 0)) if isinstance(result, dict) else {}
-    if (manifest.get("stage") != k or not is_count(manifest.get("num_classes")) or manifest["num_classes"] < 1
-            or not are_figures(result, (*RESULT_FIGURES, "cache_seconds"))
-            or not (is_count(result["epochs"]) and is_count(result["best_epoch"]))
-            or not are_figures(read, READ_FIGURES)):
-        raise CorruptCache(f"{path} is not a valid seqtrain manifest of stage {k}")
 
 
 def read_results(path: Path, valid, advice: str) -> dict | None:

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seqtrain.cache import CorruptCache, dequantize, read_quantization
+from seqtrain.contract import Manifest
 
 PART_BYTES = 4  # an int8 pool's int32 shard index per row, beside the row itself
 
@@ -347,7 +348,7 @@ def read_shard_into(path: Path, a: int, b: int, pool: Pool, at: int) -> tuple[to
 class CachedBatches:
     """(x, y, ids) batches of one split of a stage cache, on `device`: a batches.Batches stream."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, split: str, batch_size: int, *, shuffle: bool = False,
+    def __init__(self, cache_dir: Path, manifest: Manifest, split: str, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, shuffle_mb: float = 64, workers: int = 0,
                  device: str = "cpu", views: str = "draw", rows: tuple[int, int] | None = None,
                  rank: int = 0, world: int = 1, keep: bool = True):
@@ -356,14 +357,14 @@ class CachedBatches:
         bound); `keep`: keep a split that fits in the two pools in memory across epochs (read once);
         `rank` of `world`: read and batch only this rank's range of each epoch's rows, in batches of its
         rows of the global `batch_size`, and stop where the rank with the fewest batches stops."""
-        info = manifest["splits"][split]
-        lo, hi = rows if rows is not None else (0, info["count"])
-        parts = row_range([(cache_dir / s["file"], 0, s["count"]) for s in info["shards"]], lo, hi)
+        info = manifest.splits[split]
+        lo, hi = rows if rows is not None else (0, info.count)
+        parts = row_range([(cache_dir / s.file, 0, s.count) for s in info.shards], lo, hi)
         self.num_samples, self.batch_size = hi - lo, batch_size
         self.drop_last = drop_last
         self.workers, self.device = workers, torch.device(device)
-        row_bytes = max(1, sum(s["bytes"] for s in info["shards"]) // max(1, info["count"]))
-        row_bytes += PART_BYTES if manifest.get("dtype") == "int8" else 0
+        row_bytes = max(1, info.bytes // max(1, info.count))
+        row_bytes += PART_BYTES if manifest.dtype == "int8" else 0
         pool_rows = window_rows(shuffle_mb, row_bytes, local_batch(batch_size, rank, world))
         self.stream = ShardStream(parts, batch_size, shuffle=shuffle, seed=seed, pool_rows=pool_rows,
                                   drop_last=drop_last, views=views, rank=rank, world=world, workers=workers,

@@ -4,7 +4,7 @@ A network is described by a list of `BlockSpec`s (cheap plain data); a stage bui
 trains, so stage k never constructs, let alone loads, blocks 0..k-1. The same specs compose the final
 network and the end-to-end baseline, so all three share one definition.
 
-Two per-stage knobs shape what each trainable stage can learn (stage_specs() applies them):
+Two per-stage knobs shape what each trainable stage can learn (layout.stage_specs() applies them):
   - the downsampling schedule (`--downsample`, see schedule()): where resolution drops;
   - convolution intensity (`--stage-convs`, `--stage-width`): how much convolution a stage has. Here it
     means two things, per trainable stage: the number of 3x3 convolution layers in each of its blocks
@@ -23,15 +23,13 @@ Two per-stage knobs shape what each trainable stage can learn (stage_specs() app
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from seqtrain.archs import BlockSpec, feature_shape, head_specs, stage_specs
-
-if TYPE_CHECKING:
-    from seqtrain.config import Config
+from seqtrain.archs import BlockSpec, head_specs
+from seqtrain.config import Config
 
 # --------------------------------------------------------------------------------------------------------
 # Blocks
@@ -91,19 +89,24 @@ def build_stage_block(specs: list[BlockSpec]) -> nn.Sequential:
     return nn.Sequential(*[build_block(s) for s in specs])
 
 
-def build_stage(cfg: Config, k: int, in_shape: tuple[int, int, int]) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Stage k's module, freshly initialised, and its output shape (C, H, W) for inputs of `in_shape`."""
-    if cfg.arch.startswith("torchvision:"):
-        from seqtrain.splitting import build_torchvision_stage, stage_shapes
-
-        block = build_torchvision_stage(cfg.arch, cfg.split, k)
-        return block, stage_shapes([block], tuple(in_shape))[0]
-    specs = stage_specs(cfg, in_shape[0])[k]  # in_shape[0] only sets stage 0's input channels
-    return build_stage_block(specs), feature_shape(specs, tuple(in_shape))
-
-
 # --------------------------------------------------------------------------------------------------------
 # Heads
+
+
+class AvgPool(nn.Module):
+    """Adaptive average pooling to `size` x `size`. Under --deterministic (torch's deterministic algorithms),
+    a side that `size` divides is pooled by plain average pooling, whose CUDA backward is deterministic, where
+    adaptive pooling's is not; both compute the same windows. Otherwise adaptive pooling, as always."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if torch.are_deterministic_algorithms_enabled() and h % self.size == 0 and w % self.size == 0:
+            return F.avg_pool2d(x, (h // self.size, w // self.size))
+        return F.adaptive_avg_pool2d(x, self.size)
 
 
 class AuxHead(nn.Module):
@@ -120,7 +123,7 @@ class AuxHead(nn.Module):
             layers += conv_bn_relu(ch, width or in_ch)
             ch = width or in_ch
         self.convs = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.pool = AvgPool(pool)
         self.fc = nn.Linear(ch * pool * pool, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,7 @@ class AugHead(nn.Module):
     def __init__(self, specs: list[BlockSpec], num_classes: int):
         super().__init__()
         self.blocks = build_stage_block(specs)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = AvgPool(1)
         self.fc = nn.Linear(specs[-1].out_ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,15 +193,3 @@ class SequentialNet(nn.Module):
             x = stage(x)
             outs.append(x)
         return outs
-
-
-def build_network(cfg: Config, in_channels: int, num_classes: int) -> SequentialNet:
-    if cfg.arch.startswith("torchvision:"):
-        from seqtrain.splitting import build_torchvision_stage, torchvision_stage_channels
-
-        stages = [build_torchvision_stage(cfg.arch, cfg.split, k) for k in range(cfg.num_stages)]
-        return SequentialNet(stages, build_head(cfg, torchvision_stage_channels(cfg.arch, cfg.split)[-1],
-                                                num_classes))
-    groups = stage_specs(cfg, in_channels)
-    head = build_head(cfg, groups[-1][-1].out_ch, num_classes)
-    return SequentialNet([build_stage_block(g) for g in groups], head)

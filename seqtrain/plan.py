@@ -27,16 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqtrain.archs import USUAL_CONVS, BlockSpec, even_sizes, feature_shape, specs_after, stage_specs
-from seqtrain.balance import block_costs
-from seqtrain.cache import CHUNK_BYTES, SPLITS, samples_per_shard
+from seqtrain.archs import USUAL_CONVS, BlockSpec, even_sizes, feature_shape
+from seqtrain.balance import block_costs, library_bytes
+from seqtrain.cache import CHUNK_BYTES, samples_per_shard
 from seqtrain.config import Config
+from seqtrain.contract import SPLITS
 from seqtrain.data import dataset_info
+from seqtrain.layout import StageLayout, resolve_layout
 from seqtrain.loader import window_rows
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
+from seqtrain.recompute import blocks_of, checkpointed, recompute_extra_bytes
 from seqtrain.report import aligned, mb, shape_text
-from seqtrain.splitting import is_torchvision
+from seqtrain.splitting import is_torchvision, torchvision_stage_names, torchvision_stage_shapes
+from seqtrain.splitting import meta_stages as torchvision_meta_stages
 from seqtrain.train import make_optimizer
 
 # Bytes of one HDF5 shard beyond its data, measured with h5py 3.16 / HDF5 2.0 for shards of up to 64
@@ -141,15 +145,13 @@ def block_rows(k: int, first: int, specs: list[BlockSpec], in_shape: tuple[int, 
     return rows
 
 
-def meta_stages(cfg: Config, in_shape: tuple[int, int, int]) -> tuple[list[torch.nn.Module], list[int], list[dict]]:
+def meta_stages(cfg: Config, layout: StageLayout) -> tuple[list[torch.nn.Module], list[int], list[dict]]:
     """Every stage's module on the meta device, its number of blocks, and one row per block (block_rows).
 
     A torchvision:NAME network (seqtrain.splitting) has one row per stage: its first..last module names.
     """
+    in_shape = layout.in_shape
     if is_torchvision(cfg.arch):
-        from seqtrain.splitting import meta_stages as torchvision_meta_stages
-        from seqtrain.splitting import torchvision_stage_names, torchvision_stage_shapes
-
         modules, rows, shape = torchvision_meta_stages(cfg.arch, cfg.split), [], tuple(in_shape)
         names = torchvision_stage_names(cfg.arch, cfg.split)
         for k, (module, out) in enumerate(zip(modules, torchvision_stage_shapes(cfg.arch, cfg.split, in_shape))):
@@ -159,7 +161,7 @@ def meta_stages(cfg: Config, in_shape: tuple[int, int, int]) -> tuple[list[torch
                          "convs": sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())})
             shape = out
         return modules, [len(n) for n in names], rows
-    groups, rows, shape = stage_specs(cfg, in_shape[0]), [], tuple(in_shape)
+    groups, rows, shape = [list(g) for g in layout.specs], [], tuple(in_shape)
     for k, specs in enumerate(groups):
         rows += block_rows(k, len(rows), specs, shape)
         shape = feature_shape(specs, shape)
@@ -167,55 +169,76 @@ def meta_stages(cfg: Config, in_shape: tuple[int, int, int]) -> tuple[list[torch
         return [build_stage_block(specs) for specs in groups], [len(specs) for specs in groups], rows
 
 
-def plan(cfg: Config, in_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
+def plan(cfg: Config, layout: StageLayout | None = None, num_classes: int | None = None,
          n_samples: dict[str, int] | None = None) -> dict:
     """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
 
-    `in_shape` defaults to dataset_shape(cfg), `num_classes` to the dataset's and `n_samples` (per split)
-    to split_counts(cfg).
+    `layout` defaults to the one resolved for dataset_shape(cfg) (job.resolve), `num_classes` to the
+    dataset's and `n_samples` (per split) to split_counts(cfg).
     """
-    in_shape = tuple(in_shape or dataset_shape(cfg))
+    layout = layout or resolve_layout(cfg, dataset_shape(cfg))
+    in_shape = layout.in_shape
     num_classes = num_classes or dataset_info(cfg)["num_classes"]
     counts = n_samples or split_counts(cfg)
-    modules, sizes, blocks = meta_stages(cfg, in_shape)
-    cut = stage_cut(cfg, in_shape)
+    modules, sizes, blocks = meta_stages(cfg, layout)
+    cut = stage_cut(cfg, layout)
     caching = cut and cut.pop("caching_pass_bytes")
     stages, shape = [], tuple(in_shape)
     for k, block in enumerate(modules):
         out_shape = tuple([b for b in blocks if b["stage"] == k][-1]["out_shape"])
+        own = [b for b in blocks if b["stage"] == k]
         with torch.device("meta"):
-            after = specs_after(cfg, k, in_shape[0]) if ":" not in cfg.arch else []
-            model = StageModel(block, build_head(cfg, out_shape[0], num_classes, after))
+            model = StageModel(block, build_head(cfg, out_shape[0], num_classes, layout.specs_after(k)))
+        analytic, train = train_figures(cfg, model, [block], shape, own, cfg.checkpoint)
         stages.append({
             "stage": k, "blocks": sizes[k], "parameters": sum(p.numel() for p in block.parameters()),
             "head_parameters": sum(p.numel() for p in model.head.parameters()), "in_shape": list(shape),
-            "feature_shape": list(out_shape), "analytic": step_bytes(cfg, model, shape).as_dict(),
-            "caching_pass_bytes": caching[k] if caching else None,
+            "feature_shape": list(out_shape), "analytic": analytic, "train_bytes": train,
+            "checkpoint": cfg.checkpoint, "caching_pass_bytes": caching[k] if caching else None,
             "input_bytes": input_bytes(cfg, k, shape, counts),
             "cache_bytes": predicted_cache_bytes(out_shape, cfg, counts)})
         shape = out_shape
     with torch.device("meta"):
         net = SequentialNet(modules, build_head(cfg, shape[0], num_classes))  # = build_network(cfg), on meta
-    e2e = {"parameters": sum(p.numel() for p in net.parameters()),
-           "analytic": step_bytes(cfg, net, tuple(in_shape)).as_dict(), "input_bytes": stages[0]["input_bytes"]}
-    # The predicted peak: the floor plus backward's transient gradients (an activation's and its input's).
-    for s in stages:
-        own = [b for b in blocks if b["stage"] == s["stage"]]
-        s["train_bytes"] = s["analytic"]["total"] + transient_bytes(cfg, own)
-    e2e["train_bytes"] = e2e["analytic"]["total"] + transient_bytes(cfg, blocks)
+    e2e, e2e_checkpoint = ({"parameters": sum(p.numel() for p in net.parameters()),
+                            "input_bytes": stages[0]["input_bytes"]} for _ in range(2))
+    e2e["analytic"], e2e["train_bytes"] = train_figures(cfg, net, modules, in_shape, blocks, checkpoint=False)
+    e2e_checkpoint["analytic"], e2e_checkpoint["train_bytes"] = train_figures(cfg, net, modules, in_shape, blocks,
+                                                                              checkpoint=True)
+    libraries = library_bytes(cfg.device)  # CUDA's workspaces, beside every step's tensors
+    for record in (*stages, e2e, e2e_checkpoint):
+        record["train_bytes"] += libraries
     largest = max(s["train_bytes"] for s in stages)
     disk_path, free = free_disk(cfg.run_dir)
     return {
-        "arch": cfg.arch, "width": cfg.width, "stage_sizes": cfg.stage_sizes(), "batch_size": cfg.batch_size,
+        "arch": cfg.arch, "width": cfg.width, "stage_sizes": list(layout.sizes), "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer, "downsample": cfg.downsample, "in_shape": list(in_shape),
         "num_classes": num_classes, "splits": counts, "cache_views": cfg.cache_views, "cache_dtype": cfg.cache_dtype,
-        "compression": cfg.compression, "bf16": cfg.bf16, "stages": stages, "blocks": blocks, "e2e": e2e,
+        "compression": cfg.compression, "bf16": cfg.bf16, "checkpoint": cfg.checkpoint,
+        "library_workspace_bytes": libraries, "stages": stages,
+        "blocks": blocks, "e2e": e2e, "e2e_checkpoint": e2e_checkpoint,
         "totals": {"parameters": sum(s["parameters"] for s in stages) + stages[-1]["head_parameters"],
-                   "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest,
-                   "peak_ratio": largest / e2e["train_bytes"]},
+                   "cache_bytes": sum(s["cache_bytes"] for s in stages), "largest_stage_bytes": largest},
         "disk": {"path": disk_path, "free_bytes": free}, "cut": cut,
         "largest_stage_ratio": largest / e2e["train_bytes"],
+        "largest_stage_vs_checkpoint": largest / e2e_checkpoint["train_bytes"],
     }
+
+
+def train_figures(cfg: Config, model: torch.nn.Module, stages: list[torch.nn.Module], in_shape: tuple[int, ...],
+                  blocks: list[dict], checkpoint: bool) -> tuple[dict, int]:
+    """(the analytic floor of one training step of `model` on the meta device, the predicted tensor peak).
+
+    The peak is the floor plus backward's transient gradients (an activation's and its input's); with
+    activation checkpointing of every block of `stages`, the floor holds only the blocks' inputs, and the
+    peak adds what a block's recompute brings back (recompute.recompute_extra_bytes)."""
+    with checkpointed(stages, checkpoint):
+        analytic = step_bytes(cfg, model, in_shape).as_dict()
+    extra, transient = 0, transient_bytes(cfg, blocks)
+    if checkpoint:
+        x = torch.empty(cfg.batch_size, *in_shape, device="meta")  # B, C, H, W
+        extra = recompute_extra_bytes([b for stage in stages for b in blocks_of(stage)], model.head, x, transient)
+    return analytic, analytic["total"] + extra + transient
 
 
 def transient_bytes(cfg: Config, blocks: list[dict]) -> int:
@@ -224,22 +247,21 @@ def transient_bytes(cfg: Config, blocks: list[dict]) -> int:
     return TRANSIENT_ACTIVATIONS * 4 * cfg.batch_size * max(int(np.prod(b["out_shape"])) for b in blocks)
 
 
-def stage_cut(cfg: Config, in_shape: tuple[int, int, int]) -> dict | None:
+def stage_cut(cfg: Config, layout: StageLayout) -> dict | None:
     """How --stages was turned into block counts, with the block-count split's largest stage beside the chosen
     one; None for torchvision and custom networks, whose stages are their own."""
-    if ":" in cfg.arch:
+    if not layout.own_blocks:
         return None
-    costs = block_costs(cfg, in_shape)
-    sizes = cfg.stage_sizes()
+    costs = block_costs(cfg, layout.in_shape)
+    sizes = list(layout.sizes)
     even = even_sizes(len(costs.fixed), len(sizes))
 
     def largest(counts: list[int]) -> int:
         starts = [sum(counts[:m]) for m in range(len(counts))]
         return max(costs.stage_bytes(a, a + n - 1) for a, n in zip(starts, counts))
 
-    starts = [sum(sizes[:m]) for m in range(len(sizes))]
-    how = ("list" if "," in str(cfg.stages) else "auto" if str(cfg.stages).strip() == "auto" else cfg.balance)
-    return {"how": how, "sizes": sizes, "largest_bytes": largest(sizes), "blocks_sizes": even,
+    starts = layout.starts()
+    return {"how": layout.how, "sizes": sizes, "largest_bytes": largest(sizes), "blocks_sizes": even,
             "blocks_largest_bytes": largest(even), "budget": cfg.memory_budget or None,
             "caching_pass_bytes": [costs.caching_bytes(a, a + n - 1) for a, n in zip(starts, sizes)]}
 
@@ -263,27 +285,34 @@ def format_plan(p: dict) -> str:
                      shape_text(s["in_shape"]),
                      shape_text(s["feature_shape"]), mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
                      mb(a["batch"]), mb(a["total"]), mb(s["train_bytes"]), mb(s["input_bytes"]), mb(s["cache_bytes"])])
-    e2e = p["e2e"]
-    a = e2e["analytic"]
-    rows.append(["e2e", str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}", "-",
-                 shape_text(p["in_shape"]), "-", mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
-                 mb(a["batch"]), mb(a["total"]), mb(e2e["train_bytes"]), mb(e2e["input_bytes"]), "-"])
+    for name, key in (("e2e", "e2e"), ("e2e+ckpt", "e2e_checkpoint")):
+        e2e = p[key]
+        a = e2e["analytic"]
+        rows.append([name, str(sum(s["blocks"] for s in p["stages"])), f"{e2e['parameters']:,}", "-",
+                     shape_text(p["in_shape"]), "-", mb(a["saved"]), mb(a["weights"] + a["grads"] + a["optimizer"]),
+                     mb(a["batch"]), mb(a["total"]), mb(e2e["train_bytes"]), mb(e2e["input_bytes"]), "-"])
     lines.append(aligned(rows))
 
     t, disk = p["totals"], p["disk"]
     short = t["cache_bytes"] > disk["free_bytes"]
     lines.append("floor MB: activations saved for backward + weights, grads, optimizer state + batch; peak MB: the "
-                 "floor + backward's transient gradients (2 activations), the predicted tensor peak")
+                 "floor + backward's transient gradients (2 activations), the predicted tensor peak; e2e+ckpt: "
+                 "every block activation-checkpointed (its inputs saved, its inside recomputed in backward)")
     lines.append("input (host) MB: the raw dataset in RAM (stage 0, e2e), else the train and val loaders' pools "
                  "(2 x --shuffle-mb each)")
-    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {t['peak_ratio']:.2f} x e2e's "
-                 f"{mb(e2e['train_bytes'])} MB (predicted peaks)")
+    lines.append(f"largest stage {mb(t['largest_stage_bytes'])} MB = {p['largest_stage_ratio']:.2f} x e2e's "
+                 f"{mb(p['e2e']['train_bytes'])} MB, {p['largest_stage_vs_checkpoint']:.2f} x e2e+ckpt's "
+                 f"{mb(p['e2e_checkpoint']['train_bytes'])} MB (predicted peaks)"
+                 + ("; stages with --checkpoint" if p["checkpoint"] else ""))
     if p["cut"]:
         lines.append(cut_text(p["cut"]))
     lines.append(f"caches {mb(t['cache_bytes'])} MB on disk in all; {mb(disk['free_bytes'])} MB free at "
                  f"{disk['path']}" + ("  <-- NOT ENOUGH DISK" if short else ""))
     if p["compression"] != "none":
         lines.append(f"cache sizes are uncompressed: an upper bound with --compression {p['compression']}")
+    if p["library_workspace_bytes"]:
+        lines.append(f"peak MB includes {mb(p['library_workspace_bytes'])} MB of CUDA library workspace (cuBLAS) "
+                     "beside the tensors, as the CUDA allocator counts it")
     if p["bf16"]:
         lines.append("activations are predicted in float32: with --bf16 on CUDA they take about half")
     lines.append(f"blocks ({p['downsample']} downsampling, input {shape_text(p['in_shape'])}): index kind, "

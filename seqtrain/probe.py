@@ -33,15 +33,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from seqtrain.api import load_model
 from seqtrain.batches import ImageBatches
 from seqtrain.cache import read_shard
 from seqtrain.config import Config
+from seqtrain.contract import Manifest
 from seqtrain.data import Split, load_raw
 from seqtrain.distributed import resolve_device
 from seqtrain.errors import Parser, UserError
 from seqtrain.files import read_json, write_json
-from seqtrain.pipeline import RunDir, stage_manifest
+from seqtrain.job import resolve
+from seqtrain.layout import StageLayout
 from seqtrain.report import aligned
+from seqtrain.rundir import RunDir, stage_manifest
 
 PROBE_STEPS = 300  # L-BFGS iteration cap; it stops sooner once the loss stops changing (67 steps, tiny run)
 PROBE_L2 = 1e-4  # keeps the optimum finite on separable features, too weak to cost accuracy
@@ -52,13 +56,13 @@ FISHER_RIDGE = 1e-3  # eps of the fisher index, relative to the mean within-clas
 # Pooled features
 
 
-def pooled_cache(cache_dir: Path, manifest: dict, split: str, limit: int | None) -> tuple[torch.Tensor, ...]:
+def pooled_cache(cache_dir: Path, manifest: Manifest, split: str, limit: int | None) -> tuple[torch.Tensor, ...]:
     """Features of one cached split, average-pooled to [n, C], and labels; one shard is read at a time."""
     feats, labels, n = [], [], 0
-    for shard in manifest["splits"][split]["shards"]:
+    for shard in manifest.splits[split].shards:
         if limit is not None and n >= limit:
             break
-        x, y, _ = read_shard(cache_dir / shard["file"])
+        x, y, _ = read_shard(cache_dir / shard.file)
         if x.ndim == 5:  # [n, V, C, H, W]: a train split with augmented views; probe the plain view 0
             x = x[:, 0]
         feats.append(x.mean(dim=(2, 3), dtype=torch.float32))  # [n, C, H, W] -> [n, C]
@@ -139,11 +143,12 @@ def load_run_config(run: RunDir) -> Config:
     return Config.from_dict(read_json(run.config))
 
 
-def sequential_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[list, list[int]]:
+def sequential_features(cfg: Config, layout: StageLayout, run: RunDir,
+                        limit: int | None) -> tuple[list, list[int]]:
     """[(train, test)] pooled features of every complete stage, in order, and the stages' block counts."""
     out, sizes, why = [], [], ""
-    for k, size in enumerate(cfg.stage_sizes()):
-        manifest, why = stage_manifest(cfg, run, k)
+    for k, size in enumerate(layout.sizes):
+        manifest, why = stage_manifest(cfg, layout, run, k)
         if manifest is None:
             break
         out.append((pooled_cache(run.cache(k), manifest, "train", limit),
@@ -157,17 +162,15 @@ def sequential_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[li
     return out, sizes
 
 
-def e2e_features(cfg: Config, run: RunDir, limit: int | None) -> tuple[list, list[int]]:
+def e2e_features(cfg: Config, layout: StageLayout, run: RunDir, limit: int | None) -> tuple[list, list[int]]:
     """[(train, test)] pooled features of e2e/model.pt at cfg's stage boundaries, from the raw images."""
-    from seqtrain.api import load_model
-
     path = run.e2e / "model.pt"
     if not path.exists():
         raise UserError(f"{path} does not exist: train it with python -m seqtrain.run --stage e2e --run-dir {run.root}")
     device = resolve_device(cfg.device)
     net, raw = load_model(path).to(device), load_raw(cfg)
     train = Split(raw.train.x[:limit], raw.train.y[:limit], raw.train.ids[:limit])
-    sizes = cfg.stage_sizes()
+    sizes = list(layout.sizes)
     tr, te = (pooled_network(net, s, sizes, cfg.batch_size, device) for s in (train, raw.test))
     return list(zip(tr, te)), sizes
 
@@ -179,9 +182,9 @@ def probe(run: RunDir, e2e: bool, limit: int | None, stages: str | None = None) 
         if not e2e:
             raise UserError("--stages regroups an e2e network's blocks; a sequential run's boundaries are its caches: "
                             "add --e2e or drop --stages")
-        cfg = Config(**{**cfg.to_dict(), "stages": stages})
-        cfg.stage_sizes()  # a UserError naming --stages when it does not fit the network
-    features, sizes = e2e_features(cfg, run, limit) if e2e else sequential_features(cfg, run, limit)
+        cfg = Config(**{**cfg.to_dict(), "stages": stages}).validate()
+    layout = resolve(cfg)  # a UserError naming --stages when it does not fit the network
+    features, sizes = e2e_features(cfg, layout, run, limit) if e2e else sequential_features(cfg, layout, run, limit)
     y_test = features[0][1][1]
     num_classes = int(max(features[0][0][1].max(), y_test.max())) + 1
     rows = []

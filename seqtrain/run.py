@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -24,7 +25,6 @@ from seqtrain.config import (
     Config,
     choices,
     coerce,
-    config_hash,
     field_help,
     read_toml,
     resolve,
@@ -33,6 +33,10 @@ from seqtrain.errors import Interrupted, Parser, UserError
 from seqtrain.files import read_json
 from seqtrain.log import log
 from seqtrain.report import summary_table
+
+# What --help shows for a flag whose accepted values are a pattern, not a list.
+METAVARS = {"arch": "{resnet20,resnet32,resnet44,resnet56,resnet110,resnet<6n+2>,resnet18,resnet34,vgg11,vgg16,"
+                    "torchvision:NAME}"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "complete stages and resuming interrupted ones; K: (re)train stage K (0-based) from stage "
                      "K-1's cache; 'e2e': the end-to-end baseline")
     run.add_argument("--plan", action="store_true", help="print per stage the parameters, feature shape, "
-                     "predicted training memory and cache size, with the free disk; trains nothing")
+                     "predicted training memory and cache size, with the free disk, for the flags given (the "
+                     "defaults for the rest; no run directory is read or written); trains nothing")
     run.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object on stdout "
                      "(stages with blocks, train_bytes, cache_bytes; e2e; largest_stage_ratio), for scripts")
     run.add_argument("--verify", action="store_true", help="check the run directory (every manifest, shard "
@@ -63,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text)
             else:
                 group.add_argument("--" + name.replace("_", "-"), type={"int": int, "float": float, "str": str}[kind],
-                                   metavar="{" + ",".join(named[name]) + "}" if name in named else name.upper(),
-                                   help=text)
+                                   metavar=METAVARS.get(name) or ("{" + ",".join(named[name]) + "}" if name in named
+                                                                  else name.upper()), help=text)
     return p
 
 
@@ -80,26 +85,31 @@ def parse_stage(text: str, num_stages: int) -> int | str:
     return k
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
-    from_file = read_toml(args.config) if getattr(args, "config", None) else {}
-    run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
+def saved_config(run_dir: str) -> dict | None:
+    """A run directory's config.json, None for a new run directory; UserError when it is damaged."""
     if "\x00" in run_dir:
         raise UserError(f"--run-dir {run_dir!r} holds a NUL character")
     try:
         saved = read_json(f"{run_dir}/config.json")
     except (FileNotFoundError, NotADirectoryError):
-        saved = None  # a new run directory
+        return None
     except (ValueError, OSError):
         raise UserError(f"{run_dir}/config.json is damaged; delete it to start this run afresh") from None
-    else:
-        if not isinstance(saved, dict):  # e.g. `null`: a file that is there is never a new run directory
-            raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
+    if not isinstance(saved, dict):  # e.g. `null`: a file that is there is never a new run directory
+        raise UserError(f"{run_dir}/config.json is not a seqtrain configuration; use another --run-dir")
     try:  # a damaged or hand-edited file: each value is checked as a TOML file's would be
-        saved = saved if saved is None else {k: coerce(k, v, f"{run_dir}/config.json") if k in FIELD_TYPES else v
-                                             for k, v in saved.items()}
+        return {k: coerce(k, v, f"{run_dir}/config.json") if k in FIELD_TYPES else v for k, v in saved.items()}
     except UserError as e:
         raise UserError(f"{e}: the file is damaged; restore the value or use another --run-dir") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
+    from_file = read_toml(args.config) if getattr(args, "config", None) else {}
+    run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
+    # --plan answers for the flags given (and the defaults): it writes nothing, so a run directory made with
+    # other settings neither shapes nor refuses it.
+    saved = None if getattr(args, "plan", False) else saved_config(run_dir)
     return resolve(saved, from_file, {**flags, "run_dir": run_dir}, rebuild=getattr(args, "rebuild", False))
 
 
@@ -136,21 +146,35 @@ def run_command(argv: list[str] | None) -> int:
         raise UserError("--json prints the plan: give it with --plan")
     cfg = config_from_args(args)
     if cfg.arch.startswith("custom:") and not getattr(args, "verify", False):
-        # found by tests/test_fuzz.py: the command line has no module to build such a network from
-        raise UserError(f"--arch {cfg.arch} is a network given to seqtrain.train_stages() from Python; train or "
-                        "resume it from Python (the command line can only --verify it), or use --arch "
-                        "resnet20, torchvision:NAME, ...")
+        # the command line has no module to build such a network from
+        raise UserError(f"--arch {cfg.arch} is a network given to seqtrain.train_stages() from Python, which only "
+                        "your code can build: train, resume or compare it from Python (seqtrain.train_stages(stages, "
+                        f"run_dir={cfg.run_dir!r}, e2e=True) adds its end-to-end baseline); here it can only "
+                        "be checked with --verify")
+    from seqtrain.job import resolve  # here: --help and argument errors answer without loading torch
+
+    e2e_checkpoint = False
+    if getattr(args, "stage", "all") == "e2e":
+        # --checkpoint with --stage e2e chooses the baseline, not how this run's stages train: the run keeps
+        # its own --checkpoint (and the cut made for it), so that its stages stay current.
+        e2e_checkpoint = cfg.checkpoint
+        cfg = dataclasses.replace(cfg, checkpoint=bool((saved_config(cfg.run_dir) or {}).get("checkpoint")))
+    layout = resolve(cfg)
     if getattr(args, "plan", False):
         from seqtrain.plan import format_plan, plan
 
-        planned = plan(cfg)
+        planned = plan(cfg, layout)
         print(json.dumps(planned, indent=1) if getattr(args, "json", False) else format_plan(planned))
         sys.stdout.flush()  # here, so that a closed pipe (`--plan | head`) is an EPIPE caught in main()
         return 0
     if getattr(args, "verify", False):
-        return verify(cfg)
-    stage = parse_stage(getattr(args, "stage", "all"), cfg.num_stages)
-    return run(cfg, stage)
+        return verify(cfg, layout)
+    stage = parse_stage(getattr(args, "stage", "all"), layout.num_stages)
+    from seqtrain.job import run_job
+
+    outcome = run_job(cfg, layout, stage, e2e_checkpoint=e2e_checkpoint)
+    log("\n" + summary_table(outcome.results))
+    return 0
 
 
 def say(line: str) -> None:
@@ -187,75 +211,17 @@ def interrupt_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def verify(cfg: Config) -> int:
-    from seqtrain.pipeline import RunDir, verify_run
+def verify(cfg: Config, layout) -> int:
+    from seqtrain.rundir import RunDir, verify_run
 
     if not (RunDir(cfg.run_dir).config).exists():
         raise UserError(f"{cfg.run_dir} is not a seqtrain run directory (no config.json); check --run-dir")
-    lines, incomplete = verify_run(cfg, RunDir(cfg.run_dir))
+    lines, incomplete = verify_run(cfg, layout, RunDir(cfg.run_dir))
     for line in lines:
         log(line)
     if incomplete:
         raise UserError(f"{cfg.run_dir} is incomplete ({', '.join(incomplete)}); complete it with: "
                         f"python -m seqtrain.run --stage all --run-dir {cfg.run_dir}")
-    return 0
-
-
-def run(cfg: Config, stage: int | str) -> int:
-    # Imported here so that --help and argument errors answer without loading torch.
-    from seqtrain import distributed
-    from seqtrain.allocator import release_freed_memory
-    from seqtrain.augment import augment_for
-    from seqtrain.data import load_raw
-    from seqtrain.pipeline import (
-        RunDir,
-        RunLock,
-        check_inputs,
-        collect_results,
-        prepare_run_dir,
-        run_all,
-        run_e2e,
-        run_stage,
-        write_run_config,
-    )
-
-    # Every input is checked before anything is written to the run directory.
-    augment_for(cfg)
-    device = distributed.init(cfg.device)
-    if cfg.release_memory:
-        release_freed_memory()
-    try:
-        world = distributed.world_size()
-        if cfg.batch_size % world or cfg.batch_size < 2 * world:
-            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
-                            f"the {world} ranks, at least 2 samples each; use a multiple of {world} from {2 * world}")
-        raw = None
-        if stage in ("all", "e2e", 0):
-            # Rank 0 first: it may generate (or --download) the dataset, which the others then read.
-            raw = load_raw(cfg) if distributed.is_main() else None
-            distributed.barrier()
-            raw = raw or load_raw(cfg)
-        check_inputs(cfg, RunDir(cfg.run_dir), stage, raw, device)
-        run_dir = prepare_run_dir(cfg)
-        # One run per directory; under torchrun rank 0 holds the lock for the group.
-        with RunLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
-            if distributed.is_main():
-                write_run_config(run_dir, cfg, raw)
-            distributed.barrier()
-            log(f"seqtrain: {cfg.arch} in {cfg.num_stages} stages {cfg.stage_sizes()} on {cfg.dataset}, device "
-                f"{device}" + (f" x {world} ranks" if world > 1 else "")
-                + f", run dir {run_dir.root} (config {config_hash(cfg)})")
-            if stage == "all":
-                results = run_all(cfg, run_dir, raw, device)
-            elif stage == "e2e":
-                run_e2e(cfg, run_dir, raw, device)
-                results = collect_results(cfg, run_dir)
-            else:
-                run_stage(cfg, run_dir, stage, raw, device)
-                results = collect_results(cfg, run_dir)
-    finally:
-        distributed.shutdown()
-    log("\n" + summary_table(results))
     return 0
 
 

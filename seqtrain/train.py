@@ -6,7 +6,8 @@ stopping on validation accuracy (a gain of at least `min_delta` resets `patience
 current step on Ctrl-C, a checkpoint (model, optimizer, epoch and step, early-stopping state, RNG states)
 is published atomically, so a killed run resumes where that checkpoint stands and ends with the same
 weights as an uninterrupted run (data order depends only on (seed, epoch); the learning rate is a pure
-function of the step; on CPU the arithmetic is deterministic).
+function of the step; the arithmetic is deterministic on a CPU, and on CUDA with --deterministic, which
+keeps cuDNN from picking non-deterministic kernels).
 """
 
 from __future__ import annotations
@@ -21,19 +22,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from seqtrain import distributed
+from seqtrain.config import Config
+from seqtrain.contract import Identity
 from seqtrain.errors import Interrupted, UserError
 from seqtrain.files import load_torch, save_torch, write_bytes
 from seqtrain.log import bar, counter, log
-
-if TYPE_CHECKING:  # for annotations only
-    from seqtrain.config import Config
 
 CHECKPOINT_FORMAT = 1
 
@@ -47,7 +46,7 @@ class TrainResult:
     best_val_acc: float
     best_epoch: int  # 1-based epoch whose weights were kept
     epochs: int  # epochs run in total, including those before a resume
-    train_seconds: float  # wall time of this process's share (resumed runs count only their own)
+    train_seconds: float  # wall time of training, every resumed part included
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -63,7 +62,14 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        if all(p.device.type == "meta" for p in model.parameters()):
+            # A step on the meta device (balance.py, plan.py: bytes, no compute) must not touch CUDA: Adam's
+            # graph-capture check asks the current CUDA stream, which creates a CUDA context on GPU 0 before
+            # a torchrun rank has chosen its GPU (hundreds of MB per rank), and for --device cpu runs too.
+            optimizer._accelerator_graph_capture_health_check = lambda: None  # torch >= 2.6
+            optimizer._cuda_graph_capture_health_check = lambda: None  # earlier torch
+        return optimizer
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
@@ -195,7 +201,71 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
 # To convergence
 
 
-def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: Path, identity: dict,
+@dataclass
+class EarlyStopping:
+    """Where convergence stands: with the model, optimizer, epoch progress and RNG it is the whole checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    bad_epochs: int = 0  # epochs since the last gain of --min-delta
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_model: dict | None = None  # the best epoch's state dict
+    seconds: float = 0.0  # training wall time of every part so far, those before an interruption included
+
+    def update(self, val_acc: float, model: nn.Module, min_delta: float) -> None:
+        """Count a finished epoch: keep its weights when validation gained at least `min_delta`."""
+        self.epoch += 1
+        if val_acc >= self.best_acc + min_delta or self.best_model is None:
+            self.best_acc, self.best_epoch, self.bad_epochs = val_acc, self.epoch, 0
+            self.best_model = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+
+    def done(self, cfg: Config) -> bool:
+        return self.epoch >= cfg.max_epochs or self.bad_epochs >= cfg.patience
+
+
+class Checkpointer:
+    """checkpoint.pt of one training run: resumed only when its identity equals this run's; rank 0 writes it."""
+
+    def __init__(self, path: Path, identity: Identity, cfg: Config, device: torch.device):
+        self.path, self.identity, self.cfg, self.device = path, identity, cfg, device
+
+    def restore(self, model: nn.Module, optimizer) -> tuple[EarlyStopping, EpochProgress] | None:
+        """Load model, optimizer and RNG states from a matching checkpoint; its early-stopping state and epoch
+        progress, or None when there is no checkpoint of this run."""
+        ckpt = read_checkpoint(self.path)
+        if ckpt is None or ckpt.get("format") != CHECKPOINT_FORMAT or not self.matches(ckpt.get("identity")):
+            return None
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = EarlyStopping(**{f.name: ckpt[f.name] for f in dataclasses.fields(EarlyStopping) if f.name in ckpt})
+        progress = EpochProgress(**ckpt["progress"])
+        if not distributed.is_main():  # the saved partial sums are rank 0's; the epoch's totals are summed
+            progress = dataclasses.replace(progress, loss_sum=0.0, correct=0, seen=0)
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if self.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], self.device)
+        return state, progress
+
+    def matches(self, saved) -> bool:
+        try:
+            return Identity.from_dict(saved) == self.identity
+        except (ValueError, TypeError, AttributeError):
+            return False
+
+    def save(self, model: nn.Module, optimizer, state: EarlyStopping, progress: EpochProgress) -> None:
+        if not distributed.is_main():
+            return
+        save_torch(self.path, {
+            "format": CHECKPOINT_FORMAT, "identity": self.identity.to_dict(), "config": self.cfg.to_dict(),
+            **dataclasses.asdict(state), "progress": dataclasses.asdict(progress), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        })
+
+
+def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: Path, identity: Identity,
         device: torch.device, desc: str, memory=None) -> TrainResult:
     """Train `model` until validation accuracy stops improving; leave it holding the best weights.
 
@@ -213,82 +283,59 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
     if distributed.active():
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
-    ckpt_path, metrics_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
-
-    # Early-stopping state; with the model, optimizer, epoch progress and RNG it is the whole checkpoint.
-    state = {"epoch": 0, "bad_epochs": 0, "best_acc": -1.0, "best_epoch": 0, "best_model": None}
-    progress = EpochProgress()
-    ckpt = read_checkpoint(ckpt_path)
-    if ckpt is not None and ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("identity") == identity:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt[k] for k in state}
-        progress = EpochProgress(**ckpt["progress"])
-        if not distributed.is_main():  # the saved partial sums are rank 0's; the epoch's totals are summed
-            progress = dataclasses.replace(progress, loss_sum=0.0, correct=0, seen=0)
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        best = (f"best val acc {state['best_acc']:.4f} at epoch {state['best_epoch']}" if state["best_epoch"]
+    checkpointer = Checkpointer(workdir / "checkpoint.pt", identity, cfg, device)
+    metrics_path = workdir / "metrics.jsonl"
+    restored = checkpointer.restore(model, optimizer)
+    state, progress = restored or (EarlyStopping(), EpochProgress())
+    if restored:
+        best = (f"best val acc {state.best_acc:.4f} at epoch {state.best_epoch}" if state.best_epoch
                 else "no epoch finished yet")
-        log(f"{desc}: resuming {position(state['epoch'], progress.step, len(train_batches))} ({best})")
+        log(f"{desc}: resuming {position(state.epoch, progress.step, len(train_batches))} ({best})")
     main = distributed.is_main()  # only rank 0 writes files
     if main:
-        keep_metrics(metrics_path, below_epoch=state["epoch"])
+        keep_metrics(metrics_path, below_epoch=state.epoch)
 
-    def save_checkpoint():
-        if not main:
-            return
-        save_torch(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "identity": identity, "config": cfg.to_dict(), **state,
-            "progress": dataclasses.asdict(progress), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        })
+    def save(since: float) -> None:
+        state.seconds += time.perf_counter() - since
+        checkpointer.save(model, optimizer, state, progress)
 
-    t0 = time.perf_counter()
-    epochs_bar = counter(desc, cfg.max_epochs, state["epoch"])
+    epochs_bar = counter(desc, cfg.max_epochs, state.epoch)
     with stop_on_signal() as stop:
-        while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
+        while not state.done(cfg):
             e0 = time.perf_counter()
-            epoch = state["epoch"]
+            epoch = state.epoch
             train_batches.set_epoch(epoch)
             finished = train_one_epoch(trained, train_batches, optimizer, cfg, epoch, progress, autocast=autocast,
                                        channels_last=channels_last, stop=stop, desc=f"{desc} epoch {epoch + 1}",
                                        memory=memory)
             if not finished:
-                save_checkpoint()
+                save(since=e0)
                 raise Interrupted(f"{desc}: interrupted {position(epoch, progress.step, len(train_batches))}; "
                                   "progress is saved: rerun the same command to resume")
             val_loss, val_acc = evaluate(model, val_batches, autocast, channels_last)
-            state["epoch"] = epoch = epoch + 1
-            if val_acc >= state["best_acc"] + cfg.min_delta or state["best_model"] is None:
-                state.update(best_acc=val_acc, best_epoch=epoch, bad_epochs=0,
-                             best_model=copy.deepcopy(model.state_dict()))
-            else:
-                state["bad_epochs"] += 1
+            state.update(val_acc, model, cfg.min_delta)
             seconds = time.perf_counter() - e0
             loss_sum, correct, seen = distributed.sum_all([progress.loss_sum, progress.correct, progress.seen], device)
             train_loss, train_acc = loss_sum / seen, correct / seen
             lr, progress = progress.lr, EpochProgress()
             if main:
                 append_metrics(metrics_path, {
-                    "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                    "val_acc": val_acc, "best_val_acc": state["best_acc"], "lr": lr, "seconds": round(seconds, 3)})
-            save_checkpoint()
-            log(f"{desc} epoch {epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
-                f"val acc {val_acc:.4f} | best {state['best_acc']:.4f} @ {state['best_epoch']} | "
+                    "epoch": state.epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                    "val_acc": val_acc, "best_val_acc": state.best_acc, "lr": lr, "seconds": round(seconds, 3)})
+            save(since=e0)
+            log(f"{desc} epoch {state.epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
+                f"val acc {val_acc:.4f} | best {state.best_acc:.4f} @ {state.best_epoch} | "
                 f"lr {lr:.4g} | {seconds:.1f}s"
-                + (" | converged" if state["bad_epochs"] >= cfg.patience else ""))
+                + (" | converged" if state.bad_epochs >= cfg.patience else ""))
             epochs_bar.update(1)
             if distributed.any_rank(stop.is_set(), device):
-                raise Interrupted(f"{desc}: interrupted after epoch {epoch}; progress is saved: rerun the same "
-                                  "command to resume")
+                raise Interrupted(f"{desc}: interrupted after epoch {state.epoch}; progress is saved: rerun the "
+                                  "same command to resume")
     epochs_bar.close()
-    assert state["best_model"] is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
-    model.load_state_dict(state["best_model"])
+    assert state.best_model is not None, f"{desc}: no epoch was trained (--max-epochs {cfg.max_epochs})"
+    model.load_state_dict(state.best_model)
     distributed.broadcast_module(model)
-    return TrainResult(state["best_acc"], state["best_epoch"], state["epoch"], time.perf_counter() - t0)
+    return TrainResult(state.best_acc, state.best_epoch, state.epoch, state.seconds)
 
 
 def read_checkpoint(path: Path) -> dict | None:

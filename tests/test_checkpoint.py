@@ -1,0 +1,104 @@
+"""--checkpoint: activation checkpointing of every block trained, for a stage and for the e2e baseline. It must
+not change the math (the same weights, BatchNorm buffers and losses), its memory must be what --plan and
+the cut predict, and the e2e+ckpt baseline is a row of the summary beside e2e."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqtrain.config import Config
+from seqtrain.files import load_torch
+from seqtrain.job import resolve
+from seqtrain.memory import PeakMemory
+from seqtrain.models import StageModel, build_head
+from seqtrain.network import build_stage
+from seqtrain.plan import plan
+from seqtrain.recompute import checkpointed
+from seqtrain.run import main
+from seqtrain.train import make_optimizer, train_step
+
+from conftest import tiny_flags
+
+
+def losses(path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in path.read_text().splitlines()]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpointed_stage_trains_to_the_same_weights_and_buffers(tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    for where, extra in ((plain, []), (ckpt, ["--checkpoint"])):  # one cut for both: --balance memory cuts
+        flags = ("--stage", "0", "--balance", "blocks", "--max-epochs", "2", "--device", "cpu", *extra)
+        assert main(tiny_flags(where, *flags)) == 0  # checkpointed stages where they are cheapest
+    a, b = (load_torch(d / "run" / "stage_00" / "block.pt") for d in (plain, ckpt))
+    assert same_state(a["block"], b["block"]) and same_state(a["head"], b["head"])  # BN running stats included
+    assert any("running_mean" in k for k in a["block"])
+    assert losses(plain / "run/stage_00/metrics.jsonl") == losses(ckpt / "run/stage_00/metrics.jsonl")
+    manifest = json.loads((ckpt / "run/stage_00/cache/manifest.json").read_text())
+    assert manifest["result"]["checkpoint"] is True
+    # the same weights made the same features, in the same configuration: the caches are one cache
+    assert manifest["fingerprint"] == json.loads((plain / "run/stage_00/cache/manifest.json").read_text())[
+        "fingerprint"]
+
+
+def test_e2e_with_checkpointing_is_its_own_baseline_with_the_same_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_flags(tmp_path, "--max-epochs", "2", "--device", "cpu")) == 0
+    assert main(tiny_flags(tmp_path, "--stage", "e2e", "--max-epochs", "2", "--device", "cpu")) == 0
+    capsys.readouterr()
+    assert main(tiny_flags(tmp_path, "--stage", "e2e", "--max-epochs", "2", "--device", "cpu", "--checkpoint")) == 0
+    table = "".join(capsys.readouterr())  # the summary is logged: stdout or stderr
+    plain, ckpt = (load_torch(run / d / "model.pt")["model"] for d in ("e2e", "e2e_checkpoint"))
+    assert same_state(plain, ckpt)
+    assert losses(run / "e2e/metrics.jsonl") == losses(run / "e2e_checkpoint/metrics.jsonl")
+    e2e, e2e_ckpt = (json.loads((run / d / "results.json").read_text()) for d in ("e2e", "e2e_checkpoint"))
+    assert e2e.keys() <= e2e_ckpt.keys() and e2e_ckpt["checkpoint"] is True and e2e["checkpoint"] is False
+    assert e2e_ckpt["peak_tensor_mb"] < e2e["peak_tensor_mb"]
+    rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
+    assert "e2e" in rows and "e2e+ckpt" in rows, table
+    assert "final vs e2e:" in table and "final vs e2e+ckpt:" in table
+    # the baseline's --checkpoint does not become the run's: the stages stay complete and current
+    assert json.loads((run / "config.json").read_text())["checkpoint"] is False
+    assert main(tiny_flags(tmp_path, "--max-epochs", "2", "--device", "cpu")) == 0
+    assert "training it" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optimizer):
+    cfg = Config(arch="resnet20", width=8, stages="2", batch_size=32, optimizer=optimizer, checkpoint=True).validate()
+    layout = resolve(cfg)
+    predicted = [s["train_bytes"] for s in plan(cfg, layout, num_classes=10)["stages"]]
+    shape = layout.in_shape
+    for k in range(layout.num_stages):
+        torch.manual_seed(k)
+        block, out = build_stage(cfg, layout, k, shape)
+        model = StageModel(block, build_head(cfg, out[0], 10, layout.specs_after(k)))
+        optimizer_ = make_optimizer(cfg, model)
+        x, y = torch.randn(32, *shape), torch.randint(0, 10, (32,))
+        memory = PeakMemory(torch.device("cpu"), watch_steps=3)
+        with memory, checkpointed([block]):
+            for _ in range(3):  # the optimizer state exists from the second step on
+                with memory.watch(model, optimizer_, x, y):
+                    train_step(model, x, y, optimizer_)
+        assert memory.tensor_bytes == pytest.approx(predicted[k], rel=0.05), (k, memory.breakdown)
+        shape = out
+
+
+def test_a_budget_cut_with_checkpointing_fits_its_measured_stages(tmp_path):
+    budget = 6  # MB: the tiny network's largest block fits it only with checkpointing's smaller stages
+    flags = ["--stages", "auto", "--memory-budget", f"{budget}MB", "--max-epochs", "1", "--device", "cpu"]
+    plain = resolve(Config(**{**dict(n_train=400, n_test=100, width=4, batch_size=32), "stages": "auto",
+                              "memory_budget": f"{budget}MB"}).validate())
+    ckpt = resolve(Config(n_train=400, n_test=100, width=4, batch_size=32, stages="auto",
+                          memory_budget=f"{budget}MB", checkpoint=True).validate())
+    assert ckpt.num_stages < plain.num_stages  # checkpointed stages hold more blocks in the same budget
+    assert main([*tiny_flags(tmp_path, *flags, "--checkpoint")]) == 0
+    results = json.loads((tmp_path / "run" / "final" / "results.json").read_text())
+    assert len(results["stages"]) == ckpt.num_stages
+    assert all(s["peak_tensor_mb"] <= budget and s["checkpoint"] for s in results["stages"]), results["stages"]
