@@ -37,7 +37,7 @@ from seqtrain.layout import StageLayout, resolve_layout
 from seqtrain.loader import window_rows
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
-from seqtrain.recompute import blocks_of, checkpointed, recompute_extra_bytes
+from seqtrain.recompute import checkpointed, recompute_extra_bytes
 from seqtrain.report import aligned, mb, shape_text
 from seqtrain.splitting import is_torchvision, torchvision_stage_names, torchvision_stage_shapes
 from seqtrain.splitting import meta_stages as torchvision_meta_stages
@@ -237,7 +237,7 @@ def train_figures(cfg: Config, model: torch.nn.Module, stages: list[torch.nn.Mod
     extra, transient = 0, transient_bytes(cfg, blocks)
     if checkpoint:
         x = torch.empty(cfg.batch_size, *in_shape, device="meta")  # B, C, H, W
-        extra = recompute_extra_bytes([b for stage in stages for b in blocks_of(stage)], model.head, x, transient)
+        extra = recompute_extra_bytes(stages, model.head, x, transient)
     return analytic, analytic["total"] + extra + transient
 
 

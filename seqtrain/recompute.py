@@ -63,10 +63,16 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = forward
 
 
-def blocks_of(stage: nn.Module) -> list[nn.Module]:
-    """The blocks activation checkpointing recomputes one at a time: the stage's top-level children, or the
-    stage itself when it has none."""
+def children_of(stage: nn.Module) -> list[nn.Module]:
+    """A stage's top-level children in forward order, or the stage itself when it has none."""
     return list(stage.children()) or [stage]
+
+
+def blocks_of(stage: nn.Module) -> list[nn.Module]:
+    """The blocks activation checkpointing recomputes one at a time: the stage's top-level children that hold
+    weights. A child without them (a torchvision stem's ReLU and max-pool) runs as it is: recomputing it
+    saves little, and an in-place ReLU would modify the input its checkpoint keeps."""
+    return [c for c in children_of(stage) if next(c.parameters(), None) is not None]
 
 
 @contextlib.contextmanager
@@ -94,25 +100,31 @@ def checkpointed(stages, enabled: bool = True):
 RECOMPUTE_TRANSIENTS = 3
 
 
-def recompute_extra_bytes(blocks: list[nn.Module], head: nn.Module, x: torch.Tensor, transient: int) -> int:
-    """Bytes a checkpointed step holds beyond its forward's floor and the `transient` gradients of a plain
-    backward, computed on "meta" tensors (no compute). Backward runs the head first, which frees what the
-    head saved; then, block after block from the last, block b recomputes and its saved tensors come back,
-    with RECOMPUTE_TRANSIENTS of its output's size in gradients, while the inputs of the blocks after it are
-    already freed. So: max over b of (block b's saved tensors, its input and weights excluded, and its
-    gradients, less the inputs of the blocks after b) less the head's saved tensors and `transient`, at
-    least 0."""
+def recompute_extra_bytes(stages: list[nn.Module], head: nn.Module, x: torch.Tensor, transient: int) -> int:
+    """Bytes a checkpointed step of `stages` and `head` holds beyond its forward's floor and the `transient`
+    gradients of a plain backward, computed on "meta" tensors (no compute). Backward runs the head first,
+    which frees what the head saved; then, block after block from the last, block b recomputes and its
+    saved tensors come back, with RECOMPUTE_TRANSIENTS of its output's size in gradients, while the inputs of
+    the blocks after it are already freed. So: max over b of (block b's saved tensors, its input and weights
+    excluded, and its gradients, less the inputs of the blocks after b) less the head's saved tensors and
+    `transient`, at least 0."""
     internal, inputs = [], []
     with torch.enable_grad():
-        for block in blocks:
-            inputs.append(x.nbytes)
-            x = x.detach().requires_grad_(True)
-            with SavedTensorBytes(exclude=[*block.parameters(), *block.buffers(), x]) as saved:
-                x = block(x)
-            internal.append(saved.bytes + RECOMPUTE_TRANSIENTS * x.nbytes)
+        for stage in stages:
+            checkpointed = {id(b) for b in blocks_of(stage)}
+            for child in children_of(stage):
+                if id(child) not in checkpointed:
+                    with torch.no_grad():
+                        x = child(x)
+                    continue
+                inputs.append(x.nbytes)
+                x = x.detach().requires_grad_(True)
+                with SavedTensorBytes(exclude=[*child.parameters(), *child.buffers(), x]) as saved:
+                    x = child(x)
+                internal.append(saved.bytes + RECOMPUTE_TRANSIENTS * x.nbytes)
         x = x.detach().requires_grad_(True)
         y = torch.zeros(len(x), dtype=torch.long, device=x.device)
         with SavedTensorBytes(exclude=[*head.parameters(), *head.buffers(), y]) as saved:
             F.cross_entropy(head(x), y)  # the loss saves the logits' softmax: the head's too, freed with it
-    later = [sum(inputs[b + 1:]) for b in range(len(blocks))]
+    later = [sum(inputs[b + 1:]) for b in range(len(internal))]
     return max(0, max(i - held for i, held in zip(internal, later)) - saved.bytes - transient)

@@ -173,6 +173,9 @@ TORCHVISION = {  # dropped everywhere: the model's own avgpool and classifier / 
     "resnet34": RESNET,
     "resnet50": RESNET,
     "resnet101": RESNET,
+    "resnet152": RESNET,
+    "wide_resnet50_2": RESNET,
+    "wide_resnet101_2": RESNET,
     # VGG: a stage ends with each 2x2 max-pool (features.3, 7, 14, 21 in vgg11_bn); the last ends with the last.
     "vgg11_bn": Trunk(("features",), ("features",), ("features.4", "features.8", "features.15", "features.22")),
     "vgg16_bn": Trunk(("features",), ("features",), ("features.7", "features.14", "features.24", "features.34")),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from seqtrain.contract import Identity, Manifest, ShardInfo, SplitInfo
 from seqtrain.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,14 @@ def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "seqtrain.run", *args], capture_output=True, text=True, env=env,
                           cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def train_manifest(shards: list[ShardInfo], feature_shape: tuple[int, ...], dtype: str = "float16",
+                   views: int = 1) -> Manifest:
+    """The manifest of a cache whose train split is `shards` (val and test empty), for reading them with
+    loader.CachedBatches without a stage having made them."""
+    empty = SplitInfo(0, ())
+    train = SplitInfo(sum(s.count for s in shards), tuple(shards))
+    return Manifest(identity=Identity("test", None, 0), weights_hash="", num_classes=10, feature_shape=feature_shape,
+                    views=views, dtype=dtype, compression="none", splits={"train": train, "val": empty, "test": empty},
+                    result=None, fingerprint="")

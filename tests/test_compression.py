@@ -31,8 +31,8 @@ def test_a_compressed_shard_is_smaller_and_reads_back_exactly(tmp_path, compress
         w = ShardWriter(tmp_path / c, "train", samples_per_shard=64, dtype="float16", compression=c)
         w.add(torch.from_numpy(x), torch.zeros(64, dtype=torch.int64), torch.arange(64))
         shards[c] = w.close()[0]
-    assert shards[compression]["bytes"] < 0.9 * shards["none"]["bytes"]
-    a, b = (read_shard(tmp_path / c / shards[c]["file"])[0] for c in ("none", compression))
+    assert shards[compression].bytes < 0.9 * shards["none"].bytes
+    a, b = (read_shard(tmp_path / c / shards[c].file)[0] for c in ("none", compression))
     assert torch.equal(a, b)
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
-from seqtrain.pipeline import cached_train_order
+from seqtrain.streams import cached_train_order
 
 from conftest import ROOT, tiny_flags
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from seqtrain import job
 from seqtrain.config import Config, config_hash, resolve
 from seqtrain.run import main
 
@@ -151,7 +152,8 @@ def test_damaged_config_json_is_named(content, tmp_path, capsys):
     # Found by tests/test_fuzz.py: `null` read as "no configuration", wrong types as a TypeError traceback.
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(content)
-    assert main(["--plan", "--run-dir", str(tmp_path / "run")]) == 2
+    # --verify: --plan no longer reads the run directory's config.json
+    assert main(["--verify", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seqtrain: error: ") and str(tmp_path / "run" / "config.json") in err, err
 
@@ -173,8 +175,10 @@ def test_a_run_saved_with_the_loaders_two_windows_keeps_its_hash(tmp_path, capsy
     cfg = Config.from_dict(old)
     assert cfg.shuffle_mb == 0.5 and resolve(old, {}, {}).shuffle_mb == 0.5
     assert resolve(old, {}, {}).patience == 3  # a saved value outlives a changed default
-    assert config_hash(cfg) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
-    assert config_hash(Config(patience=3)) == "9aea3ce86242f954"  # and the then defaults' hash, --loader-mb 128
+    sizes = job.resolve(cfg.validate()).sizes
+    assert config_hash(cfg, sizes) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
+    then = Config(patience=3).validate()  # and the then defaults' hash, --loader-mb 128
+    assert config_hash(then, job.resolve(then).sizes) == "9aea3ce86242f954"
     toml = tmp_path / "c.toml"
     toml.write_text("loader-mb = 256\n")
     assert main(["--config", str(toml), "--run-dir", str(tmp_path / "run")]) == 2

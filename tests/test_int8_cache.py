@@ -14,22 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-import seqtrain.pipeline
+import seqtrain.stage
 import seqtrain.train
 from seqtrain import load_model
-from seqtrain.archs import stage_specs
 from seqtrain.batches import ImageBatches
-from seqtrain.cache import FeatureOverflow, ShardWriter, cache_bytes, dequantize, quantize, read_manifest, read_shard
+from seqtrain.cache import FeatureOverflow, ShardWriter, dequantize, quantize, read_manifest, read_shard
 from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
+from seqtrain.job import resolve
 from seqtrain.loader import CachedBatches, Pool
 from seqtrain.models import build_stage_block
-from seqtrain.pipeline import RunDir
 from seqtrain.plan import plan, shard_bytes, shard_extra
 from seqtrain.run import main
+from seqtrain.rundir import RunDir
 
-from conftest import tiny_flags
+from conftest import tiny_flags, train_manifest
 
 
 def within_half_a_step(x: torch.Tensor, back: torch.Tensor, scale: torch.Tensor, slack: float = 1e-30) -> bool:
@@ -72,10 +72,10 @@ def test_each_shard_is_scaled_by_its_own_range_and_read_back_as_float32(tmp_path
     shards = writer.close()
     scales = []
     for i, shard in enumerate(shards):
-        with h5py.File(tmp_path / shard["file"]) as f:
+        with h5py.File(tmp_path / shard.file) as f:
             assert f["features"].dtype == np.int8 and f["scale"].shape == f["zero_point"].shape == (2,)
             scales.append(torch.from_numpy(f["scale"][...]))
-        back, _, ids = read_shard(tmp_path / shard["file"])
+        back, _, ids = read_shard(tmp_path / shard.file)
         assert back.dtype == torch.float32 and torch.equal(ids, torch.arange(10 * i, 10 * i + 10))
         assert within_half_a_step(x[ids], back, scales[-1])
     assert (scales[1] > 50 * scales[0]).all() and (scales[2] < scales[0] / 50).all()
@@ -108,7 +108,7 @@ def test_plan_predicts_each_shards_bytes_exactly(tmp_path, dtype, shape):
     writer.add(torch.randn(200, *shape), torch.zeros(200, dtype=torch.long), torch.arange(200))
     row = int(np.prod(shape)) * np.dtype(dtype).itemsize
     for shard in writer.close():
-        assert shard["bytes"] == shard_bytes(shard["count"], row, shard_extra(shape, dtype))
+        assert shard.bytes == shard_bytes(shard.count, row, shard_extra(shape, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -126,8 +126,8 @@ def cache(tmp_path_factory):
     x = torch.randn(1000, 2, 8, 8, 8, generator=g) * (1 + ids // 64).view(-1, 1, 1, 1, 1)  # N, V, C, H, W
     x[:, :, 3] = -x[:, :, 3].abs()  # a negative channel
     writer.add(x, ids % 10, ids)
-    manifest = {"dtype": "int8", "splits": {"train": {"count": 1000, "shards": writer.close()}}}
-    expected = torch.cat([read_shard(d / s["file"])[0] for s in manifest["splits"]["train"]["shards"]])
+    manifest = train_manifest(writer.close(), (8, 8, 8), dtype="int8", views=2)
+    expected = torch.cat([read_shard(d / s.file)[0] for s in manifest.splits["train"].shards])
     return d, manifest, expected
 
 
@@ -178,7 +178,7 @@ def test_int8_run_composes_like_float16(int8_run):
     raw = load_raw(cfg)
     x, y, _ = next(iter(ImageBatches(raw.test, raw.mean, raw.std, batch_size=100)))
     # Stage 0's cache: int8 on disk, and read back within half a step of each shard's scale of the live pass.
-    block = build_stage_block(stage_specs(cfg, 3)[0])
+    block = build_stage_block(list(resolve(cfg).specs[0]))
     block.load_state_dict(load_torch(run_dir / "stage_00" / "block.pt")["block"])
     with torch.no_grad():
         live = block.eval()(x)
@@ -200,7 +200,7 @@ def test_int8_run_composes_like_float16(int8_run):
     p = plan(cfg)
     for k, stage in enumerate(p["stages"]):
         manifest = read_manifest(RunDir(run_dir).cache(k))
-        assert manifest["dtype"] == "int8" and cache_bytes(manifest) == stage["cache_bytes"]
+        assert manifest.dtype == "int8" and manifest.bytes == stage["cache_bytes"]
 
 
 def test_int8_run_verifies_and_a_second_run_trains_nothing(int8_run, capsys):
@@ -237,11 +237,11 @@ def test_a_stage_reading_an_int8_cache_resumes_to_the_same_cache(int8_run, tmp_p
     out = capsys.readouterr().out
     assert "stage 0/1: complete, skipped" in out and "stage 1/1: resuming in epoch 2 after step 3" in out
     resumed, straight = (read_manifest(RunDir(r).cache(1)) for r in (run_dir, original))
-    assert resumed["fingerprint"] == straight["fingerprint"]  # the same weights, the same int8 features
+    assert resumed.fingerprint == straight.fingerprint  # the same weights, the same int8 features
 
 
 def test_non_finite_features_stop_an_int8_stage_with_one_line(tmp_path, monkeypatch, capsys):
-    real_write = seqtrain.pipeline.write_shards
+    real_write = seqtrain.stage.write_shards
 
     class Poisoned(torch.nn.Module):
         """The trained block, with one inf in the features of its caching pass."""
@@ -255,7 +255,7 @@ def test_non_finite_features_stop_an_int8_stage_with_one_line(tmp_path, monkeypa
             out[0, 0, 0, 0] = float("inf")
             return out
 
-    monkeypatch.setattr(seqtrain.pipeline, "write_shards", lambda block, *a, **kw: real_write(Poisoned(block), *a,
+    monkeypatch.setattr(seqtrain.stage, "write_shards", lambda block, *a, **kw: real_write(Poisoned(block), *a,
                                                                                               **kw))
     assert main(tiny_flags(tmp_path, "--cache-dtype", "int8", "--max-epochs", "1", "--stage", "0")) == 2
     err = capsys.readouterr().err

@@ -11,6 +11,8 @@ from seqtrain import loader as loader_module
 from seqtrain.cache import ShardWriter
 from seqtrain.loader import CachedBatches
 
+from conftest import train_manifest
+
 N = 1000
 
 
@@ -22,7 +24,7 @@ def cache(tmp_path_factory):
     ids = torch.arange(N)
     writer.add(ids.float().view(-1, 1, 1, 1).expand(N, 2, 3, 3) / 8, ids % 10, ids)
     shards = writer.close()
-    return d, {"splits": {"train": {"count": N, "shards": shards}}}
+    return d, train_manifest(shards, (2, 3, 3))
 
 
 def epoch_ids(loader, epoch):
@@ -60,7 +62,7 @@ def test_pools_stay_within_the_loader_budget_and_mix_shards(tmp_path, monkeypatc
     writer = ShardWriter(tmp_path, "train", samples_per_shard=64, dtype="float16", compression="none")
     ids = torch.arange(N)
     writer.add(ids.float().view(-1, 1, 1, 1).expand(N, 1, 32, 32) / 8, ids % 10, ids)
-    manifest = {"splits": {"train": {"count": N, "shards": writer.close()}}}
+    manifest = train_manifest(writer.close(), (1, 32, 32))
     pools = []
     monkeypatch.setattr(loader_module.Pool, "__init__", record(loader_module.Pool.__init__, pools))
     loader = CachedBatches(tmp_path, manifest, "train", batch_size=64, shuffle=True, shuffle_mb=0.5)
@@ -90,8 +92,8 @@ def test_length_counts_the_batches_that_arrive_with_workers(cache, drop_last):
 
 def mb_of_rows(cache, rows: int) -> float:
     """The --shuffle-mb of a window of `rows` rows, with the loader's measure of a row (shard bytes / rows)."""
-    shards = cache[1]["splits"]["train"]["shards"]
-    return rows * (sum(s["bytes"] for s in shards) // N) / 2**20
+    shards = cache[1].splits["train"].shards
+    return rows * (sum(s.bytes for s in shards) // N) / 2**20
 
 
 def all_batches(loader, epochs):

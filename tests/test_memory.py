@@ -47,7 +47,7 @@ def test_a_stage_peak_covers_its_caching_pass(tiny):
     # Caching 8 views of every training sample pushes batches 8x the training batch through the block:
     # the stage's peak is then its caching pass, which the summary must not leave out.
     assert tiny("--cache-views", "8", "--augment", "crop", "--max-epochs", "1") == 0
-    result = read_manifest(tiny.run_dir / "stage_00" / "cache")["result"]
-    train, cache = result["train_memory"]["peak_tensor_mb"], result["cache_memory"]["peak_tensor_mb"]
+    result = read_manifest(tiny.run_dir / "stage_00" / "cache").result
+    train, cache = result.train_memory["peak_tensor_mb"], result.cache_memory["peak_tensor_mb"]
     assert cache > train > 0
-    assert result["peak_tensor_mb"] == cache
+    assert result.peak_tensor_mb == cache

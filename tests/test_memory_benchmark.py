@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from seqtrain.archs import stage_specs
-from seqtrain.cache import cache_bytes, read_manifest
+from seqtrain.cache import read_manifest
 from seqtrain.config import Config
 from seqtrain.files import read_json
+from seqtrain.job import resolve
 from seqtrain.memory import SavedTensorBytes, analytic_step
 from seqtrain.models import StageModel, build_head, build_stage_block
-from seqtrain.pipeline import RunDir
 from seqtrain.plan import format_plan, plan
+from seqtrain.rundir import RunDir
 from seqtrain.train import make_optimizer
 
 from conftest import ROOT
@@ -51,7 +51,7 @@ def test_benchmark_summary_is_well_formed(bench):
     for key in RATIOS:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
     assert summary["torch"] == torch.__version__ and summary["device"] == "cpu" and summary["device_name"]
-    balanced = Config(arch="resnet20", width=4, stages="2", batch_size=16).validate().stage_sizes()
+    balanced = list(resolve(Config(arch="resnet20", width=4, stages="2", batch_size=16).validate()).sizes)
     assert summary["config"]["arch"] == "resnet20" and summary["config"]["stages"] == balanced != [5, 5]
     assert summary["largest_stage"] in ("stage 0", "stage 1")
     for t in summary["targets"].values():
@@ -103,7 +103,8 @@ def test_saved_tensor_bytes_counts_each_storage_once():
 def test_plan_predicts_the_bytes_of_a_real_step(optimizer):
     cfg = Config(arch="resnet20", width=4, head_width=8, stages="2", batch_size=8, optimizer=optimizer)
     p = plan(cfg)
-    for k, specs in enumerate(stage_specs(cfg)):
+    for k, specs in enumerate(resolve(cfg.validate()).specs):
+        specs = list(specs)
         model = StageModel(build_stage_block(specs), build_head(cfg, specs[-1].out_ch, 10))
         x, y = torch.randn(8, *p["stages"][k]["in_shape"]), torch.randint(0, 10, (8,))
         measured = analytic_step(model, make_optimizer(cfg, model), x, y)
@@ -118,11 +119,12 @@ def test_plan_predicts_the_cache_of_a_real_run(tiny, dtype):
     assert tiny("--stage", "0", "--cache-dtype", dtype) == 0  # the real dataset, split and writer; later
     p = plan(Config.from_dict(read_json(tiny.run_dir / "config.json")))  # caches: the benchmark test
     manifest = read_manifest(RunDir(tiny.run_dir).cache(0))
-    assert manifest["feature_shape"] == p["stages"][0]["feature_shape"] and manifest["dtype"] == dtype
-    assert {s: manifest["splits"][s]["count"] for s in p["splits"]} == p["splits"]
-    assert cache_bytes(manifest) == p["stages"][0]["cache_bytes"]  # to the byte (plan.py: with HDF5 2.0)
+    assert list(manifest.feature_shape) == p["stages"][0]["feature_shape"] and manifest.dtype == dtype
+    assert {s: manifest.splits[s].count for s in p["splits"]} == p["splits"]
+    assert manifest.bytes == p["stages"][0]["cache_bytes"]  # to the byte (plan.py: with HDF5 2.0)
     text = format_plan(p)
-    # A line per stage in the table and in the per-block list (where each block leaves the resolution).
-    assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 10
+    # A line per stage in the table and in the per-block list (where each block leaves the resolution);
+    # 11 more: title, header, rule, the e2e and e2e+ckpt rows, 5 notes, the blocks' legend.
+    assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 11
     assert "stages 3,7: cut by memory (--balance memory)" in text  # the chosen cut and why
     assert text.splitlines()[-1].startswith(f"  stage {len(p['stages']) - 1}: ")

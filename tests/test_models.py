@@ -8,9 +8,25 @@ from dataclasses import replace
 import pytest
 import torch
 
-from seqtrain.archs import block_specs, feature_shape, reductions, specs_after, stage_specs
+from seqtrain.archs import block_specs, feature_shape, reductions
 from seqtrain.config import Config
-from seqtrain.models import AuxHead, build_head, build_network, build_stage_block
+from seqtrain.job import resolve
+from seqtrain.layout import StageLayout
+from seqtrain.models import AuxHead, build_head, build_stage_block
+from seqtrain.network import build_network
+
+
+def layout_of(cfg: Config) -> StageLayout:
+    return resolve(cfg.validate())
+
+
+def stage_specs(cfg: Config) -> list[list]:
+    """Each stage's blocks, as lists."""
+    return [list(g) for g in layout_of(cfg).specs]
+
+
+def network(cfg: Config, in_channels: int, num_classes: int):
+    return build_network(cfg, layout_of(cfg), in_channels, num_classes)
 
 
 @pytest.mark.parametrize("arch, blocks, out_shape", [
@@ -29,13 +45,13 @@ def test_block_shapes_match_a_forward_pass(arch, blocks, out_shape):
 
 def test_default_resnet18_split_is_stem_plus_layer1_then_one_layer_per_stage():
     cfg = Config(arch="resnet18", stages="4", balance="blocks")
-    assert cfg.stage_sizes() == [3, 2, 2, 2]
+    assert list(layout_of(cfg).sizes) == [3, 2, 2, 2]
     assert [g[-1].out_ch for g in stage_specs(cfg)] == [64, 128, 256, 512]
 
 
 def test_explicit_split_and_composed_network():
     cfg = Config(arch="resnet20", width=4, stages="1,4,5", head="conv", head_width=8)
-    net = build_network(cfg, in_channels=3, num_classes=10)
+    net = network(cfg, in_channels=3, num_classes=10)
     assert len(net.stages) == 3
     x = torch.randn(2, 3, 32, 32)
     assert net(x).shape == (2, 10)
@@ -62,7 +78,7 @@ def test_explicit_downsampling_schedule():
     specs = block_specs("resnet20", width=4, downsample="0:2,2:4")
     assert reductions(specs) == {0: 2, 2: 4}
     assert [feature_shape(specs[:i + 1], (3, 32, 32))[1] for i in range(4)] == [16, 16, 4, 4]
-    assert build_network(Config(arch="resnet20", width=4, downsample="0:2,2:4"), 3, 10)(
+    assert network(Config(arch="resnet20", width=4, downsample="0:2,2:4"), 3, 10)(
         torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -74,10 +90,10 @@ def test_bad_downsampling_schedule_is_refused(value, message):
     from seqtrain.errors import UserError
 
     with pytest.raises(UserError, match=message):
-        Config(downsample=value).validate()
+        resolve(Config(downsample=value).validate())
     # Strided convolutions round up and stop at 1x1; VGG's max-pools can reduce an image to nothing.
     with pytest.raises(UserError, match="below one pixel"):
-        Config(arch="vgg11", downsample="0:64").validate()
+        resolve(Config(arch="vgg11", downsample="0:64").validate())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -105,7 +121,7 @@ def test_stage_convs_and_width_give_the_shapes_the_specs_predict():
         assert tuple(x.shape[1:]) == feature_shape(specs[:i + 1], (3, 32, 32))
     assert tuple(x.shape[1:]) == (32, 8, 8)
 
-    net = build_network(cfg, in_channels=3, num_classes=10)
+    net = network(cfg, in_channels=3, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     assert net(x).shape == (2, 10)
     assert [tuple(o.shape[1:]) for o in net.stage_outputs(x)] == [(2, 32, 32), (8, 16, 16), (24, 8, 8), (32, 8, 8)]
@@ -126,10 +142,10 @@ def test_stage_convs_change_exactly_the_parameters_of_the_removed_or_added_layer
     # VGG: one conv per block is the usual; "2,..." adds one conv-BN-ReLU per block of the stage.
     vgg = Config(arch="vgg11", width=4, stages="4")
     doubled = Config(arch="vgg11", width=4, stages="4", stage_convs="2,1,1,1")
-    assert params(build_network(vgg, 3, 10)) == params(build_network(replace(vgg, stage_convs="1,1,1,1"), 3, 10))
+    assert params(network(vgg, 3, 10)) == params(network(replace(vgg, stage_convs="1,1,1,1"), 3, 10))
     extra = sum(s.out_ch * s.out_ch * 9 + 2 * s.out_ch for s in stage_specs(vgg)[0])
-    assert params(build_network(doubled, 3, 10)) - params(build_network(vgg, 3, 10)) == extra
-    assert build_network(doubled, 3, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert params(network(doubled, 3, 10)) - params(network(vgg, 3, 10)) == extra
+    assert network(doubled, 3, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_stage_width_scales_a_stages_channels_and_the_next_stage_follows():
@@ -141,7 +157,7 @@ def test_stage_width_scales_a_stages_channels_and_the_next_stage_follows():
     assert params(build_stage_block(a[0])) - params(build_stage_block(b[0])) == 3 * 9 * 2 + 2 * 2
     assert params(build_stage_block(b[1][:1])) == params(build_stage_block(a[1][:1])) - 4 * 4 * 9 + 2 * 4 * 9 \
         + 2 * 4 + 2 * 4  # first conv reads 2 channels, plus a 1x1 projection shortcut (2->4) and its BN
-    assert build_network(narrow, 3, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert network(narrow, 3, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert stage_specs(Config(arch="resnet20", width=4, stages="2", stage_width="0.05,1"))[0][0].out_ch == 1
 
 
@@ -258,10 +274,10 @@ def test_every_downsampling_op_gives_the_shapes_the_schedule_says(arch, op, down
 def test_aug_head_copies_the_following_blocks_at_a_fraction_of_their_width(tiny, capsys):
     cfg = Config(arch="resnet20", width=8, stages="3,3,4", balance="blocks", head="aug", head_blocks=2,
                  head_fraction=0.5).validate()
-    head = build_head(cfg, 8, 10, specs_after(cfg, 0))
+    head = build_head(cfg, 8, 10, layout_of(cfg).specs_after(0))
     following = stage_specs(cfg)[1][:2]
     assert [b.conv1.out_channels for b in head.blocks] == [max(1, round(s.out_ch / 2)) for s in following]
-    assert isinstance(build_head(cfg, 32, 10, specs_after(cfg, 2)), AuxHead)  # the last stage: pool + linear
+    assert isinstance(build_head(cfg, 32, 10, layout_of(cfg).specs_after(2)), AuxHead)  # the last stage: pool + linear
     # It trains a stage, and --plan counts it.
     assert tiny("--head", "aug", "--stage", "0") == 0
     assert (tiny.run_dir / "stage_00" / "cache" / "manifest.json").exists()

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import seqtrain.models
-import seqtrain.pipeline
+import seqtrain.stage
 from seqtrain import load_model
-from seqtrain.archs import stage_specs
 from seqtrain.batches import ImageBatches
 from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
+from seqtrain.job import resolve
 from seqtrain.models import build_stage_block
 from seqtrain.run import main
 
@@ -39,8 +39,8 @@ def test_cached_features_equal_live_forward_through_frozen_blocks(tiny):
     raw = load_raw(cfg)
     batch = next(iter(ImageBatches(raw.test, raw.mean, raw.std, batch_size=100)))[0]
     x = batch
-    for k, specs in enumerate(stage_specs(cfg, 3)):
-        block = build_stage_block(specs)
+    for k, specs in enumerate(resolve(cfg).specs):
+        block = build_stage_block(list(specs))
         block.load_state_dict(load_torch(tiny.run_dir / f"stage_{k:02d}" / "block.pt")["block"])
         with torch.no_grad():
             x = block.eval()(x)
@@ -65,7 +65,7 @@ def test_later_stage_trains_without_earlier_weights_or_raw_data(tiny, monkeypatc
 
     assert tiny("--stage", "1") == 0
     cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
-    assert built == stage_specs(cfg, 3)[1]  # only stage 1's blocks were ever constructed
+    assert built == list(resolve(cfg).specs[1])  # only stage 1's blocks were ever constructed
     manifest = json.loads((tiny.run_dir / "stage_01" / "cache" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 360 and manifest["splits"]["test"]["count"] == 100
 
@@ -90,7 +90,7 @@ def test_retraining_a_stage_makes_later_stages_stale(tiny, capsys, monkeypatch):
     assert capsys.readouterr().out.count("complete, skipped") == 3
 
     # Retrain stage 0 to different weights (as a GPU's nondeterminism or new code would): stage 1 is stale.
-    real_fit = seqtrain.pipeline.fit
+    real_fit = seqtrain.stage.fit
 
     def perturbed_fit(model, *args, **kwargs):
         result = real_fit(model, *args, **kwargs)
@@ -98,7 +98,7 @@ def test_retraining_a_stage_makes_later_stages_stale(tiny, capsys, monkeypatch):
             next(model.parameters()).mul_(1.5)
         return result
 
-    monkeypatch.setattr(seqtrain.pipeline, "fit", perturbed_fit)
+    monkeypatch.setattr(seqtrain.stage, "fit", perturbed_fit)
     assert tiny("--stage", "0") == 0
     monkeypatch.undo()
     capsys.readouterr()

@@ -12,12 +12,14 @@ import torch
 
 from seqtrain.api import load_model
 from seqtrain.cache import SPLITS, ShardWriter, publish_manifest
-from seqtrain.config import Config, config_hash
+from seqtrain.config import Config
+from seqtrain.contract import Identity, Manifest, SplitInfo, SplitTable, StageResult
 from seqtrain.data import load_raw
 from seqtrain.files import read_json, write_json
-from seqtrain.pipeline import RunDir, dataset_fingerprint, stage_manifest
+from seqtrain.job import resolve
 from seqtrain.probe import main, pooled_cache, pooled_network, probe, separability
 from seqtrain.run import main as seqtrain_main
+from seqtrain.rundir import RunDir, dataset_fingerprint, stage_manifest
 
 from conftest import ROOT, tiny_flags
 
@@ -36,7 +38,7 @@ def class_features(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, input_fp: str) -> dict:
+def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, input_fp: str) -> Manifest:
     """Publish a stage cache of the given features through seqtrain's own writer and manifest."""
     cache = run.cache(k)
     cache.mkdir(parents=True)
@@ -45,20 +47,21 @@ def write_stage(run: RunDir, cfg: Config, k: int, features: dict, labels: dict, 
         writer = ShardWriter(cache, split, samples_per_shard=128, dtype="float16", compression="none")
         writer.add(features[split], labels[split], torch.arange(len(labels[split])))
         shards = writer.close()
-        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+        splits[split] = SplitInfo(sum(s.count for s in shards), tuple(shards))
     return publish_manifest(
-        cache, identity={"config_hash": config_hash(cfg), "input_fingerprint": input_fp, "stage": k},
+        cache, identity=Identity(resolve(cfg).config_hash, input_fp, k),
         weights_hash="synthetic", num_classes=10,
-        table={"feature_shape": [16, 2, 2], "views": 1, "dtype": "float16", "compression": "none", "splits": splits},
-        result={"val_acc": 1.0, "test_acc": 1.0, "epochs": 1, "best_epoch": 1, "peak_tensor_mb": 1.0,
-                "peak_rss_mb": 1.0, "train_seconds": 1.0, "cache_seconds": 1.0})
+        table=SplitTable((16, 2, 2), 1, "float16", "none", splits),
+        result=StageResult.from_dict({"val_acc": 1.0, "test_acc": 1.0, "epochs": 1, "best_epoch": 1,
+                                      "peak_tensor_mb": 1.0, "peak_rss_mb": 1.0, "train_seconds": 1.0,
+                                      "cache_seconds": 1.0}))
 
 
 @pytest.fixture
 def synthetic_run(tmp_path) -> RunDir:
     """Stage 0: separable features; stage 1: the same features with every split's labels shuffled."""
     run = RunDir(tmp_path / "run")
-    cfg = Config(run_dir=str(run.root), arch="resnet20", width=4, stages="2", balance="blocks")
+    cfg = Config(run_dir=str(run.root), arch="resnet20", width=4, stages="2", balance="blocks").validate()
     run.root.mkdir()
     write_json(run.config, cfg.to_dict())
     g = torch.Generator().manual_seed(0)
@@ -66,8 +69,8 @@ def synthetic_run(tmp_path) -> RunDir:
     features = {s: class_features(y, g) for s, y in labels.items()}
     first = write_stage(run, cfg, 0, features, labels, dataset_fingerprint(cfg, run))
     shuffled = {s: y[torch.randperm(len(y), generator=g)] for s, y in labels.items()}
-    write_stage(run, cfg, 1, features, shuffled, first["fingerprint"])
-    assert stage_manifest(cfg, run, 1)[0] is not None, "the synthetic stages must count as complete"
+    write_stage(run, cfg, 1, features, shuffled, first.fingerprint)
+    assert stage_manifest(cfg, resolve(cfg), run, 1)[0] is not None, "the synthetic stages must count as complete"
     return run
 
 
@@ -132,9 +135,10 @@ def test_network_features_match_the_caches_at_each_boundary(tiny_run):
     # reproduce every stage's cached test features, up to float16 rounding.
     cfg = Config.from_dict(read_json(tiny_run.config))
     net, raw = load_model(tiny_run.final / "model.pt"), load_raw(cfg)
-    live = pooled_network(net, raw.test, cfg.stage_sizes(), 32, "cpu")
+    layout = resolve(cfg)
+    live = pooled_network(net, raw.test, list(layout.sizes), 32, "cpu")
     for k, (x, y) in enumerate(live):
-        cached_x, cached_y = pooled_cache(tiny_run.cache(k), stage_manifest(cfg, tiny_run, k)[0], "test", None)
+        cached_x, cached_y = pooled_cache(tiny_run.cache(k), stage_manifest(cfg, layout, tiny_run, k)[0], "test", None)
         assert torch.equal(y, cached_y)
         torch.testing.assert_close(x, cached_x, atol=2e-3, rtol=2e-3)
 

@@ -28,7 +28,7 @@ from seqtrain.cache import ShardWriter
 from seqtrain.loader import CachedBatches
 from seqtrain.run import main
 
-from conftest import ROOT, tiny_flags
+from conftest import ROOT, tiny_flags, train_manifest
 
 N = 1000  # samples in the loader's cache, shards of 64
 
@@ -42,7 +42,7 @@ def make_cache(d, views: int = 2, dtype: str = "float16"):
     x = ids.float().view(-1, 1, 1, 1, 1).expand(N, views, 2, 16, 16) / 8
     x = x + torch.arange(views).view(1, -1, 1, 1, 1) / 1024
     writer.add(x if views > 1 else x[:, 0], ids % 10, ids)
-    return d, {"splits": {"train": {"count": N, "shards": writer.close()}}, "dtype": dtype}
+    return d, train_manifest(writer.close(), (2, 16, 16), dtype=dtype, views=views)
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +198,13 @@ READER = """
 import dataclasses, json, sys
 from seqtrain import distributed
 from seqtrain.config import Config
-from seqtrain.pipeline import RunDir, cached_batches, require_input_cache
+from seqtrain.job import resolve
+from seqtrain.rundir import RunDir, require_input_cache
+from seqtrain.streams import cached_batches
 run = RunDir(sys.argv[1])
-cfg = Config.from_dict(json.loads(run.config.read_text()))
+cfg = Config.from_dict(json.loads(run.config.read_text())).validate()
 device = distributed.init("cpu")
-prev = require_input_cache(cfg, run, 1)
+prev = require_input_cache(cfg, resolve(cfg), run, 1)
 out = {}
 for workers in (0, 2):
     train = cached_batches(dataclasses.replace(cfg, workers=workers), run.cache(0), prev, "train", device, True)

@@ -15,7 +15,7 @@ import seqtrain.cache
 import seqtrain.pipeline
 import seqtrain.plan
 from seqtrain.config import Config
-from seqtrain.pipeline import RunDir, RunLock
+from seqtrain.rundir import RunDir, RunLock
 
 from conftest import ROOT
 

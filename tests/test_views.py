@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from seqtrain.archs import stage_specs
 from seqtrain.augment import Augment, AugmentedBatches, crop_flip, view_params, views_of
 from seqtrain.batches import ImageBatches
+from seqtrain.cache import read_manifest
 from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
+from seqtrain.job import resolve
 from seqtrain.loader import CachedBatches
 from seqtrain.models import build_stage_block
-from seqtrain.pipeline import cached_train_order
+from seqtrain.streams import cached_train_order
 
 AUG = Augment(crop=True, flip=True, padding=2)
 
@@ -74,7 +75,7 @@ def test_cache_holds_views_and_view_zero_is_the_plain_forward_pass(tiny):
     assert tiny("--augment", "crop+flip", "--cache-views", "3", "--stage", "all") == 0
     cfg = Config.from_dict(json.loads((tiny.run_dir / "config.json").read_text()))
     raw = load_raw(cfg)
-    block = build_stage_block(stage_specs(cfg, 3)[0])
+    block = build_stage_block(list(resolve(cfg).specs[0]))
     block.load_state_dict(load_torch(tiny.run_dir / "stage_00" / "block.pt")["block"])
     block.eval()
     cache0, cache1 = tiny.run_dir / "stage_00" / "cache", tiny.run_dir / "stage_01" / "cache"
@@ -94,7 +95,7 @@ def test_cache_holds_views_and_view_zero_is_the_plain_forward_pass(tiny):
     assert np.abs(features[:, 2] - features[:, 1]).mean() > 0.05 * np.abs(features[:, 0]).mean()
 
     # Stage 1 keeps the views apart: view v of its cache is block 1 applied to view v of stage 0's.
-    block1 = build_stage_block(stage_specs(cfg, 3)[1])
+    block1 = build_stage_block(list(resolve(cfg).specs[1]))
     block1.load_state_dict(load_torch(tiny.run_dir / "stage_01" / "block.pt")["block"])
     features1, _ = read_split(cache1, "train")
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_cache_holds_views_and_view_zero_is_the_plain_forward_pass(tiny):
 def test_later_stages_draw_one_view_per_sample_each_epoch(tiny):
     assert tiny("--augment", "crop", "--cache-views", "4", "--stage", "0") == 0
     cache = tiny.run_dir / "stage_00" / "cache"
-    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest = read_manifest(cache)
     features, ids = read_split(cache, "train")
     by_id = {int(i): features[n] for n, i in enumerate(ids)}
     batches = CachedBatches(cache, manifest, "train", 64, shuffle=True, seed=1)
