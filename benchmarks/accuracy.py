@@ -502,6 +502,7 @@ def children_cpu_s() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    seq = Config()  # seqtrain's defaults, named in the help of the flags left to them: read, not copied
     p.add_argument("--quick", action="store_true", help="the sweep at width 8 on 2,000 images, 5 epochs of AdamW "
                    "at batch 64, no early stopping, one process per run: ~18.5 min on 2 CPU cores (see the docstring)")
     p.add_argument("--study", action="store_true", help="the scaling study's preset: ResNet-20 to 110 at 16x16, "
@@ -529,12 +530,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, help="synthetic test images (default: 2000, --quick 1000)")
     p.add_argument("--width", type=int, help="first block's channels, 0 = standard (default: 0, --quick 8)")
     p.add_argument("--max-epochs", type=int, help="epoch cap of every stage and of e2e (default: 12, --quick 5)")
-    p.add_argument("--batch-size", type=int, help="of every stage and of e2e (default: seqtrain's 128, --quick 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: seqtrain's 0.05, --quick 0.003)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up (default: seqtrain's 1, --quick 1)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="(default: seqtrain's sgd, --quick adamw)")
+    p.add_argument("--batch-size", type=int, help=f"of every stage and of e2e (default: seqtrain's {seq.batch_size}, "
+                   "--quick 64)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: seqtrain's {seq.lr}, --quick 0.003)")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up (default: seqtrain's {seq.warmup_epochs:g}, "
+                   "--quick 1)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"(default: seqtrain's {seq.optimizer}, "
+                   "--quick adamw)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs; --max-epochs or more turns "
-                   "early stopping off (default: seqtrain's 3, --quick 5)")
+                   f"early stopping off (default: seqtrain's {seq.patience}, --quick {PRESETS['quick']['patience']}, "
+                   f"--study {PRESETS['study']['patience']})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     p.add_argument("--jobs", type=int, help="runs side by side (default: 1, --quick 2)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: CPU cores / jobs on a CPU)")
