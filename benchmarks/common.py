@@ -32,7 +32,7 @@ def figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(7, 4))
+    return plt.subplots(figsize=(8.5, 4))  # wide enough for the legend beside the axes (save_figure)
 
 
 def panels(n: int):
@@ -57,13 +57,15 @@ def save_panels(fig, path: Path, title: str, n: int) -> None:
 
 
 def save_figure(fig, ax, path: Path, title: str, ylabel: str) -> None:
+    """Save a figure() with its legend right of the axes, where no data can be: inside, the memory plot's
+    legend covered the end-to-end line (issue 26). bbox_inches="tight" keeps every label inside the file."""
     import matplotlib.pyplot as plt
 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -32,12 +32,14 @@ resident set above its imports beside it (memory.ProcessPeak); the analytic byte
 (memory.analytic_step) beside plan.py's prediction; the median step time (the next batch included);
 samples/s over the total time (so the loader's stalls count); the share of time tasks waited for a CPU
 (other jobs make timings meaningless; flagged above 25%); each cache's bytes on disk beside plan.py's.
-Output: a table, OUT/memory.json, OUT/memory.png and, last, a JSON line with the ratios:
+Output: a table, a verdict (each ratio that matters against its target or its alternative), the paths of
+OUT/memory.json (every figure) and OUT/memory.png and, last, a JSON line with the ratios:
   peak_ratio         largest sequential tensor peak (a stage or a caching pass) / e2e tensor peak
   ckpt_ratio         e2e+ckpt peak / e2e peak; ckpt_time_ratio its step time / e2e step time
   floor_ratio        tensor peak of the largest training stage / plan.py's predicted peak  (target <= 1.15)
   rss_peak_ratio     the same as peak_ratio, with process RSS above imports
-  rss_floor_ratio    RSS of the largest stage / (its analytic bytes + its input's host memory)  (target <= 1.5)
+  rss_floor_ratio    RSS of the largest stage / (its analytic bytes + its input's host memory)  (target <= 1.5,
+                     with --release-memory only: without it the target is not judged, "met": null)
   loader_efficiency  the lowest over stages k >= 1 of samples/s from the cache / from RAM (target >= 0.95),
                      both timed in the ram k process, in alternating blocks of 5 steps
 
@@ -98,6 +100,9 @@ PRESETS = {  # samples: training images (val is carved from them, test is a quar
               "warmup": 2, "shard_mb": 4},
 }
 TARGETS = {"floor_ratio": ("<=", 1.15), "rss_floor_ratio": ("<=", 1.5), "loader_efficiency": (">=", 0.95)}
+# Targets met only with a flag the user opts into, judged only when it was given: with glibc's default the resident
+# set holds freed activations, about 3x the tensors (docs/memory.md), a choice of speed rather than a failure.
+OPT_IN = {"rss_floor_ratio": "release_memory"}
 WATCHED_STEPS = 2  # steady training steps whose tensors MemTracker counts, apart from the timed ones
 
 
@@ -380,6 +385,16 @@ def ratios(rows: dict[str, dict], p: dict) -> dict:
     }
 
 
+def judged(name: str, value: float, args: argparse.Namespace) -> dict:
+    """A ratio against its target; an opt-in target without its flag gets met None and the flag to opt in with."""
+    t = target(name, value, TARGETS)
+    if name in OPT_IN:
+        t["opt_in"] = "--" + OPT_IN[name].replace("_", "-")
+        if not getattr(args, OPT_IN[name]):
+            t["met"] = None
+    return t
+
+
 # --------------------------------------------------------------------------------------------------------
 # The two modes
 
@@ -408,7 +423,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
         rows = measure_all(cfg, args, run_dir)
     r = {**ratios(rows, p), "finest_analytic_ratio": finest["totals"]["peak_ratio"]}
-    targets = {name: target(name, r[name], TARGETS) for name in TARGETS}
+    targets = {name: judged(name, r[name], args) for name in TARGETS}
     settings = {"arch": cfg.arch, "stages": cfg.stage_sizes(), **run_settings(args, cfg)}
     summary = {**environment(args, rows["e2e"]), "config": settings, **r, "targets": targets}
     write_json(args.out / "memory.json", {"summary": summary, "rows": rows, "plan": p})  # before anything is drawn
@@ -523,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     require_plotting("benchmarks/memory.py")
     args.out.mkdir(parents=True, exist_ok=True)
+    # Each configuration is a process of its own, seconds to minutes: say where the results will be first.
+    print(f"benchmarks/memory.py: measuring each configuration in a fresh process; results in {args.out}/",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     summary = run_budget(args) if args.budget_mb else run_stages(args)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
