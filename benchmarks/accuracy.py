@@ -71,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -584,6 +585,16 @@ def settings_line(args: argparse.Namespace) -> str:
             + (", one process per sequential run" if args.one_process else ", one process per stage"))
 
 
+def machines(done: list[dict], args: argparse.Namespace) -> str:
+    """Where the points ran: the ledger's record of each (--report-only must not stamp its own machine on
+    points measured elsewhere, as the study's plot once did), this machine for points run now."""
+    here = device_description(args.device)
+    counts = Counter(d.get("device_name", here) for d in done).most_common()
+    if len(counts) <= 1:
+        return counts[0][0] if counts else here
+    return "; ".join(f"{name}: {n} point{'s' * (n > 1)}" for name, n in counts)
+
+
 def check_settings(args: argparse.Namespace) -> None:
     """Every point's flags validated, and the dataset made once, before any run starts (runs share it)."""
     cfg = None
@@ -608,14 +619,15 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"benchmarks/accuracy.py: {e}")
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
-    rows = summarize(run_sweep(args), args)
+    done = run_sweep(args)
+    rows = summarize(done, args)
     target = target_check(rows, args.one_process, STUDY_TARGET if args.study else TARGET)
     config = {k: getattr(args, k) for k in ("preset", "quick", "e2e_only", "archs", "ks", "downsamples", "heads",
                                             "image_size", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
-               "device_name": device_description(args.device), "config": config, "settings": settings_line(args),
+               "device_name": machines(done, args), "config": config, "settings": settings_line(args),
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
                "rows": [{k: r[k] for k in ("arch", "downsample", "intensity", "method", "k", "test_acc", "gap_points",
                                            "mem_ratio")} for r in rows]}

@@ -162,6 +162,16 @@ def test_help_names_seqtrains_own_defaults(capsys):
         assert phrase in text, phrase
 
 
+def test_report_names_the_machines_the_ledger_recorded(tmp_path):
+    # --report-only draws points measured elsewhere: the plot's title must name their machines, not this one.
+    args = accuracy.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    here = accuracy.device_description("cpu")
+    assert accuracy.machines([{"device_name": "AMD EPYC"}] * 2, args) == "AMD EPYC"
+    assert accuracy.machines([{"device_name": "AMD EPYC"}] * 2 + [{"device_name": "Xeon"}], args) == (
+        "AMD EPYC: 2 points; Xeon: 1 point")
+    assert accuracy.machines([{}], args) == accuracy.machines([], args) == here  # run now, on this machine
+
+
 def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end(tmp_path, monkeypatch):
     args = accuracy.parse_args(["--archs", "resnet20", "--ks", "2,4", "--seeds", "0", "--downsamples", "standard",
                                 "--stage-convs", "usual", "1,2,2", "--out", str(tmp_path)])
