@@ -4,6 +4,7 @@ ranks after the same step, rank 0 alone says so, and the rerun ends with the wei
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from seqtrain.config import Config
 from seqtrain.data import load_raw
 from seqtrain.files import load_torch
 from seqtrain.pipeline import cached_train_order
+from seqtrain.run import build_parser
 
 from conftest import ROOT, tiny_flags
 
@@ -32,8 +34,21 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def torchrun_command(args: list[str], ranks: int = 2) -> list[str]:
+    # --device cpu first (a later --device in args wins): gloo ranks, also on a machine with GPUs, where
+    # --device auto would make NCCL ranks and a 1-GPU machine would stop at local rank 1.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
-            "seqtrain.run", *args]
+            "seqtrain.run", "--device", "cpu", *args]
+
+
+def test_every_launch_that_means_the_cpu_says_so(tmp_path):
+    """On a GPU machine --device auto is CUDA: each launch of a CPU test or script must name the CPU."""
+    spec = importlib.util.spec_from_file_location("killtest", ROOT / "scripts" / "killtest.py")
+    killtest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(killtest)
+    commands = {"torchrun": torchrun_command(tiny_flags(tmp_path)), "killtest --ranks 2": killtest.command(tmp_path, 2)}
+    for name, argv in commands.items():
+        args = build_parser().parse_args(argv[argv.index("seqtrain.run") + 1:])  # seqtrain's flags
+        assert getattr(args, "device", None) == "cpu", name
 
 
 def torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
