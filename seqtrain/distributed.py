@@ -37,7 +37,7 @@ from seqtrain.errors import UserError
 # the dataset before the others read it (run.py). Decoding ImageNet's 1.28 million JPEGs at 224x224 took
 # 5.8 ms an image on one core here (imagefolder.decode, a 500x375 JPEG): about 2 hours, a quarter of that
 # or more with its threads, plus the disk. The cost of a long timeout is small: when a rank dies torchrun
-# stops the others at once, so only a true hang waits it out.
+# stops the others within seconds, so only a true hang waits it out.
 TIMEOUT_ENV = "SEQTRAIN_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 180
 
