@@ -301,6 +301,20 @@ def tensor_bytes(tensors) -> int:
     return sum(t.nbytes for t in tensors)
 
 
+def without_cuda_query(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`optimizer`, kept from asking CUDA whether a graph is being captured when its parameters are all on the
+    meta device (a step that computes nothing, as --plan and the memory-balanced cut take).
+
+    Adam, AdamW and others call `_accelerator_graph_capture_health_check()` on every step, which queries
+    `torch.accelerator.current_stream()` and so creates a CUDA context on GPU 0 on any machine with a GPU:
+    hundreds of MB in every process, before torchrun's ranks have chosen their GPU, and with --device cpu
+    too (issue 24). Nothing can be captured on the meta device, so the check has nothing to find there.
+    """
+    if all(p.device.type == "meta" for group in optimizer.param_groups for p in group["params"]):
+        optimizer._accelerator_graph_capture_health_check = lambda: None  # this instance only
+    return optimizer
+
+
 def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                   autocast=contextlib.nullcontext) -> StepBytes:
     """Run one real `train_step` and account for the bytes it holds; works on "meta" tensors (no compute).
@@ -308,6 +322,7 @@ def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     Not counted: the transient gradients of activations during backward, allocator rounding and caches,
     and on CPU the libraries' workspaces; the benchmark's `floor_ratio` (measured peak / this) shows them.
     """
+    without_cuda_query(optimizer)
     weights = [*model.parameters(), *model.buffers()]
     with SavedTensorBytes(exclude=[*weights, x, y]) as saved:
         train_step(model, x, y, optimizer, autocast)

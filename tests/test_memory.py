@@ -1,6 +1,7 @@
 """Tensor-level memory: the peak of a known step equals its hand-computed bytes, every stage's reported
-peak covers both its training and its caching pass, and each CUDA peak covers exactly its own window when
-windows nest (the CUDA allocator's counter is simulated: no GPU here)."""
+peak covers both its training and its caching pass, each CUDA peak covers exactly its own window when
+windows nest (the CUDA allocator's counter is simulated: no GPU here), and a step on the meta device
+creates no CUDA context."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from seqtrain.cache import read_manifest
-from seqtrain.memory import CudaPeak, PeakMemory, ProcessPeak
+from seqtrain.memory import CudaPeak, PeakMemory, ProcessPeak, analytic_step, without_cuda_query
 from seqtrain.report import MB
 
 
@@ -119,3 +120,33 @@ def test_a_window_does_not_take_a_peak_from_before_it_began(cuda):
     inner = CudaPeak(torch.device("cuda")).start()  # folds again: `outer` still 50, `inner` begins at 0
     cuda.alloc(MB)
     assert inner.stop() == (MB, 2 * MB) and outer.stop() == (50 * MB, 100 * MB)
+
+
+@pytest.fixture
+def cuda_context_forbidden(monkeypatch):
+    """A machine whose GPU would get a CUDA context from the first query of its current stream."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+
+    def create_context(*a, **k):
+        raise AssertionError("a CUDA context was created")
+
+    monkeypatch.setattr(torch.accelerator, "current_stream", create_context)
+
+
+def meta_step_parts():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        x, y = torch.empty(2, 8), torch.zeros(2, dtype=torch.long)
+    return model, torch.optim.AdamW(model.parameters()), x, y
+
+
+def test_a_step_on_the_meta_device_creates_no_cuda_context(cuda_context_forbidden):
+    model, opt, x, y = meta_step_parts()
+    with pytest.raises(AssertionError, match="CUDA context"):
+        opt.step()  # AdamW's own step creates one, even with every tensor on the meta device
+    model, opt, x, y = meta_step_parts()
+    # --plan's step: two moments of the 36 weights and a step count for each of the 2 parameters, in bytes
+    assert analytic_step(model, opt, x, y).optimizer == 2 * 36 * 4 + 2 * 4
+    lin = torch.nn.Linear(2, 2)  # a real device's optimizer keeps the check
+    assert without_cuda_query(torch.optim.AdamW(lin.parameters())).__dict__.get(
+        "_accelerator_graph_capture_health_check") is None
