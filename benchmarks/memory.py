@@ -44,7 +44,11 @@ OUT/memory.json (every figure) and OUT/memory.png and, last, a JSON line with th
                      both timed in the ram k process, in alternating blocks of 5 steps
 
 --budget-mb measures, at each of --depths, end to end and every stage cut by --stages auto --memory-budget,
-and writes OUT/budget.json and OUT/budget.png. The JSON is written before anything is drawn (by
+and writes OUT/budget.json and OUT/budget.png. Both sides are judged alike: a configuration fits when its
+tensor peak (CUDA: max_memory_allocated; CPU: MemTracker) is at most the budget. Nothing is capped: a cap
+(set_per_process_memory_fraction) could only act on reserved memory, which the allocator rounds up to
+2 and 20 MiB segments, and it would hold e2e alone to that other figure. A configuration that runs out of
+the GPU's own memory is recorded as OOM, a stage's as not fitting. The JSON is written before anything is drawn (by
 memory_report.py). A missed target is printed and marked, never dropped. Every child applies seqtrain's
 host memory policy: by default glibc's adaptive mmap threshold, which keeps freed activations resident (the
 RSS figures); --release-memory (seqtrain/allocator.py) returns them at once.
@@ -121,7 +125,6 @@ class Job:
     warmup: int  # untimed steps first; the first is counted by analytic_step
     kind: str = "e2e"  # e2e, ckpt (e2e+ckpt), cache (stage's caching pass), stage, ram (stage fed from RAM)
     stage: int = 0
-    memory_limit_mb: int | None = None  # --budget-mb on a GPU: e2e gets only this much of it
 
     @property
     def name(self) -> str:
@@ -310,28 +313,24 @@ def child(job: Job) -> dict:
     if cfg.release_memory:  # as seqtrain.run does (allocator.py): what the resident set shows depends on it
         release_freed_memory()
     warm_up_libraries(cfg, device)
-    if device.type == "cuda" and job.memory_limit_mb and job.kind == "e2e":
-        # The budget as the GPU's whole memory: e2e beyond it fails as it would on a smaller GPU.
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, job.memory_limit_mb * MB / total), device)
     peak = ProcessPeak(device)  # everything from here on counts
     run, kind, k = RunDir(job.run_dir), job.kind, job.stage
     layout = resolve_layout(cfg, IN_SHAPE)
     torch.manual_seed(cfg.seed * 1000 + k)
-    with PeakMemory(device, watch_steps=WATCHED_STEPS) as memory:  # tensor level: the figure the ratios compare
-        if kind == "cache":
-            result = measure_caching(cfg, layout, run, k, device, memory)
-        else:
-            model, batches = training_job(cfg, layout, run, kind, k, device)
-            try:
+    try:  # every measured call can run out of GPU memory: the model, the caching pass, training, the loader's
+        with PeakMemory(device, watch_steps=WATCHED_STEPS) as memory:  # tensor level: what the ratios compare
+            if kind == "cache":
+                result = measure_caching(cfg, layout, run, k, device, memory)
+            else:
+                model, batches = training_job(cfg, layout, run, kind, k, device)
                 result = measure_training(model, batches, cfg, device, peak, job.steps, job.warmup, memory)
-            except torch.cuda.OutOfMemoryError:
-                return {"oom": True, "device_name": device_description(device)}
-            if kind == "ram":  # the loader's efficiency: the cache against RAM, timed in one process
-                prev = run.cache(k - 1)
-                cached = cached_batches(cfg, prev, read_manifest(prev), "train", device, train=True)
-                speeds = interleaved(model, cached, batches, cfg, device, job.steps)
-                result["cache_vs_ram_samples_per_s"] = speeds
+                if kind == "ram":  # the loader's efficiency: the cache against RAM, timed in one process
+                    prev = run.cache(k - 1)
+                    cached = cached_batches(cfg, prev, read_manifest(prev), "train", device, train=True)
+                    speeds = interleaved(model, cached, batches, cfg, device, job.steps)
+                    result["cache_vs_ram_samples_per_s"] = speeds
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True, "device_name": device_description(device)}
     return {**result, "peak": peak.read(), "tensor": {"peak": memory.tensor_bytes, **memory.as_dict()},
             "device_name": device_description(device)}
 
@@ -355,15 +354,22 @@ def measure_all(cfg: Config, args: argparse.Namespace, run_dir: str) -> dict[str
     """Every configuration: caches first (each stage's input), then each stage beside its RAM-fed twin, then e2e."""
     base = Job(cfg.to_dict(), args.device, run_dir, args.steps, args.warmup)
     rows = {}
+
+    def measure(name: str, job: Job) -> None:
+        rows[name] = spawn(job)
+        if rows[name].get("oom"):  # every ratio needs every row
+            sys.exit(f"benchmarks/memory.py: configuration {name!r} ran out of GPU memory; measure a smaller one "
+                     "(--batch-size, --width, --arch) or use --budget-mb, which records OOM")
+
     num_stages = resolve_layout(cfg, IN_SHAPE).num_stages
     for k in range(num_stages):
-        rows[f"cache {k}"] = spawn(replace(base, kind="cache", stage=k))
+        measure(f"cache {k}", replace(base, kind="cache", stage=k))
     for k in range(num_stages):  # back to back, so that a change in the machine's load hits both alike
-        rows[f"stage {k}"] = spawn(replace(base, kind="stage", stage=k))
+        measure(f"stage {k}", replace(base, kind="stage", stage=k))
         if k > 0:
-            rows[f"ram {k}"] = spawn(replace(base, kind="ram", stage=k))
-    rows["e2e"] = spawn(base)
-    rows["e2e+ckpt"] = spawn(replace(base, kind="ckpt"))
+            measure(f"ram {k}", replace(base, kind="ram", stage=k))
+    measure("e2e", base)
+    measure("e2e+ckpt", replace(base, kind="ckpt"))
     return rows
 
 
@@ -446,28 +452,33 @@ def run_stages(args: argparse.Namespace) -> dict:
 
 def run_budget(args: argparse.Namespace) -> dict:
     """The deepest CIFAR ResNet whose end-to-end step fits the budget, against seqtrain's stages cut by
-    `--stages auto --memory-budget` at every depth; every peak measured at tensor level, in its own process."""
+    `--stages auto --memory-budget` at every depth; every peak measured at tensor level, in its own process,
+    and every one judged against the budget by that same figure."""
     budget = args.budget_mb * MB
     points = []
     for depth in args.depths:
         cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
         layout = resolve_layout(cfg, IN_SHAPE)
         with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
-            base = Job(cfg.to_dict(), args.device, run_dir, args.steps, args.warmup, memory_limit_mb=args.budget_mb)
+            base = Job(cfg.to_dict(), args.device, run_dir, args.steps, args.warmup)
             e2e = spawn(base)
             stages = []
             for k in range(layout.num_stages):
                 cache = spawn(replace(base, kind="cache", stage=k))
+                if cache.get("oom"):  # stage k+1 has no input: this depth does not fit
+                    stages.append({"train": None, "cache": None})
+                    break
                 train = spawn(replace(base, kind="stage", stage=k))
-                stages.append({"train": peak_of(train), "cache": peak_of(cache)})
-        largest = max(max(s.values()) for s in stages)
+                stages.append({"train": None if train.get("oom") else peak_of(train), "cache": peak_of(cache)})
+        measured = [v for s in stages for v in s.values()]
+        largest = None if None in measured or len(stages) < layout.num_stages else max(measured)  # None: OOM
         points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e),
                        "e2e_oom": e2e.get("oom"),
                        "stages": list(layout.sizes), "stage_peaks": stages, "largest_stage_peak": largest,
-                       "fits": largest <= budget})
+                       "fits": largest is not None and largest <= budget})
     fitting = [pt["depth"] for pt in points if pt["e2e_peak"] is not None and pt["e2e_peak"] <= budget]
     deepest = max((pt for pt in points if pt["fits"]), key=lambda pt: pt["depth"], default=None)
-    multi = [pt["largest_stage_peak"] for pt in points if len(pt["stages"]) > 1]
+    multi = [pt["largest_stage_peak"] for pt in points if len(pt["stages"]) > 1 and pt["largest_stage_peak"]]
     spread = max(multi) / min(multi) - 1 if len(multi) > 1 else None
     found = {"seqtrain_depth": None, "seqtrain_stages": None, "seqtrain_max_stage_mb": None, "depth_ratio": None}
     if deepest is not None:  # None only if no depth's stages all fit: a budget below every single block

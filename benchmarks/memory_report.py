@@ -142,7 +142,8 @@ def budget_table(points: list[dict], budget: int) -> str:
         e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
         rows.append([str(pt["depth"]), e2e, "yes" if pt["e2e_peak"] and pt["e2e_peak"] <= budget else "no",
                      str(len(pt["stages"])), ",".join(map(str, pt["stages"])),
-                     f"{pt['largest_stage_peak'] / MB:,.1f}", "yes" if pt["fits"] else "NO"])
+                     "OOM" if pt["largest_stage_peak"] is None else f"{pt['largest_stage_peak'] / MB:,.1f}",
+                     "yes" if pt["fits"] else "NO"])
     return aligned(rows)
 
 
@@ -171,8 +172,8 @@ def plot_budget(points: list[dict], budget_mb: int, device: str, path: Path, tit
     fig, ax = figure()
     measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
     ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
-    ax.plot(depths, [pt["largest_stage_peak"] / MB for pt in points], "o-", color="C0",
-            label="seqtrain, largest stage\n(--stages auto)")
+    staged = [(pt["depth"], pt["largest_stage_peak"] / MB) for pt in points if pt["largest_stage_peak"] is not None]
+    ax.plot(*zip(*staged), "o-", color="C0", label="seqtrain, largest stage\n(--stages auto)")
     ax.axhline(budget_mb, color="k", ls="--", label=f"budget {budget_mb} MB")
     ax.set_xlabel("depth (CIFAR ResNet, 6n+2)")
     ax.set_xscale("log")

@@ -1,10 +1,12 @@
 """benchmarks/memory.py and plan.py: the benchmark's summary is well formed on a tiny configuration (its
-numbers are not checked: they depend on the machine), and what plan.py predicts without computing equals
-what a real training step and a real cache measure."""
+numbers are not checked: they depend on the machine), --budget-mb judges every configuration by one figure
+and records an out-of-memory anywhere, and what plan.py predicts without computing equals what a real
+training step and a real cache measure."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -113,6 +115,48 @@ def test_benchmark_measures_what_plan_predicts(bench):
         assert rows[f"cache {k}"]["cache_bytes"] == pytest.approx(stage["cache_bytes"], rel=0.01)
     assert rows["e2e"]["analytic"] == p["e2e"]["analytic"]
     assert rows["e2e+ckpt"]["analytic"]["saved"] < rows["e2e"]["analytic"]["saved"] / 2  # only block inputs kept
+
+
+def oom(*args, **kw):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+
+@pytest.mark.parametrize("kind, where", [("cache", "measure_caching"), ("e2e", "training_job"),
+                                         ("stage", "measure_training"), ("ram", "interleaved")])
+def test_an_out_of_memory_anywhere_in_a_configuration_is_its_result(monkeypatch, kind, where):
+    # Building the model, the caching pass, the training steps, the loader's comparison: each can run out.
+    stubs = {"measure_caching": lambda *a: {}, "training_job": lambda *a: (None, None),
+             "measure_training": lambda *a: {}, "read_manifest": lambda *a: None,
+             "cached_batches": lambda *a, **k: None, "interleaved": lambda *a: [1.0, 1.0], where: oom}
+    for name, fn in stubs.items():
+        monkeypatch.setattr(memory, name, fn)
+    job = memory.Job(Config(arch="resnet8", width=4).to_dict(), "cpu", "unused", 1, 1, kind=kind, stage=1)
+    assert memory.child(job)["oom"] is True
+
+
+def test_the_budget_judges_e2e_and_stages_by_one_figure_and_records_oom(monkeypatch, tmp_path):
+    # Tensor peaks by (depth, configuration); at depth 20 stage 1 runs out of the GPU's memory.
+    peaks = {8: {"e2e": 60, "stage": 50, "cache": 20}, 20: {"e2e": 100, "stage": 50, "cache": 20}}
+
+    def spawn(job):
+        depth = int(job.cfg["arch"].removeprefix("resnet"))
+        if depth == 20 and job.kind == "stage" and job.stage == 1:
+            return {"oom": True, "device_name": "test"}
+        return {"tensor": {"peak": peaks[depth][job.kind] * 2**20}, "device_name": "test"}
+
+    monkeypatch.setattr(memory, "spawn", spawn)
+    monkeypatch.setattr(memory.memory_report, "report", lambda out: None)
+    args = memory.parse_args(["--device", "cpu", "--quick", "--budget-mb", "64", "--depths", "8,20",
+                              "--stages", "2", "--out", str(tmp_path)])
+    summary = memory.run_budget(args)
+    points = {pt["depth"]: pt for pt in read_json(tmp_path / "budget.json")["points"]}
+    assert "memory_limit_mb" not in {f.name for f in dataclasses.fields(memory.Job)}  # nothing capped otherwise
+    assert points[8]["e2e_peak"] == 60 * 2**20 and points[8]["fits"] and points[8]["largest_stage_peak"] == 50 * 2**20
+    assert points[20]["e2e_peak"] == 100 * 2**20 and not points[20]["e2e_oom"]
+    assert points[20]["largest_stage_peak"] is None and not points[20]["fits"]
+    assert summary["e2e_max_depth"] == 8 and summary["seqtrain_depth"] == 8
+    table = memory_report.budget_table(list(points.values()), 64 * 2**20)
+    assert table.splitlines()[-1].split()[-2:] == ["OOM", "NO"]
 
 
 # --------------------------------------------------------------------------------------------------------
