@@ -71,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -506,6 +507,7 @@ def children_cpu_s() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    seq = Config()  # seqtrain's defaults, named in the help of the flags left to them: read, not copied
     p.add_argument("--quick", action="store_true", help="the sweep at width 8 on 2,000 images, 5 epochs of AdamW "
                    "at batch 64, no early stopping, one process per run: ~18.5 min on 2 CPU cores (see the docstring)")
     p.add_argument("--study", action="store_true", help="the scaling study's preset: ResNet-20 to 110 at 16x16, "
@@ -533,12 +535,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, help="synthetic test images (default: 2000, --quick 1000)")
     p.add_argument("--width", type=int, help="first block's channels, 0 = standard (default: 0, --quick 8)")
     p.add_argument("--max-epochs", type=int, help="epoch cap of every stage and of e2e (default: 12, --quick 5)")
-    p.add_argument("--batch-size", type=int, help="of every stage and of e2e (default: seqtrain's 128, --quick 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: seqtrain's 0.05, --quick 0.003)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up (default: seqtrain's 1, --quick 1)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="(default: seqtrain's sgd, --quick adamw)")
+    p.add_argument("--batch-size", type=int, help=f"of every stage and of e2e (default: seqtrain's {seq.batch_size}, "
+                   "--quick 64)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: seqtrain's {seq.lr}, --quick 0.003)")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up (default: seqtrain's {seq.warmup_epochs:g}, "
+                   "--quick 1)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"(default: seqtrain's {seq.optimizer}, "
+                   "--quick adamw)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs; --max-epochs or more turns "
-                   "early stopping off (default: seqtrain's 3, --quick 5)")
+                   f"early stopping off (default: seqtrain's {seq.patience}, --quick {PRESETS['quick']['patience']}, "
+                   f"--study {PRESETS['study']['patience']})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     p.add_argument("--jobs", type=int, help="runs side by side (default: 1, --quick 2)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: CPU cores / jobs on a CPU)")
@@ -583,6 +589,16 @@ def settings_line(args: argparse.Namespace) -> str:
             + (", one process per sequential run" if args.one_process else ", one process per stage"))
 
 
+def machines(done: list[dict], args: argparse.Namespace) -> str:
+    """Where the points ran: the ledger's record of each (--report-only must not stamp its own machine on
+    points measured elsewhere, as the study's plot once did), this machine for points run now."""
+    here = device_description(args.device)
+    counts = Counter(d.get("device_name", here) for d in done).most_common()
+    if len(counts) <= 1:
+        return counts[0][0] if counts else here
+    return "; ".join(f"{name}: {n} point{'s' * (n > 1)}" for name, n in counts)
+
+
 def check_settings(args: argparse.Namespace) -> None:
     """Every point's flags validated, and the dataset made once, before any run starts (runs share it)."""
     cfg = None
@@ -607,14 +623,15 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"benchmarks/accuracy.py: {e}")
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
-    rows = summarize(run_sweep(args), args)
+    done = run_sweep(args)
+    rows = summarize(done, args)
     target = target_check(rows, args.one_process, STUDY_TARGET if args.study else TARGET)
     config = {k: getattr(args, k) for k in ("preset", "quick", "e2e_only", "archs", "ks", "downsamples", "heads",
                                             "image_size", "stage_convs",
                                             "stage_width", "seeds", "dataset", "n_train", "n_test", "width",
                                             "max_epochs", *TRAINING, "jobs", "threads", "one_process")}
     summary = {"benchmark": "accuracy", "torch": torch.__version__, "device": args.device,
-               "device_name": device_description(args.device), "config": config, "settings": settings_line(args),
+               "device_name": machines(done, args), "config": config, "settings": settings_line(args),
                "target": target, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_s(), 1),
                "rows": [{k: r[k] for k in ("arch", "downsample", "intensity", "method", "k", "test_acc", "gap_points",
                                            "mem_ratio")} for r in rows]}

@@ -64,20 +64,21 @@ def plot(rows: list[dict], archs: list[str], path: Path, title: str) -> None:
     keys = list(dict.fromkeys((r["downsample"], r["intensity"]) for r in rows))
     fig, axes = panels(len(keys))
     x = {arch: i for i, arch in enumerate(archs)}
+    # One colour per line across the panels, which share one legend (save_panels).
+    colour = {line: f"C{i}" for i, line in enumerate(dict.fromkeys((r["method"], r["k"]) for r in rows))}
     for ax, (downsample, inten) in zip(axes, keys):
         mine = [r for r in rows if r["downsample"] == downsample and r["intensity"] == inten]
         for method, k in dict.fromkeys((r["method"], r["k"]) for r in mine):
             rs = [r for r in mine if r["method"] == method and r["k"] == k]
             name = (f"e2e (K={k} network)" if k else "e2e") if method == "e2e" else f"sequential K={k}"
             ax.errorbar([x[r["arch"]] for r in rs], [r["test_acc"][0] for r in rs], yerr=[r["test_acc"][1] for r in rs],
-                        fmt="k--" if method == "e2e" and not k else ("x--" if method == "e2e" else "o-"), capsize=3,
-                        label=name)
+                        fmt="--" if method == "e2e" and not k else ("x--" if method == "e2e" else "o-"), capsize=3,
+                        color="k" if method == "e2e" and not k else colour[method, k], label=name)
         blocks = {r["arch"]: r["blocks"] for r in rows}
         ax.set_xticks(list(x.values()), [f"{arch}\n({blocks.get(arch, '?')} blocks)" for arch in x])
         ax.set_title(f"{downsample} downsampling" + ("" if inten == "usual" else f", {inten}"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
-    axes[0].legend(fontsize=8)
     save_panels(fig, path, title, len(keys))
 
 
@@ -86,16 +87,16 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     mine = [r for r in rows if r.get("curves")]
     keys = list(dict.fromkeys((r["downsample"], r.get("head", "conv")) for r in mine))
     fig, axes = panels(len(keys))
+    colour = {arch: f"C{i}" for i, arch in enumerate(dict.fromkeys(r["arch"] for r in mine))}  # across panels
     for ax, (downsample, head) in zip(axes, keys):
-        for i, r in enumerate(r for r in mine if (r["downsample"], r.get("head", "conv")) == (downsample, head)):
+        for r in (r for r in mine if (r["downsample"], r.get("head", "conv")) == (downsample, head)):
             for j, curve in enumerate(r["curves"]):
-                ax.plot(range(1, len(curve) + 1), curve, ".-", color=f"C{i}", alpha=0.8,
+                ax.plot(range(1, len(curve) + 1), curve, ".-", color=colour[r["arch"]], alpha=0.8,
                         label=r["arch"] if j == 0 else None)
         ax.set_title(f"e2e, {downsample} downsampling, {head} head", fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (one line per seed)")
-    axes[0].legend(fontsize=8)
     save_panels(fig, path, title, len(keys))
 
 
@@ -117,19 +118,21 @@ def plot_gaps(rows: list[dict], archs: list[str], path: Path, title: str) -> Non
     keys = list(dict.fromkeys(r["downsample"] for r in seq))
     fig, axes = panels(max(1, len(keys)))
     x = {arch: i for i, arch in enumerate(archs)}
+    colour = {line: f"C{i}" for i, line in enumerate(dict.fromkeys((r.get("head", "conv"), r["k"]) for r in seq))}
     for ax, downsample in zip(axes, keys):
         mine = [r for r in seq if r["downsample"] == downsample]
         for head, k in dict.fromkeys((r.get("head", "conv"), r["k"]) for r in mine):
             rs = sorted((r for r in mine if (r.get("head", "conv"), r["k"]) == (head, k)), key=lambda r: x[r["arch"]])
+            # The seeds per depth name the line: a panel with fewer seeds gets an entry of its own in the legend.
             ax.errorbar([x[r["arch"]] for r in rs], [r["gap_points"][0] for r in rs],
                         yerr=[r["gap_points"][1] for r in rs], fmt="o-" if head == "conv" else "s--", capsize=3,
+                        color=colour[head, k],
                         label=f"K={k}, {head} head (seeds: {'/'.join(str(len(r['seeds'])) for r in rs)})")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(list(x.values()), list(x))
         ax.set_title(f"{downsample} downsampling", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("gap to e2e, points (sequential - e2e; mean ± std)")
-    axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("gap to e2e, points\n(sequential - e2e, mean ± std)")  # one line was taller than the plot
     save_panels(fig, path, title, max(1, len(keys)))
 
 

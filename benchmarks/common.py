@@ -32,7 +32,7 @@ def figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(7, 4))
+    return plt.subplots(figsize=(8.5, 4))  # wide enough for the legend beside the axes (save_figure)
 
 
 def panels(n: int):
@@ -47,23 +47,33 @@ def panels(n: int):
 
 
 def save_panels(fig, path: Path, title: str, n: int) -> None:
-    """Save a panels() figure under `title`, wrapped rather than clipped when it is long."""
+    """Save a panels() figure under `title`, wrapped rather than clipped when it is long, with one legend for
+    every panel below them all, where it covers no data (issue 26: inside, it hid points)."""
     import matplotlib.pyplot as plt
 
     fig.suptitle("\n".join(textwrap.fill(line, 60 * n) for line in title.splitlines()), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    labelled = {}  # label -> handle, across the panels: a label seen in two panels is one entry
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    if labelled:
+        fig.legend(labelled.values(), labelled.keys(), loc="upper center", bbox_to_anchor=(0.5, 0),
+                   ncol=min(len(labelled), 2 * n), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the legend and every label inside the file
     plt.close(fig)
 
 
 def save_figure(fig, ax, path: Path, title: str, ylabel: str) -> None:
+    """Save a figure() with its legend right of the axes, where no data can be: inside, the memory plot's
+    legend covered the end-to-end line (issue 26). bbox_inches="tight" keeps every label inside the file."""
     import matplotlib.pyplot as plt
 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

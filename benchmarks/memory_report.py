@@ -1,9 +1,10 @@
-"""The memory benchmark's report: tables, ratio lines and plots from what benchmarks/memory.py measured.
+"""The memory benchmark's report: a table, a verdict and plots from what benchmarks/memory.py measured.
 
     python -m benchmarks.memory_report OUT     # redraw OUT/memory.png, OUT/budget.png and reprint the tables
 
 It reads the JSON files the measurement wrote (OUT/memory.json, OUT/budget.json) and never measures, so a
-figure can be redrawn without running anything again.
+figure can be redrawn without running anything again. The verdict holds the few ratios that answer the
+benchmark's question, each against its target or its alternative; every other figure is in the JSON.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from seqtrain.files import read_json
 from seqtrain.report import MB, aligned
 
 CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as unreliable
+# The --budget-mb sweep's targets: seqtrain trains 4x deeper than e2e in the same memory, and --stages auto
+# keeps the largest stage's peak within 10% across depths (docs/memory.md, "Deeper than end to end fits").
+DEPTH_RATIO_TARGET, SPREAD_TARGET = 4, 0.10
+
+
+def tensor_source(device: str) -> str:
+    return "the CUDA allocator" if device == "cuda" else "MemTracker"
 
 
 def tensor_label(device: str) -> str:
-    return "tensor peak, " + ("CUDA allocator (MB)" if device == "cuda" else "MemTracker (MB)")
+    return f"tensor peak, {tensor_source(device)} (MB)"
 
 
 def peak_of(row: dict) -> int:
@@ -42,57 +50,90 @@ def predicted(p: dict, name: str) -> tuple[int | None, int | None]:
     return None, None  # e2e+ckpt: plan.py does not model recomputation
 
 
+def columns(lines: list[list[str]]) -> str:
+    """Left-aligned columns, the last one free: a verdict reads as sentences, not as numbers to compare."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(line, widths)), line[-1]]).rstrip() for line in lines)
+
+
+def contended(row: dict) -> bool:
+    return row["cpu_wait"] is not None and row["cpu_wait"] > CONTENDED
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every stage: OUT/memory.json
+
+
 def table(rows: dict[str, dict], p: dict, device: str) -> str:
+    """A row per configuration: its peak against e2e's and plan.py's, its resident set, speed and cache on disk.
+    The RAM-fed twins (ram k) are left to the verdict: their peak holds a whole split, only their speed counts."""
     fmt = lambda n: "-" if n is None else f"{n / MB:,.1f}"  # noqa: E731
-    head = ["config", "tensor MB", *(["reserved MB"] if device == "cuda" else []), "RSS MB"]
-    out = [head + ["analytic MB", "predicted peak MB", "step ms", "samples/s", "cpu wait", "cache MB", "predicted MB"]]
-    order = ["e2e", "e2e+ckpt", *(f"{kind} {k}" for k in range(len(p["stages"])) for kind in ("stage", "ram", "cache"))]
+    cuda = device == "cuda"
+    out = [["config", "tensor MB", "x e2e", "plan.py MB", *(["reserved MB"] if cuda else []), "RSS MB", "step ms",
+            "samples/s", "cache MB"]]
+    order = ["e2e", "e2e+ckpt", *(f"{kind} {k}" for k in range(len(p["stages"])) for kind in ("stage", "cache"))]
     for name in filter(rows.__contains__, order):
-        row, (pred, pred_cache) = rows[name], predicted(p, name)
-        peaks = [row["tensor"]["peak"], *([row["peak"]["cuda_reserved"]] if device == "cuda" else [])]
-        analytic = row["analytic"]["total"] if row["analytic"] else None
-        wait = "-" if row["cpu_wait"] is None else f"{row['cpu_wait']:.0%}"
-        out.append([name, *map(fmt, peaks), fmt(row["peak"]["rss"]), fmt(analytic), fmt(pred),
-                    f"{row['step_ms']:.1f}", f"{row['samples_per_s']:,.0f}", wait, fmt(row.get("cache_bytes")),
-                    fmt(pred_cache)])
-    return aligned(out)
+        row = rows[name]
+        out.append([name, fmt(peak_of(row)), f"{peak_of(row) / peak_of(rows['e2e']):.2f}", fmt(predicted(p, name)[0]),
+                    *([fmt(row["peak"]["cuda_reserved"])] if cuda else []), fmt(row["peak"]["rss"]),
+                    f"{row['step_ms']:.1f}{'*' if contended(row) else ''}", f"{row['samples_per_s']:,.0f}",
+                    fmt(row.get("cache_bytes"))])
+    notes = [f"tensor MB: the peak of live tensors ({tensor_source(device)}), which every ratio compares; "
+             "plan.py MB: --plan's prediction",
+             "RSS MB: the process above its imports; cache k: stage k's caching pass, cache MB its features on disk"]
+    if any(contended(rows[name]) for name in order if name in rows):
+        notes.append(f"*: tasks waited for a CPU during over {CONTENDED:.0%} of the timed steps: an unreliable time")
+    return "\n".join([aligned(out), *notes])
 
 
-def ratio_lines(r: dict, targets: dict) -> str:
-    mark = lambda name: f"  target {targets[name]['target']}: {'met' if targets[name]['met'] else 'MISSED'}"  # noqa: E731
-    by_stage = ", ".join(f"{k}: {v:.2f}" for k, v in r["loader_efficiency_by_stage"].items())
-    lines = [
-        f"peak_ratio         {r['peak_ratio']:.3f}  {r['largest_sequential']} peak / e2e peak "
-        f"(analytic, plan.py: {r['analytic_peak_ratio']:.3f}; one block per stage: {r['finest_analytic_ratio']:.3f})",
-        f"ckpt_ratio         {r['ckpt_ratio']:.3f}  e2e+ckpt peak / e2e peak",
-        f"ckpt_time_ratio    {r['ckpt_time_ratio']:.3f}  e2e+ckpt step time / e2e step time",
-        f"floor_ratio        {r['floor_ratio']:.3f}  {r['largest_stage']} tensor peak / its predicted peak (plan.py: "
-        f"analytic floor + backward's transients; {r['floor_only_ratio']:.3f} against the floor alone)"
-        + mark("floor_ratio"),
-        f"rss_peak_ratio     {r['rss_peak_ratio']:.3f}  {r['rss_largest_sequential']} RSS peak / e2e RSS peak (the "
-        "process: torch's libraries, the data and the allocator's cache included)",
-        f"rss_floor_ratio    {r['rss_floor_ratio']:.3f}  {r['largest_stage']} RSS peak above imports / (analytic "
-        "bytes + its input's host memory)" + mark("rss_floor_ratio"),
-        f"loader_efficiency  {r['loader_efficiency']:.3f}  lowest of cache/RAM samples/s by stage ({by_stage})"
-        + mark("loader_efficiency"),
-    ]
-    if r["max_cpu_wait"] is not None and r["max_cpu_wait"] > CONTENDED:
-        lines.append(f"WARNING: tasks waited for a CPU during up to {r['max_cpu_wait']:.0%} of a configuration's "
-                     "timed steps: other jobs were running, so step times and the time ratios are unreliable")
-    return "\n".join(lines)
+def against(t: dict) -> str:
+    """A target's verdict: met, MISSED, or not measured where it needs a flag that was not given."""
+    if t["met"] is None:
+        return f"target {t['target']}: not measured (opt in with {t['opt_in']})"
+    return f"target {t['target']}: {'met' if t['met'] else 'MISSED'}"
+
+
+def verdict(r: dict, targets: dict) -> str:
+    """The ratios that answer "what does sequential training save, and is plan.py right", each against its
+    target or its alternative; the others (rss_peak_ratio, floor_only_ratio, ...) are in the JSON."""
+    stage = r["largest_stage"]
+    slowest = min(r["loader_efficiency_by_stage"].items(), key=lambda kv: kv[1])[0]
+    lines = [["verdict", "value", "measured as", "against"],
+             ["peak_ratio", f"{r['peak_ratio']:.2f}x", f"largest sequential peak ({r['largest_sequential']}) / e2e's",
+              f"e2e+ckpt: {r['ckpt_ratio']:.2f}x at {r['ckpt_time_ratio']:.2f}x e2e's step time; plan.py "
+              f"predicted {r['analytic_peak_ratio']:.2f}x"],
+             ["floor_ratio", f"{r['floor_ratio']:.2f}", f"{stage}'s tensor peak / plan.py's prediction",
+              against(targets["floor_ratio"])],
+             ["loader_efficiency", f"{r['loader_efficiency']:.2f}", f"cache / RAM samples/s, slowest stage ({slowest})",
+              against(targets["loader_efficiency"])],
+             ["rss_floor_ratio", f"{r['rss_floor_ratio']:.2f}", f"{stage}'s RSS / (its tensors + input)",
+              against(targets["rss_floor_ratio"])]]
+    return columns(lines)
 
 
 def plot_stages(rows: dict[str, dict], K: int, device: str, path: Path, title: str) -> None:
     peak = lambda name: peak_of(rows[name]) / MB  # noqa: E731
     fig, ax = figure()
+    # The references first: the legend lists lines in the order drawn, and bars after them.
+    ax.axhline(peak("e2e"), color="C3", label="end to end")
+    ax.axhline(peak("e2e+ckpt"), color="C3", ls="--", label="end to end\n+ checkpointing")
+    ax.scatter([k - 0.2 for k in range(K)], [rows[f"stage {k}"]["analytic"]["total"] / MB for k in range(K)],
+               marker="_", s=600, color="k", label="stage k: analytic bytes", zorder=3)
     ax.bar([k - 0.2 for k in range(K)], [peak(f"stage {k}") for k in range(K)], 0.4, label="stage k: training")
     ax.bar([k + 0.2 for k in range(K)], [peak(f"cache {k}") for k in range(K)], 0.4, label="stage k: caching pass")
-    ax.scatter([k - 0.2 for k in range(K)], [rows[f"stage {k}"]["analytic"]["total"] / MB for k in range(K)],
-               marker="_", s=600, color="k", label="stage k: analytic bytes")
-    ax.axhline(peak("e2e"), color="C3", label="end to end")
-    ax.axhline(peak("e2e+ckpt"), color="C3", ls="--", label="end to end + checkpointing")
     ax.set_xticks(range(K), [f"stage {k}" for k in range(K)])
     save_figure(fig, ax, path, title, tensor_label(device))
+
+
+def stages_title(s: dict) -> str:
+    c = s["config"]
+    blocks = ",".join(map(str, c["stages"]))
+    return (f"{c['arch']} (width {c['width'] or 'standard'}) in {len(c['stages'])} stages of {blocks} blocks, "
+            f"batch {c['batch_size']}\n{s['device_name']}, torch {s['torch']}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Deeper than memory allows: OUT/budget.json
 
 
 def budget_table(points: list[dict], budget: int) -> str:
@@ -101,22 +142,29 @@ def budget_table(points: list[dict], budget: int) -> str:
         e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
         rows.append([str(pt["depth"]), e2e, "yes" if pt["e2e_peak"] and pt["e2e_peak"] <= budget else "no",
                      str(len(pt["stages"])), ",".join(map(str, pt["stages"])),
-                     f"{pt['largest_stage_peak'] / MB:,.1f}", "yes" if pt["fits"] else "NO"])
+                     "OOM" if pt["largest_stage_peak"] is None else f"{pt['largest_stage_peak'] / MB:,.1f}",
+                     "yes" if pt["fits"] else "NO"])
     return aligned(rows)
 
 
-def budget_lines(s: dict) -> str:
-    lines = [f"budget {s['budget_mb']} MB: end to end fits up to depth {s['e2e_max_depth'] or '(none measured)'}; "
-             f"seqtrain trains depth {s['seqtrain_depth']} in {s['seqtrain_stages']} stages, every training and "
-             f"caching peak at most {s['seqtrain_max_stage_mb']} MB"]
+def budget_verdict(s: dict) -> str:
+    """How much deeper seqtrain trains within the budget, and how evenly --stages auto fills it."""
+    lines = [["verdict", "value", "measured as", "against"]]
     if s["depth_ratio"]:
-        met = "met" if s["depth_ratio"] >= 4 else "MISSED"
-        lines.append(f"depth ratio {s['depth_ratio']:.1f}x (target >= 4: {met})")
+        met = "met" if s["depth_ratio"] >= DEPTH_RATIO_TARGET else "MISSED"
+        lines.append(["depth_ratio", f"{s['depth_ratio']:.1f}x",
+                      f"deepest within {s['budget_mb']} MB: seqtrain's {s['seqtrain_depth']} ({s['seqtrain_stages']} "
+                      f"stages, peak {s['seqtrain_max_stage_mb']} MB) / e2e's {s['e2e_max_depth']}",
+                      f"target >= {DEPTH_RATIO_TARGET}: {met}"])
+    else:
+        lines.append(["depth_ratio", "-", f"end to end fits no depth measured within {s['budget_mb']} MB; seqtrain: "
+                      f"{s['seqtrain_depth'] or 'none either'}", f"target >= {DEPTH_RATIO_TARGET}: not measured"])
     if s["multi_stage_spread"] is not None:
-        met = "met" if s["multi_stage_spread"] <= 0.10 else "MISSED"
-        lines.append(f"largest stage's peak across the depths cut into 2+ stages: spread "
-                     f"{s['multi_stage_spread']:.1%} (target <= 10%: {met})")
-    return "\n".join(lines)
+        met = "met" if s["multi_stage_spread"] <= SPREAD_TARGET else "MISSED"
+        lines.append(["multi_stage_spread", f"{s['multi_stage_spread']:.1%}",
+                      "largest stage's peak across the depths cut into 2+ stages, max / min - 1",
+                      f"target <= {SPREAD_TARGET:.0%}: {met}"])
+    return columns(lines)
 
 
 def plot_budget(points: list[dict], budget_mb: int, device: str, path: Path, title: str) -> None:
@@ -124,46 +172,54 @@ def plot_budget(points: list[dict], budget_mb: int, device: str, path: Path, tit
     fig, ax = figure()
     measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
     ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
-    ax.plot(depths, [pt["largest_stage_peak"] / MB for pt in points], "o-", color="C0",
-            label="seqtrain, largest stage (--stages auto)")
+    staged = [(pt["depth"], pt["largest_stage_peak"] / MB) for pt in points if pt["largest_stage_peak"] is not None]
+    ax.plot(*zip(*staged), "o-", color="C0", label="seqtrain, largest stage\n(--stages auto)")
     ax.axhline(budget_mb, color="k", ls="--", label=f"budget {budget_mb} MB")
     ax.set_xlabel("depth (CIFAR ResNet, 6n+2)")
     ax.set_xscale("log")
     ax.set_xticks(depths, [str(d) for d in depths])
+    ax.minorticks_off()  # the log axis's own ticks would crowd the depths' labels
     save_figure(fig, ax, path, title, tensor_label(device))
-
-
-def report(out: Path) -> None:
-    """Reprint the tables and redraw the plots of every benchmark result in `out`."""
-    found = False
-    if (out / "memory.json").exists():
-        found = True
-        saved = read_json(out / "memory.json")
-        s, rows, p = saved["summary"], saved["rows"], saved["plan"]
-        print(table(rows, p, s["device"]))
-        print(ratio_lines(s, s["targets"]))
-        plot_stages(rows, len(p["stages"]), s["device"], out / "memory.png", stages_title(s))
-    if (out / "budget.json").exists():
-        found = True
-        saved = read_json(out / "budget.json")
-        s, points = saved["summary"], saved["points"]
-        print(budget_table(points, s["budget_mb"] * MB))
-        print(budget_lines(s))
-        plot_budget(points, s["budget_mb"], s["device"], out / "budget.png", budget_title(s))
-    if not found:
-        sys.exit(f"benchmarks/memory_report.py: no memory.json or budget.json in {out}; run benchmarks/memory.py")
-
-
-def stages_title(s: dict) -> str:
-    c = s["config"]
-    return (f"{c['arch']} (width {c['width'] or 'standard'}) in {len(c['stages'])} stages, batch {c['batch_size']}\n"
-            f"{s['device_name']}, torch {s['torch']}")
 
 
 def budget_title(s: dict) -> str:
     c = s["config"]
     return (f"CIFAR ResNets, width {c['width'] or 16}, batch {c['batch_size']}, budget {s['budget_mb']} MB\n"
             f"{s['device_name']}, torch {s['torch']}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Both
+
+
+def report(out: Path) -> None:
+    """Reprint the tables and verdicts and redraw the plots of every benchmark result in `out`."""
+    found = False
+    if (out / "memory.json").exists():
+        found = True
+        saved = read_json(out / "memory.json")
+        s, rows, p = saved["summary"], saved["rows"], saved["plan"]
+        print(stages_title(s).replace("\n", "; "), table(rows, p, s["device"]), "", verdict(s, s["targets"]), sep="\n")
+        if s["max_cpu_wait"] is not None and s["max_cpu_wait"] > CONTENDED:
+            print(f"WARNING: tasks waited for a CPU during up to {s['max_cpu_wait']:.0%} of a configuration's "
+                  "timed steps: other jobs were running, so step times and the time ratios are unreliable")
+        plot_stages(rows, len(p["stages"]), s["device"], out / "memory.png", stages_title(s))
+        print(wrote(out, "memory"))
+    if (out / "budget.json").exists():
+        found = True
+        saved = read_json(out / "budget.json")
+        s, points = saved["summary"], saved["points"]
+        print(budget_title(s).replace("\n", "; "), budget_table(points, s["budget_mb"] * MB), "", budget_verdict(s),
+              sep="\n")
+        plot_budget(points, s["budget_mb"], s["device"], out / "budget.png", budget_title(s))
+        print(wrote(out, "budget"))
+    if not found:
+        sys.exit(f"benchmarks/memory_report.py: no memory.json or budget.json in {out}; run benchmarks/memory.py")
+
+
+def wrote(out: Path, name: str) -> str:
+    return (f"\nresults: {out / name}.json (every figure); plot: {out / name}.png; redraw: "
+            f"python -m benchmarks.memory_report {out}")
 
 
 if __name__ == "__main__":

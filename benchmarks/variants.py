@@ -10,7 +10,8 @@ Run from the repository root:
 
 Each variant is a name and the seqtrain flags that make it; everything after `--` is passed to every run
 (by default none: seqtrain's defaults, the embedded dataset). `--ranks N` in a variant runs it under
-`torchrun --standalone --nproc-per-node N` (gloo on the CPU, one thread per rank). Every run is
+`torchrun --standalone --nproc-per-node N` on the CPU (gloo, one thread per rank; `--ranks 1` also on the CPU,
+so that W1 and W2 compare alike; a `--device` in the variant or after `--` overrides it). Every run is
 `python -m seqtrain.run --stage all` in its own run directory under OUT/runs/VARIANT-sSEED, so an interrupted
 benchmark resumes where it stopped (seqtrain skips complete stages). Reported per variant: the final
 network's test accuracy per seed, their mean and standard deviation, the difference of means to the first
@@ -60,13 +61,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def command(flags: list[str], common: list[str], run_dir: Path) -> tuple[list[str], dict | None]:
     """The command line of one run and its environment (None: this one's); `--ranks N` becomes torchrun."""
     flags = list(flags)
-    ranks = 1
+    ranks, device = 1, []
     if "--ranks" in flags:
         i = flags.index("--ranks")
         ranks = int(flags[i + 1])
         del flags[i:i + 2]
+        # The CPU, said before the user's flags so that a --device of theirs wins: left at --device auto, a
+        # GPU machine would make the ranks NCCL ones, one per GPU, and a 1-GPU machine stops at local rank 1.
+        device = ["--device", "cpu"]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    argv = [sys.executable, *launcher, "-m", "seqtrain.run", "--stage", "all", *common, *flags,
+    argv = [sys.executable, *launcher, "-m", "seqtrain.run", "--stage", "all", *device, *common, *flags,
             "--run-dir", str(run_dir)]
     return argv, ({**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else None)
 

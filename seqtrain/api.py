@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from seqtrain.config import FIELD_TYPES, Config
 from seqtrain.data import image_side
-from seqtrain.errors import UserError
+from seqtrain.errors import UserError, from_python
 from seqtrain.files import load_torch, sha256_json
 from seqtrain.final import final_head
 from seqtrain.job import resolve, run_job
@@ -42,6 +42,7 @@ def custom_arch(stages: list[nn.Module]) -> str:
     return "custom:" + sha256_json(structure)[:12]
 
 
+@from_python()  # messages name settings as keyword arguments (download=True), not as flags
 def train_stages(stages: list[nn.Module], *, e2e: bool = False, **settings) -> nn.Module:
     """Train `stages` one at a time (resuming or skipping finished ones), cache their features, compose them.
 

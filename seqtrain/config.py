@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from seqtrain.archs import ARCHS, is_known_arch, num_blocks
-from seqtrain.errors import UserError
+from seqtrain.errors import UserError, setting
 from seqtrain.files import sha256_json
 
 if sys.version_info >= (3, 11):
@@ -288,7 +288,8 @@ def network_hash(cfg: Config, blocks: list) -> str:
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """A field as the caller names it: --batch-size from the command line, batch_size from Python."""
+    return setting(name)
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}

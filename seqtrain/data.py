@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from seqtrain import imagefolder, synthetic
-from seqtrain.errors import UserError
+from seqtrain.errors import UserError, setting
 from seqtrain.files import write_bytes
 
 if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
@@ -161,7 +161,8 @@ def synthetic_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
         np.savez(buf, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         write_bytes(path, buf.getvalue())
     except OSError as e:
-        raise UserError(f"cannot write the synthetic dataset to --data-dir {cfg.data_dir}: {e.strerror}") from None
+        raise UserError(f"cannot write the synthetic dataset to {setting('data_dir', cfg.data_dir)}: {e.strerror}"
+                        ) from None
     return x_train, y_train, x_test, y_test
 
 
@@ -195,19 +196,21 @@ def torchvision_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
 
 
 def dataset_error(cfg: Config, e: Exception) -> UserError:
-    """One line for a torchvision dataset that could not be loaded: what was looked for and the fix."""
+    """One line for a torchvision dataset that could not be loaded: what was looked for and the fix, named as
+    the caller names settings (--download on the command line, download=True from Python: errors.setting)."""
     root = Path(cfg.data_dir)
     missing = [root / f for f in KNOWN[cfg.dataset].files if not (root / f).is_file()]
     reason = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1].strip()  # the cause
+    where, download = setting("data_dir", cfg.data_dir), setting("download", True)
     if missing and cfg.download:
-        return UserError(f"downloading {cfg.dataset} into --data-dir {root} failed ({reason}); check the "
+        return UserError(f"downloading {cfg.dataset} into {where} failed ({reason}); check the "
                          f"internet connection, or put torchvision's files there by hand ({missing[0]} is missing)")
     if missing:
         more = f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else ""
-        return UserError(f"{cfg.dataset} was not found in --data-dir {root}: torchvision looks for {missing[0]}"
-                         f"{more}; pass --download to fetch it (needs internet)")
+        return UserError(f"{cfg.dataset} was not found in {where}: torchvision looks for {missing[0]}"
+                         f"{more}; pass {download} to fetch it (needs internet)")
     folder = (root / KNOWN[cfg.dataset].files[0]).parent
-    return UserError(f"{cfg.dataset} in {folder} is damaged ({reason}); delete its files and rerun with --download")
+    return UserError(f"{cfg.dataset} in {folder} is damaged ({reason}); delete its files and rerun with {download}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -273,8 +276,9 @@ def load_raw(cfg: Config) -> RawData:
     n = len(y_train)
     n_val = round(n * cfg.val_fraction)
     if n_val < 1 or n - n_val < 2 or len(y_test) < 1:  # only a small image folder can get here
-        raise UserError(f"{cfg.dataset} in --data-dir {cfg.data_dir} has {n} training and {len(y_test)} test "
-                        f"images, too few to carve a --val-fraction {cfg.val_fraction} split and test; add images")
+        raise UserError(f"{cfg.dataset} in {setting('data_dir', cfg.data_dir)} has {n} training and {len(y_test)} "
+                        f"test images, too few to carve a {setting('val_fraction', cfg.val_fraction)} split and "
+                        "test; add images")
     assert int(max(y_train.max(), y_test.max())) < num_classes, f"{cfg.dataset}: a label is out of range"
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data_seed))
     val_ids, train_ids = perm[:n_val].sort().values, perm[n_val:].sort().values
@@ -321,8 +325,9 @@ def check_memory(cfg: Config, n_train: int, n_test: int) -> None:
     if need <= free:
         return
     fits = [s for s in SUGGESTED_SIDES if s < side and load_bytes(cfg, n_train, n_test, s) <= free]
-    fix = (f"use --image-size {fits[0]} (needs {load_bytes(cfg, n_train, n_test, fits[0]) / 1e9:,.1f} GB) or a "
-           "machine with more memory" if fits else "use a smaller --image-size or a machine with more memory")
+    fix = (f"use {setting('image_size', fits[0])} (needs {load_bytes(cfg, n_train, n_test, fits[0]) / 1e9:,.1f} "
+           "GB) or a machine with more memory" if fits
+           else f"use a smaller {setting('image_size')} or a machine with more memory")
     raise UserError(f"{cfg.dataset} at {side}x{side} needs {need / 1e9:,.1f} GB of RAM ({n_train + n_test:,} "
                     f"images of 3x{side}x{side} uint8, all held in memory, and a copy of the validation split "
                     f"while it is carved), but {free / 1e9:,.1f} GB are available: {fix}")

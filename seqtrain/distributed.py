@@ -24,12 +24,22 @@ of labour (docs/design.md, "Distributed"):
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
 from seqtrain.errors import UserError
+
+# How long a collective may wait for the other ranks. torch's defaults (NCCL 10 minutes, gloo 30) are too
+# short for what one rank does while the others wait at a barrier: rank 0 alone decodes (or --download's)
+# the dataset before the others read it (run.py). Decoding ImageNet's 1.28 million JPEGs at 224x224 took
+# 5.8 ms an image on one core here (imagefolder.decode, a 500x375 JPEG): about 2 hours, a quarter of that
+# or more with its threads, plus the disk. The cost of a long timeout is small: when a rank dies torchrun
+# stops the others within seconds, so only a true hang waits it out.
+TIMEOUT_ENV = "SEQTRAIN_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 180
 
 
 def launched() -> bool:
@@ -60,11 +70,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def collective_timeout() -> datetime.timedelta:
+    """The process group's timeout: $SEQTRAIN_DIST_TIMEOUT_MIN minutes, by default DEFAULT_TIMEOUT_MIN."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not minutes > 0 or minutes == float("inf"):
+        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes above 0; e.g. {DEFAULT_TIMEOUT_MIN}, "
+                        "or unset it")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init(device_name: str) -> torch.device:
     """This process's device; under torchrun also joins the process group (NCCL on CUDA, gloo on CPU)."""
     device_name = resolve_device(device_name).type
     if not launched():
         return torch.device(device_name)
+    timeout = collective_timeout()
     if device_name == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -72,9 +96,9 @@ def init(device_name: str) -> torch.device:
                             "GPUs; use --nproc-per-node at most the GPU count")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return device
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from seqtrain.errors import UserError
+from seqtrain.errors import UserError, setting
 
 # torchvision's ImageFolder extensions, plus .gif; matched case-insensitively.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -73,7 +73,8 @@ def list_folder(root: str | Path, seed: int) -> Listing:
     root = Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise UserError(f"--data-dir {root} {what}; give the folder that holds one sub-folder of images per class")
+        raise UserError(f"{setting('data_dir', str(root))} {what}; give the folder that holds one sub-folder of "
+                        "images per class")
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() != test_dir.is_dir():
         have, lack = (train_dir, test_dir) if train_dir.is_dir() else (test_dir, train_dir)
@@ -153,10 +154,10 @@ def imagenet_missing(root: Path, download: bool) -> UserError:
     lack = ", ".join(f"{root / d}/" for d in ("train", "val") if not (root / d).is_dir())
     # torchvision.datasets.ImageNet has no download: its docstring asks for the archives from image-net.org.
     fetch = "ImageNet cannot be downloaded automatically: get its archives from https://image-net.org"
-    lead = f"--download cannot fetch imagenet ({fetch}); " if download else ""
+    lead = f"{setting('download', True)} cannot fetch imagenet ({fetch}); " if download else ""
     tail = "" if download else f"; {fetch}"
-    return UserError(f"{lead}imagenet was not found in --data-dir {root} ({lack} missing): seqtrain reads the "
-                     "train/ and val/ class folders that torchvision.datasets.ImageNet prepares; "
+    return UserError(f"{lead}imagenet was not found in {setting('data_dir', str(root))} ({lack} missing): seqtrain "
+                     "reads the train/ and val/ class folders that torchvision.datasets.ImageNet prepares; "
                      f"{imagenet_prepare_hint(root)}{tail}")
 
 

@@ -23,6 +23,7 @@ import platform
 import resource
 import sys
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -31,14 +32,72 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed._tools.mem_tracker import _MemRefType as MEM_KIND
 
 from seqtrain.report import MB
-from seqtrain.train import train_step
+from seqtrain.train import train_step, without_cuda_query
+
+# --------------------------------------------------------------------------------------------------------
+# The CUDA allocator's peak over one window of work
+
+
+class CudaPeak:
+    """The CUDA allocator's peak (allocated and reserved bytes) over one window of work, right when windows nest.
+
+    torch keeps one peak counter per device, and resetting it is the only way to start a window, so a window
+    opened inside another (benchmarks/memory.py's `ProcessPeak.reset()` inside a `PeakMemory`) would erase the
+    outer one's peak: its "tensor" figure covered only the timed steps. Every window therefore starts through
+    `start()`, which first folds the counter's peak so far into every open window of the device; each then
+    reports the most of what it folded and of the counter at its end: the peak of exactly its own span.
+    `at_start`: the bytes already allocated when it began (tensors of earlier work still alive, and library
+    workspaces such as cuBLAS's), which are part of every peak the allocator reports.
+    """
+
+    _open: weakref.WeakSet[CudaPeak] = weakref.WeakSet()  # windows started and not stopped, on any device
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.allocated = self.reserved = self.at_start = 0
+
+    def start(self) -> CudaPeak:
+        fold_cuda_peak(self.index)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.at_start = torch.cuda.memory_allocated(self.device)
+        self.allocated, self.reserved = self.at_start, torch.cuda.memory_reserved(self.device)
+        CudaPeak._open.add(self)
+        return self
+
+    def read(self) -> tuple[int, int]:
+        """(allocated, reserved) peak bytes from `start()` to now."""
+        torch.cuda.synchronize(self.device)
+        return (max(self.allocated, torch.cuda.max_memory_allocated(self.device)),
+                max(self.reserved, torch.cuda.max_memory_reserved(self.device)))
+
+    def stop(self) -> tuple[int, int]:
+        self.allocated, self.reserved = self.read()
+        CudaPeak._open.discard(self)
+        return self.allocated, self.reserved
+
+
+def fold_cuda_peak(index: int) -> None:
+    """Before device `index`'s peak counter is reset: keep its peak so far in every window open on it."""
+    windows = [w for w in CudaPeak._open if w.index == index]
+    if windows:
+        torch.cuda.synchronize(index)
+        allocated, reserved = torch.cuda.max_memory_allocated(index), torch.cuda.max_memory_reserved(index)
+        for w in windows:
+            w.allocated, w.reserved = max(w.allocated, allocated), max(w.reserved, reserved)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The peaks of one phase of a stage
 
 
 class PeakMemory:
     """Context manager over one phase of a stage (its training, or its caching pass): the phase's peaks.
 
     - `tensor_mb`, the figure users compare: on CUDA the allocator's peak over the whole phase
-      (`max_memory_allocated`, with `cuda_reserved_mb` beside it); on CPU the largest total of live tensors
+      (`max_memory_allocated` through a `CudaPeak` window, so that a window opened inside it cannot cut it
+      short; `cuda_reserved_mb` beside it, and `cuda_at_start_mb`, what was allocated when the phase began
+      and is part of its peak); on CPU the largest total of live tensors
       over the steps wrapped in `watch()`, counted by PyTorch's MemTracker (a TorchDispatchMode that sees
       every tensor an op allocates and frees: exact on CPU, where no allocator keeps statistics).
     - `breakdown_mb`: the watched steps' peak by kind (parameters, gradients, optimizer state, activations,
@@ -59,6 +118,7 @@ class PeakMemory:
         self.rss_mb: float = 0.0
         self.cuda_allocated: int | None = None
         self.cuda_reserved: int | None = None
+        self.cuda_at_start: int | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
@@ -72,8 +132,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=sample, daemon=True, name="rss-sampler")
         self._thread.start()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda = CudaPeak(self.device).start()
+            self.cuda_at_start = self._cuda.at_start
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,9 +142,7 @@ class PeakMemory:
         self._peak = max(self._peak, psutil.Process().memory_info().rss)
         self.rss_mb = round(self._peak / MB, 1)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.cuda_allocated = torch.cuda.max_memory_allocated(self.device)
-            self.cuda_reserved = torch.cuda.max_memory_reserved(self.device)
+            self.cuda_allocated, self.cuda_reserved = self._cuda.stop()
 
     @contextlib.contextmanager
     def watch(self, *external: torch.nn.Module | torch.optim.Optimizer | torch.Tensor):
@@ -113,6 +171,7 @@ class PeakMemory:
         """The phase's figures in MB, as results.json and the manifests carry them."""
         return {"peak_tensor_mb": round(self.tensor_bytes / MB, 1), "peak_rss_mb": self.rss_mb,
                 "cuda_reserved_mb": None if self.cuda_reserved is None else round(self.cuda_reserved / MB, 1),
+                "cuda_at_start_mb": None if self.cuda_at_start is None else round(self.cuda_at_start / MB, 1),
                 "tensor_breakdown_mb": {k: round(v / MB, 2) for k, v in self.breakdown.items()},
                 "tensor_source": "cuda allocator" if self.cuda_allocated is not None
                 else f"MemTracker, {self.watched} step(s)"}
@@ -157,27 +216,26 @@ class ProcessPeak:
     """The peak memory of what a fresh process does after its imports: create it right after them.
 
     `rss` is exact only in a process that does nothing else. `reset()` (after warm-up) restarts both peaks
-    at the current usage, so that they are those of steady training, as benchmarks usually report.
+    at the current usage, so that they are those of steady training, as benchmarks usually report. The CUDA
+    peak is a `CudaPeak` window of its own: a reset leaves a `PeakMemory` around it whole, and the other way round.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         reset_peak_rss()  # drops a transient peak of the imports, where the kernel allows
         self.imports_rss = peak_rss_bytes()
+        self._cuda = CudaPeak(device).start() if device.type == "cuda" else None
 
     def reset(self) -> None:
         reset_peak_rss()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._cuda is not None:
+            self._cuda.start()
 
     def read(self) -> dict:
         """Peak bytes: `rss` above the imports, and the CUDA allocator's allocated and reserved (None on CPU)."""
         out = {"rss": peak_rss_bytes() - self.imports_rss, "cuda_allocated": None, "cuda_reserved": None}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            out["cuda_allocated"] = torch.cuda.max_memory_allocated(self.device)
-            out["cuda_reserved"] = torch.cuda.max_memory_reserved(self.device)
+        if self._cuda is not None:
+            out["cuda_allocated"], out["cuda_reserved"] = self._cuda.read()
         return out
 
 
@@ -250,6 +308,7 @@ def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     Not counted: the transient gradients of activations during backward, allocator rounding and caches,
     and on CPU the libraries' workspaces; the benchmark's `floor_ratio` (measured peak / this) shows them.
     """
+    without_cuda_query(optimizer)
     weights = [*model.parameters(), *model.buffers()]
     with SavedTensorBytes(exclude=[*weights, x, y]) as saved:
         train_step(model, x, y, optimizer, autocast)

@@ -62,15 +62,23 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        if all(p.device.type == "meta" for p in model.parameters()):
-            # A step on the meta device (balance.py, plan.py: bytes, no compute) must not touch CUDA: Adam's
-            # graph-capture check asks the current CUDA stream, which creates a CUDA context on GPU 0 before
-            # a torchrun rank has chosen its GPU (hundreds of MB per rank), and for --device cpu runs too.
-            optimizer._accelerator_graph_capture_health_check = lambda: None  # torch >= 2.6
-            optimizer._cuda_graph_capture_health_check = lambda: None  # earlier torch
-        return optimizer
+        return without_cuda_query(torch.optim.AdamW(groups, lr=cfg.lr))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def without_cuda_query(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`optimizer`, kept from asking CUDA whether a graph is being captured when its parameters are all on the
+    meta device (a step that computes nothing, as --plan and the memory-balanced cut take).
+
+    Adam, AdamW and others call `_accelerator_graph_capture_health_check()` on every step, which queries
+    `torch.accelerator.current_stream()` and so creates a CUDA context on GPU 0 on any machine with a GPU:
+    hundreds of MB in every process, before torchrun's ranks have chosen their GPU, and with --device cpu
+    too. Nothing can be captured on the meta device, so the check has nothing to find there.
+    """
+    if all(p.device.type == "meta" for group in optimizer.param_groups for p in group["params"]):
+        optimizer._accelerator_graph_capture_health_check = lambda: None  # this instance only; torch >= 2.6
+        optimizer._cuda_graph_capture_health_check = lambda: None  # the same check in earlier torch
+    return optimizer
 
 
 def get_lr(cfg: Config, step: int, steps_per_epoch: int) -> float:

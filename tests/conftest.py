@@ -1,4 +1,9 @@
-"""Tiny configurations: two stages of a 4-channel ResNet-20 on a few hundred synthetic images, ~1 s a stage."""
+"""Tiny configurations: two stages of a 4-channel ResNet-20 on a few hundred synthetic images, ~1 s a stage.
+
+They say `--device cpu`: the tests mean the CPU, and `--device auto` would make them CUDA on a machine with a
+GPU (under torchrun, NCCL with one rank per GPU, so 2 ranks on a 1-GPU machine stop at local rank 1). A test
+that means CUDA appends its own `--device cuda` (the last flag wins); tests/test_fake_cuda.py does.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_flags(tmp_path: Path, *extra: str) -> list[str]:
     return ["--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--n-train", "400",
             "--n-test", "100", "--width", "4", "--head-width", "8", "--stages", "2", "--max-epochs", "3",
-            "--batch-size", "32", "--shard-mb", "1", *extra]
+            "--batch-size", "32", "--shard-mb", "1", "--device", "cpu", *extra]
 
 
 @pytest.fixture

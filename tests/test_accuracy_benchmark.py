@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import accuracy, accuracy_report
+from seqtrain.config import Config
 from seqtrain.files import read_json
 
 from conftest import ROOT
@@ -148,6 +149,27 @@ def test_quick_preset_is_the_issues_sweep_with_its_training_settings(tmp_path):
     full = accuracy.parse_args(["--out", str(tmp_path)])  # the full preset leaves training to seqtrain's defaults
     assert not {"--batch-size", "--lr", "--patience"} & set(accuracy.seqtrain_flags(full, accuracy.points(full)[0]))
     assert not full.one_process
+
+
+def test_help_names_seqtrains_own_defaults(capsys):
+    # The flags left to seqtrain say what seqtrain would use; the help once said patience 3 after it became 5.
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at any space
+    seq = Config()
+    for phrase in (f"seqtrain's {seq.patience}, --quick 5, --study 6", f"seqtrain's {seq.batch_size}",
+                   f"seqtrain's {seq.lr}", f"seqtrain's {seq.optimizer}"):
+        assert phrase in text, phrase
+
+
+def test_report_names_the_machines_the_ledger_recorded(tmp_path):
+    # --report-only draws points measured elsewhere: the plot's title must name their machines, not this one.
+    args = accuracy.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    here = accuracy.device_description("cpu")
+    assert accuracy.machines([{"device_name": "AMD EPYC"}] * 2, args) == "AMD EPYC"
+    assert accuracy.machines([{"device_name": "AMD EPYC"}] * 2 + [{"device_name": "Xeon"}], args) == (
+        "AMD EPYC: 2 points; Xeon: 1 point")
+    assert accuracy.machines([{}], args) == accuracy.machines([], args) == here  # run now, on this machine
 
 
 def test_intensity_axis_pads_lists_and_compares_with_the_same_network_end_to_end(tmp_path, monkeypatch):

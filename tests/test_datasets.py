@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from seqtrain import load_model
@@ -19,6 +20,7 @@ from seqtrain.augment import default_augment
 from seqtrain.cache import read_shard
 from seqtrain.config import Config
 from seqtrain.data import dataset_info, load_raw, source_fingerprint
+from seqtrain.errors import UserError, from_python
 from seqtrain.imagefolder import TEST_SHARE, decode, list_folder
 from seqtrain.run import main
 
@@ -259,7 +261,28 @@ def test_mnist_from_raw_files_becomes_three_channels(name, folder, tmp_path):
 def test_missing_torchvision_dataset_says_where_and_how(name, where, tmp_path, capsys):
     err = cli_error(tmp_path, capsys, "--dataset", name, "--data-dir", str(tmp_path / "data"))
     assert f"{name} was not found in --data-dir" in err
-    assert str(tmp_path / "data" / where) in err and "--download" in err
+    assert str(tmp_path / "data" / where) in err and "pass --download to fetch it" in err
+
+
+def test_missing_torchvision_dataset_from_python_names_the_keywords(tmp_path):
+    # From Python the fix is a keyword argument (issue 26): `download=True`, not the flag `--download`.
+    data = str(tmp_path / "data")
+    with from_python(), pytest.raises(UserError) as e:
+        load_raw(Config(dataset="cifar10", data_dir=data))
+    msg = str(e.value)
+    assert f"cifar10 was not found in data_dir={data!r}" in msg and "pass download=True to fetch it" in msg
+    assert "--" not in msg, msg
+    with pytest.raises(UserError, match="pass --download to fetch it"):  # the command line's terms outside
+        load_raw(Config(dataset="cifar10", data_dir=data))
+
+
+def test_train_stages_names_the_keyword_for_a_missing_dataset(tmp_path):
+    import seqtrain
+
+    stages = [nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)]
+    with pytest.raises(UserError, match="pass download=True to fetch it"):
+        seqtrain.train_stages(stages, dataset="cifar10", data_dir=str(tmp_path / "data"),
+                              run_dir=str(tmp_path / "run"))
 
 
 def test_damaged_mnist_says_so(tmp_path, capsys):
@@ -268,7 +291,9 @@ def test_damaged_mnist_says_so(tmp_path, capsys):
         write_idx(raw_dir / f"{split}-images-idx3-ubyte", np.zeros((4, 28, 28)))
         (raw_dir / f"{split}-labels-idx1-ubyte").write_bytes(b"\0\0\x0d\x01")  # float32 labels
     err = cli_error(tmp_path, capsys, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"))
-    assert "is damaged" in err and "--download" in err
+    assert "is damaged" in err and "rerun with --download" in err
+    with from_python(), pytest.raises(UserError, match="is damaged .*; delete its files and rerun with download=True"):
+        load_raw(Config(dataset="mnist", data_dir=str(tmp_path / "data")))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed")

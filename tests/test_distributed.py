@@ -4,6 +4,8 @@ ranks after the same step, rank 0 alone says so, and the rerun ends with the wei
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
 import json
 import os
 import signal
@@ -17,9 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqtrain import distributed
 from seqtrain.config import Config
 from seqtrain.data import load_raw
+from seqtrain.errors import UserError
 from seqtrain.files import load_torch
+from seqtrain.run import build_parser
 from seqtrain.streams import cached_train_order
 
 from conftest import ROOT, tiny_flags
@@ -32,8 +37,21 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def torchrun_command(args: list[str], ranks: int = 2) -> list[str]:
+    # --device cpu first (a later --device in args wins): gloo ranks, also on a machine with GPUs, where
+    # --device auto would make NCCL ranks and a 1-GPU machine would stop at local rank 1.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
-            "seqtrain.run", *args]
+            "seqtrain.run", "--device", "cpu", *args]
+
+
+def test_every_launch_that_means_the_cpu_says_so(tmp_path):
+    """On a GPU machine --device auto is CUDA: each launch of a CPU test or script must name the CPU."""
+    spec = importlib.util.spec_from_file_location("killtest", ROOT / "scripts" / "killtest.py")
+    killtest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(killtest)
+    commands = {"torchrun": torchrun_command(tiny_flags(tmp_path)), "killtest --ranks 2": killtest.command(tmp_path, 2)}
+    for name, argv in commands.items():
+        args = build_parser().parse_args(argv[argv.index("seqtrain.run") + 1:])  # seqtrain's flags
+        assert getattr(args, "device", None) == "cpu", name
 
 
 def torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
@@ -100,3 +118,32 @@ def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_step_and_resumes_identica
     a, b = (load_torch(x / "run" / "stage_00" / "block.pt") for x in (tmp_path / "straight", d))
     for part in ("block", "head"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{part} differs after the resume"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_process_group_waits_long_enough_for_rank_0_to_prepare_the_data(monkeypatch, device):
+    # Rank 0 alone decodes the dataset while the others wait at a barrier: torch's default timeouts
+    # (NCCL 10 minutes, gloo 30) would abort an ImageNet run there.
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.init(device).type == device
+    backend = {"cpu": "gloo", "cuda": "nccl"}[device]
+    assert joined == [(backend, {"timeout": datetime.timedelta(minutes=distributed.DEFAULT_TIMEOUT_MIN)})]
+    assert distributed.DEFAULT_TIMEOUT_MIN >= 120
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    distributed.init(device)
+    assert joined[-1][1]["timeout"] == datetime.timedelta(minutes=7.5)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_timeout_is_a_one_line_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: pytest.fail("joined with a bad timeout"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    with pytest.raises(UserError, match=f"^{distributed.TIMEOUT_ENV}=.* is not a number of minutes above 0"):
+        distributed.init("cpu")

@@ -23,6 +23,14 @@ def test_variants_and_common_flags_make_the_commands():
     assert argv[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
     assert "--ranks" not in argv and argv[-4:] == ["--workers", "1", "--run-dir", "out/W2-s0"]
     assert env["OMP_NUM_THREADS"] == "1"
+    # gloo on the CPU, as --ranks promises, even where torch sees a GPU (--device auto would make NCCL ranks)
+    assert argv[argv.index("--device") + 1] == "cpu"
+
+
+def test_a_device_given_with_ranks_overrides_the_cpu():
+    argv, _ = command(["--ranks", "2", "--device", "cuda"], ["--n-train", "400"], Path("out/x"))
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "--device"]
+    assert devices == ["cpu", "cuda"]  # argparse keeps the last
 
 
 @pytest.mark.parametrize("spec", ["noequals", "=--lr 0.1"])
