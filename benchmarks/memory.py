@@ -69,7 +69,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 try:
     from benchmarks import memory_report
@@ -92,6 +91,7 @@ from seqtrain.memory import PeakMemory, ProcessPeak, analytic_step, device_descr
 from seqtrain.models import StageModel, build_head, build_stage_block
 from seqtrain.network import build_network
 from seqtrain.plan import plan, split_counts
+from seqtrain.recompute import blocks_of, checkpoint_module
 from seqtrain.report import MB
 from seqtrain.rundir import RunDir
 from seqtrain.streams import cached_batches, image_batches
@@ -169,29 +169,21 @@ class RamBatches:
             yield self.x[idx].to(self.device, non_blocking=True), self.y[idx].to(self.device), self.ids[idx]
 
 
-class Checkpointed(nn.Module):
-    """Keep only `block`'s input for backward and recompute its inside then (the usual alternative)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
-
-
 def training_job(cfg: Config, layout: StageLayout, run: RunDir, kind: str, k: int, device: torch.device):
-    """The model and train batches of an e2e, ckpt, stage or ram configuration, built as the pipeline builds them."""
+    """The model and train batches of an e2e, ckpt, stage or ram configuration, built as the pipeline builds them;
+    ckpt (e2e+ckpt), and a stage with --checkpoint, checkpoint their blocks as seqtrain does (recompute.py)."""
     if kind in ("e2e", "ckpt"):
         net = build_network(cfg, layout, IN_SHAPE[0], NUM_CLASSES)
         if kind == "ckpt":
-            for stage in net.stages:
-                for i, block in enumerate(stage):
-                    stage[i] = Checkpointed(block)
+            for block in (b for stage in net.stages for b in blocks_of(stage)):
+                checkpoint_module(block)  # for the life of this one-configuration process
         return net.to(device), image_batches(cfg, random_raw(cfg), "train", device, train=True)
     specs = list(layout.specs[k])
     head = build_head(cfg, specs[-1].out_ch, NUM_CLASSES, layout.specs_after(k))
     model = StageModel(build_stage_block(specs), head).to(device)
+    if cfg.checkpoint:
+        for block in blocks_of(model.block):
+            checkpoint_module(block)
     if k == 0:
         return model, image_batches(cfg, random_raw(cfg), "train", device, train=True)
     manifest = read_manifest(run.cache(k - 1))
@@ -450,6 +442,22 @@ def run_stages(args: argparse.Namespace) -> dict:
 # Deeper than memory allows: --budget-mb
 
 
+def measure_stages(base: Job, out: Path) -> list[dict]:
+    """Every stage's caching and training peak, in a scratch run directory under `out`; a stage that runs out
+    of memory ends the list (its successors have no input)."""
+    stages = []
+    with tempfile.TemporaryDirectory(dir=out, prefix="caches-") as run_dir:
+        base = replace(base, run_dir=run_dir)
+        for k in range(resolve_layout(Config(**base.cfg), IN_SHAPE).num_stages):
+            cache = spawn(replace(base, kind="cache", stage=k))
+            if cache.get("oom"):  # stage k+1 has no input: this depth does not fit
+                stages.append({"train": None, "cache": None})
+                break
+            train = spawn(replace(base, kind="stage", stage=k))
+            stages.append({"train": None if train.get("oom") else peak_of(train), "cache": peak_of(cache)})
+    return stages
+
+
 def run_budget(args: argparse.Namespace) -> dict:
     """The deepest CIFAR ResNet whose end-to-end step fits the budget, against seqtrain's stages cut by
     `--stages auto --memory-budget` at every depth; every peak measured at tensor level, in its own process,
@@ -459,24 +467,23 @@ def run_budget(args: argparse.Namespace) -> dict:
     for depth in args.depths:
         cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
         layout = resolve_layout(cfg, IN_SHAPE)
-        with tempfile.TemporaryDirectory(dir=args.out, prefix="caches-") as run_dir:
-            base = Job(cfg.to_dict(), args.device, run_dir, args.steps, args.warmup)
-            e2e = spawn(base)
-            stages = []
-            for k in range(layout.num_stages):
-                cache = spawn(replace(base, kind="cache", stage=k))
-                if cache.get("oom"):  # stage k+1 has no input: this depth does not fit
-                    stages.append({"train": None, "cache": None})
-                    break
-                train = spawn(replace(base, kind="stage", stage=k))
-                stages.append({"train": None if train.get("oom") else peak_of(train), "cache": peak_of(cache)})
-        measured = [v for s in stages for v in s.values()]
-        largest = None if None in measured or len(stages) < layout.num_stages else max(measured)  # None: OOM
-        points.append({"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e),
-                       "e2e_oom": e2e.get("oom"),
-                       "stages": list(layout.sizes), "stage_peaks": stages, "largest_stage_peak": largest,
-                       "fits": largest is not None and largest <= budget})
+        base = Job(cfg.to_dict(), args.device, "", args.steps, args.warmup)
+        e2e, e2e_ckpt = spawn(base), spawn(replace(base, kind="ckpt"))
+        point = {"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),
+                 "e2e_checkpoint_peak": None if e2e_ckpt.get("oom") else peak_of(e2e_ckpt)}
+        for name, checkpoint in (("", False), ("checkpoint_", True)):  # seqtrain, and seqtrain with --checkpoint
+            staged = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB",
+                                  checkpoint=checkpoint)
+            layout = resolve_layout(staged, IN_SHAPE)
+            stages = measure_stages(replace(base, cfg=staged.to_dict()), args.out)
+            measured = [v for s in stages for v in s.values()]
+            largest = None if None in measured or len(stages) < layout.num_stages else max(measured)  # None: OOM
+            point.update({f"{name}stages": list(layout.sizes), f"{name}stage_peaks": stages,
+                          f"{name}largest_stage_peak": largest,
+                          f"{name}fits": largest is not None and largest <= budget})
+        points.append(point)
     fitting = [pt["depth"] for pt in points if pt["e2e_peak"] is not None and pt["e2e_peak"] <= budget]
+    fitting_ckpt = [pt["depth"] for pt in points if (pt["e2e_checkpoint_peak"] or budget + 1) <= budget]
     deepest = max((pt for pt in points if pt["fits"]), key=lambda pt: pt["depth"], default=None)
     multi = [pt["largest_stage_peak"] for pt in points if len(pt["stages"]) > 1 and pt["largest_stage_peak"]]
     spread = max(multi) / min(multi) - 1 if len(multi) > 1 else None
@@ -486,7 +493,10 @@ def run_budget(args: argparse.Namespace) -> dict:
                  "seqtrain_max_stage_mb": round(deepest["largest_stage_peak"] / MB, 1),
                  "depth_ratio": deepest["depth"] / max(fitting) if fitting else None}
     summary = {**environment(args, e2e), "config": run_settings(args, cfg), "budget_mb": args.budget_mb,
-               "depths": args.depths, "e2e_max_depth": max(fitting, default=None), **found,
+               "depths": args.depths, "e2e_max_depth": max(fitting, default=None),
+               "e2e_checkpoint_max_depth": max(fitting_ckpt, default=None),
+               "seqtrain_checkpoint_max_depth": max((pt["depth"] for pt in points if pt["checkpoint_fits"]),
+                                                    default=None), **found,
                "multi_stage_spread": spread}
     write_json(args.out / "budget.json", {"summary": summary, "points": points})  # before anything is drawn
     memory_report.report(args.out)

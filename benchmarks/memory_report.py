@@ -23,6 +23,7 @@ CONTENDED = 0.25  # a share of CPU wait (PSI) above which timings are flagged as
 # The --budget-mb sweep's targets: seqtrain trains 4x deeper than e2e in the same memory, and --stages auto
 # keeps the largest stage's peak within 10% across depths (docs/memory.md, "Deeper than end to end fits").
 DEPTH_RATIO_TARGET, SPREAD_TARGET = 4, 0.10
+CHECKPOINT_DEPTH_TARGET = 10  # seqtrain's deepest within the budget / end to end with checkpointing's deepest
 
 
 def tensor_source(device: str) -> str:
@@ -137,14 +138,19 @@ def stages_title(s: dict) -> str:
 
 
 def budget_table(points: list[dict], budget: int) -> str:
-    rows = [["depth", "e2e MB", "e2e fits", "stages", "blocks per stage", "largest stage MB", "all stages fit"]]
+    def mb_or_oom(v) -> str:
+        return "OOM" if v is None else f"{v / MB:,.1f}"
+
+    rows = [["depth", "e2e MB", "e2e+ckpt MB", "stages", "largest stage MB", "all fit", "stages +ckpt",
+             "largest +ckpt MB", "all fit +ckpt"]]
     for pt in points:
         e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
-        rows.append([str(pt["depth"]), e2e, "yes" if pt["e2e_peak"] and pt["e2e_peak"] <= budget else "no",
-                     str(len(pt["stages"])), ",".join(map(str, pt["stages"])),
-                     "OOM" if pt["largest_stage_peak"] is None else f"{pt['largest_stage_peak'] / MB:,.1f}",
-                     "yes" if pt["fits"] else "NO"])
-    return aligned(rows)
+        ckpt = mb_or_oom(pt["e2e_checkpoint_peak"]) if "e2e_checkpoint_peak" in pt else "-"
+        staged = [str(len(pt["checkpoint_stages"])), mb_or_oom(pt["checkpoint_largest_stage_peak"]),
+                  "yes" if pt["checkpoint_fits"] else "NO"] if "checkpoint_stages" in pt else ["-"] * 3
+        rows.append([str(pt["depth"]), e2e, ckpt, str(len(pt["stages"])), mb_or_oom(pt["largest_stage_peak"]),
+                     "yes" if pt["fits"] else "NO", *staged])
+    return aligned(rows) + f"\n(budget {budget / MB:,.0f} MB; every figure a tensor peak)"
 
 
 def budget_verdict(s: dict) -> str:
@@ -159,6 +165,14 @@ def budget_verdict(s: dict) -> str:
     else:
         lines.append(["depth_ratio", "-", f"end to end fits no depth measured within {s['budget_mb']} MB; seqtrain: "
                       f"{s['seqtrain_depth'] or 'none either'}", f"target >= {DEPTH_RATIO_TARGET}: not measured"])
+    if s.get("e2e_checkpoint_max_depth") is not None:
+        best = max(s["seqtrain_depth"] or 0, s.get("seqtrain_checkpoint_max_depth") or 0)
+        ratio = best / s["e2e_checkpoint_max_depth"]
+        lines.append(["vs e2e+ckpt", f"{ratio:.1f}x",
+                      f"deepest within {s['budget_mb']} MB: seqtrain's {best} (with or without --checkpoint) / "
+                      f"e2e+ckpt's {s['e2e_checkpoint_max_depth']}",
+                      f"target >= {CHECKPOINT_DEPTH_TARGET}: {'met' if ratio >= CHECKPOINT_DEPTH_TARGET else 'MISSED'}"
+                      + (" (the deepest measured: measure deeper with --depths)" if best == max(s["depths"]) else "")])
     if s["multi_stage_spread"] is not None:
         met = "met" if s["multi_stage_spread"] <= SPREAD_TARGET else "MISSED"
         lines.append(["multi_stage_spread", f"{s['multi_stage_spread']:.1%}",
@@ -172,8 +186,15 @@ def plot_budget(points: list[dict], budget_mb: int, device: str, path: Path, tit
     fig, ax = figure()
     measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
     ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
+    ckpt = [(pt["depth"], pt["e2e_checkpoint_peak"] / MB) for pt in points if pt.get("e2e_checkpoint_peak")]
+    if ckpt:  # results measured before the checkpointed curves existed have none
+        ax.plot(*zip(*ckpt), "s--", color="C1", label="end to end,\ncheckpointed")
     staged = [(pt["depth"], pt["largest_stage_peak"] / MB) for pt in points if pt["largest_stage_peak"] is not None]
     ax.plot(*zip(*staged), "o-", color="C0", label="seqtrain, largest stage\n(--stages auto)")
+    staged_ckpt = [(pt["depth"], pt["checkpoint_largest_stage_peak"] / MB) for pt in points
+                   if pt.get("checkpoint_largest_stage_peak")]
+    if staged_ckpt:
+        ax.plot(*zip(*staged_ckpt), "s--", color="C2", label="seqtrain --checkpoint,\nlargest stage")
     ax.axhline(budget_mb, color="k", ls="--", label=f"budget {budget_mb} MB")
     ax.set_xlabel("depth (CIFAR ResNet, 6n+2)")
     ax.set_xscale("log")
