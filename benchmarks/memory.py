@@ -11,12 +11,12 @@ Run from the repository root (matplotlib draws the plots: pip install -e ".[benc
 (`python benchmarks/memory.py ...` works the same.)
 
 Each configuration runs in a fresh subprocess (this script with --child), so every peak is its own:
-  e2e       the whole network (models.build_network) trained by train.train_step
-  e2e+ckpt  the same with torch.utils.checkpoint (non-reentrant) around every block
+  e2e       the whole network (network.build_network) trained by train.train_step
+  e2e+ckpt  the same with every block checkpointed as --checkpoint does it (recompute.py)
   cache k   stage k's caching pass: its frozen block over every split, written by cache.write_shards, reading
             stage k-1's cache through loader.CachedBatches (stage 0: raw images); it makes stage k+1's input
   stage k   block k + its head trained from stage k-1's cache through the streaming loader, built by
-            pipeline.cached_batches, so the loader's buffers count (stage 0: from raw images)
+            streams.cached_batches, so the loader's buffers count (stage 0: from raw images)
   ram k     stage k fed from the same features preloaded into RAM as float32 (its peak holds the whole split
             in RAM, so only its speed is compared); then, in the same process, stage k trained from the cache
             and from RAM in alternating blocks of steps: loader_efficiency
@@ -265,7 +265,7 @@ def interleaved(model: nn.Module, first, second, cfg: Config, device: torch.devi
 
 def measure_caching(cfg: Config, layout: StageLayout, run: RunDir, k: int, device: torch.device,
                     memory: PeakMemory) -> dict:
-    """Stage k's caching pass, as pipeline.run_stage runs it, with a fresh block; publishes its manifest.
+    """Stage k's caching pass, as stage.run_stage runs it, with a fresh block; publishes its manifest.
     Its first batches are watched by MemTracker, as in the pipeline, and counted in its time."""
     block = build_stage_block(list(layout.specs[k])).to(device)  # write_shards runs it under no_grad
     if k == 0:
@@ -466,7 +466,6 @@ def run_budget(args: argparse.Namespace) -> dict:
     points = []
     for depth in args.depths:
         cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
-        layout = resolve_layout(cfg, IN_SHAPE)
         base = Job(cfg.to_dict(), args.device, "", args.steps, args.warmup)
         e2e, e2e_ckpt = spawn(base), spawn(replace(base, kind="ckpt"))
         point = {"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),

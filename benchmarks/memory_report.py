@@ -48,7 +48,9 @@ def predicted(p: dict, name: str) -> tuple[int | None, int | None]:
         return p["stages"][int(k)]["train_bytes"], None
     if kind == "cache":
         return None, p["stages"][int(k)]["cache_bytes"]
-    return None, None  # e2e+ckpt: plan.py does not model recomputation
+    if kind == "ckpt" and "e2e_checkpoint" in p:  # plans saved before it counted e2e+ckpt have none
+        return p["e2e_checkpoint"]["train_bytes"], None
+    return None, None
 
 
 def columns(lines: list[list[str]]) -> str:

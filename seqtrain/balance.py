@@ -244,7 +244,7 @@ def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec])
 # Partitions
 
 
-@functools.lru_cache(maxsize=64)  # stage_sizes() is asked often; costs are a frozen, hashable dataclass
+@functools.lru_cache(maxsize=64)  # --plan and the cut ask for the same partition; costs are frozen, hashable
 def balanced_sizes(costs: BlockCosts, k: int) -> list[int]:
     """Block counts of the k contiguous stages whose largest stage_bytes is smallest (exact, by DP).
 

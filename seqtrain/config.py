@@ -341,13 +341,26 @@ def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool
         values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
     explicit = {**from_file, **from_flags}
     if saved and not rebuild:
-        changed = [k for k, v in explicit.items() if k not in OPERATIONAL and k in saved and saved[k] != v]
+        shaping = set(FIELD_TYPES) - OPERATIONAL
+        if cut_by_memory(saved):
+            shaping.add("checkpoint")
+            saved = {"checkpoint": False, **saved}  # a run made before --checkpoint existed trained without it
+        changed = [k for k, v in explicit.items() if k in shaping and k in saved and saved[k] != v]
         if changed:
             k, run_dir = changed[0], explicit.get("run_dir", values["run_dir"])
-            raise UserError(f"{run_dir} was made with {flag(k)} {saved[k]}, not {explicit[k]}: "
-                            f"use a new --run-dir, drop {flag(k)} to continue this run, or add --rebuild to retrain it")
+            made = (f"{'with' if saved[k] else 'without'} {flag(k)}" if isinstance(saved[k], bool)
+                    else f"with {flag(k)} {saved[k]}, not {explicit[k]}")
+            raise UserError(f"{run_dir} was made {made}: use a new --run-dir, drop {flag(k)} to continue this run, "
+                            "or add --rebuild to retrain it")
     values.update(explicit)
     return Config(**values).validate()
+
+
+def cut_by_memory(values: dict) -> bool:
+    """Stages cut where memory is even (--stages K --balance memory, or --stages auto): --checkpoint changes
+    that cut, and so the run's results, where it changes nothing else."""
+    stages = str(values.get("stages", Config.stages)).replace(" ", "")
+    return stages == "auto" or (stages.isdigit() and values.get("balance", Config.balance) == "memory")
 
 
 def field_help() -> dict[str, str]:

@@ -75,7 +75,6 @@ class Identity:
 # A stage's (or e2e's) figures
 
 
-MEMORY_FIGURES = ("peak_tensor_mb", "peak_rss_mb")  # what a phase's memory record must hold (PeakMemory.as_dict)
 READ_FIGURES = ("rank0", "max")  # MB of cached features an epoch read: rank 0's, and the most any rank read
 
 

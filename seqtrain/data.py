@@ -29,7 +29,7 @@ from seqtrain import imagefolder, synthetic
 from seqtrain.errors import UserError, setting
 from seqtrain.files import write_bytes
 
-if TYPE_CHECKING:  # for annotations only: config.py imports data and its neighbours inside functions
+if TYPE_CHECKING:  # for annotations only
     from seqtrain.config import Config
 
 

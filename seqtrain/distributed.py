@@ -34,7 +34,7 @@ from seqtrain.errors import UserError
 
 # How long a collective may wait for the other ranks. torch's defaults (NCCL 10 minutes, gloo 30) are too
 # short for what one rank does while the others wait at a barrier: rank 0 alone decodes (or --download's)
-# the dataset before the others read it (run.py). Decoding ImageNet's 1.28 million JPEGs at 224x224 took
+# the dataset before the others read it (job.run_job). Decoding ImageNet's 1.28 million JPEGs at 224x224 took
 # 5.8 ms an image on one core here (imagefolder.decode, a 500x375 JPEG): about 2 hours, a quarter of that
 # or more with its threads, plus the disk. The cost of a long timeout is small: when a rank dies torchrun
 # stops the others within seconds, so only a true hang waits it out.

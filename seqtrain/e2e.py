@@ -5,20 +5,17 @@ memory and a recomputed forward), written to `RUN/e2e_checkpoint/`."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from seqtrain import distributed
 from seqtrain.config import Config
 from seqtrain.contract import Identity, StageResult
 from seqtrain.data import RawData
-from seqtrain.errors import UserError
 from seqtrain.files import write_json
 from seqtrain.final import save_model
 from seqtrain.layout import StageLayout
 from seqtrain.log import log
-from seqtrain.memory import PeakMemory
+from seqtrain.memory import PeakMemory, out_of_memory_as
 from seqtrain.models import SequentialNet, build_head
 from seqtrain.network import build_network
 from seqtrain.recompute import checkpointed
@@ -26,19 +23,6 @@ from seqtrain.rundir import RunDir, dataset_fingerprint, e2e_record
 from seqtrain.splitting import stage_shapes
 from seqtrain.streams import image_batches
 from seqtrain.train import autocast_for, evaluate, fit
-
-
-@contextlib.contextmanager
-def out_of_memory_as(cfg: Config, layout: StageLayout, checkpoint: bool):
-    """A CUDA out-of-memory error of the baseline as the user's one line: the alternatives that fit."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        name = "e2e with --checkpoint" if checkpoint else "e2e"
-        fixes = "a smaller --batch-size" if checkpoint else "--checkpoint or a smaller --batch-size"
-        raise UserError(f"{name} ran out of GPU memory: end-to-end training of this network does not fit this GPU "
-                        f"(which is what seqtrain's stages are for); use {fixes}, or compare with --stage all "
-                        "alone; every finished epoch is saved, so rerunning resumes") from None
 
 
 def run_e2e(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device, checkpoint: bool = False,
@@ -60,10 +44,13 @@ def run_e2e(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
     # e2e does not depend on where the stages are cut: identified by the network, not by the cut
     identity = Identity(layout.network_hash, dataset_fingerprint(cfg, run), "e2e")
     train, val = image_batches(cfg, raw, "train", device, True), image_batches(cfg, raw, "val", device, False)
-    with PeakMemory(device) as mem, checkpointed(net.stages, checkpoint), out_of_memory_as(cfg, layout, checkpoint):
-        trained = fit(net, train, val, cfg, workdir=home, identity=identity, device=device,
-                      desc="e2e+ckpt" if checkpoint else "e2e", memory=mem)
-    _, test_acc = evaluate(net, image_batches(cfg, raw, "test", device, False), autocast_for(device, cfg.bf16))
+    # end to end not fitting a GPU is what seqtrain's stages are for; the baseline can only be made smaller
+    fixes = ["a smaller --batch-size"] if checkpoint else ["--checkpoint", "a smaller --batch-size"]
+    with out_of_memory_as("e2e with --checkpoint" if checkpoint else "e2e", fixes):
+        with PeakMemory(device) as mem, checkpointed(net.stages, checkpoint):
+            trained = fit(net, train, val, cfg, workdir=home, identity=identity, device=device,
+                          desc="e2e+ckpt" if checkpoint else "e2e", memory=mem)
+        _, test_acc = evaluate(net, image_batches(cfg, raw, "test", device, False), autocast_for(device, cfg.bf16))
     figures = mem.as_dict()
     result = StageResult(val_acc=trained.best_val_acc, test_acc=test_acc, epochs=trained.epochs,
                          best_epoch=trained.best_epoch, train_seconds=round(trained.train_seconds, 2),

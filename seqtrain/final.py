@@ -17,6 +17,7 @@ from seqtrain.errors import UserError
 from seqtrain.files import save_torch
 from seqtrain.layout import StageLayout
 from seqtrain.log import log
+from seqtrain.memory import out_of_memory_as
 from seqtrain.models import SequentialNet, build_head
 from seqtrain.network import build_network
 from seqtrain.rundir import RunDir, check_weights, load_weights, stage_manifest
@@ -49,7 +50,8 @@ def assemble_final(cfg: Config, layout: StageLayout, run: RunDir, manifests: lis
         net.stages[k].load_state_dict(saved["block"])
     net.head.load_state_dict(saved["head"])
     net.to(device)
-    _, acc = evaluate(net, image_batches(cfg, raw, "test", device, train=False), autocast_for(device, cfg.bf16))
+    with out_of_memory_as("evaluating the final network", ["a smaller --batch-size"]):
+        _, acc = evaluate(net, image_batches(cfg, raw, "test", device, train=False), autocast_for(device, cfg.bf16))
     cached_acc = manifests[-1].result.test_acc
     if distributed.is_main():
         save_model(run.final / "model.pt", net, cfg, raw)

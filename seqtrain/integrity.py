@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from seqtrain.contract import StageResult
 from seqtrain.errors import UserError
 from seqtrain.files import load_torch, read_json
-
-# What the summary table reads of a stage's or e2e's result (report.summary_table).
-RESULT_FIGURES = ("val_acc", "test_acc", "epochs", "best_epoch", "peak_tensor_mb", "peak_rss_mb", "train_seconds")
 
 
 def are_figures(record, keys: tuple[str, ...]) -> bool:
@@ -47,9 +45,16 @@ def read_final_results(path: Path, advice: str) -> dict | None:
 
 
 def read_e2e_results(path: Path, advice: str) -> dict | None:
-    """e2e/results.json: the end-to-end baseline's figures and the configuration hash it was made with."""
-    return read_results(path, lambda d: are_figures(d, RESULT_FIGURES) and isinstance(d.get("config_hash"), str),
-                        advice)
+    """e2e/results.json: the baseline's figures (a contract.StageResult) and the configuration hash it was made
+    with (and, since e2e is identified by its network, that hash too)."""
+    def valid(d) -> bool:
+        try:
+            StageResult.from_dict(d)
+        except ValueError:
+            return False
+        return isinstance(d.get("config_hash"), str)
+
+    return read_results(path, valid, advice)
 
 
 def read_weights(path: Path, advice: str) -> dict:

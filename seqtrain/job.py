@@ -20,6 +20,7 @@ import torch
 from seqtrain import distributed
 from seqtrain.allocator import release_freed_memory
 from seqtrain.augment import augment_for
+from seqtrain.cache import require_filter
 from seqtrain.config import Config
 from seqtrain.data import RawData, image_side, load_raw
 from seqtrain.e2e import run_e2e
@@ -43,15 +44,26 @@ def resolve(cfg: Config) -> StageLayout:
     return resolve_layout(cfg, input_shape(cfg))
 
 
-def make_deterministic() -> None:
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
     """--deterministic: every CUDA kernel seqtrain runs picks a deterministic algorithm (cuDNN's convolution
     backward is not by default), so training is a function of (seed, data) on a GPU as it is on a CPU. An op
     with no deterministic CUDA kernel warns instead of failing (a head's adaptive pooling of a side its size
-    does not divide: models.AvgPool pools every other side deterministically)."""
+    does not divide: models.AvgPool pools every other side deterministically). Torch's settings are put back
+    afterwards: a Python caller's process is left as it was."""
+    if not enabled:
+        yield
+        return
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition, read when it starts
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
 @dataclass
@@ -68,8 +80,14 @@ def run_job(cfg: Config, layout: StageLayout, stage: int | str, blocks: list[tor
 
     Every input is checked before anything is written to the run directory."""
     augment_for(cfg)
-    if cfg.deterministic:
-        make_deterministic()
+    require_filter(cfg.compression)  # an hdf5plugin filter, before any cache is written with it
+    with deterministic_kernels(cfg.deterministic):
+        return run_checked(cfg, layout, stage, blocks, e2e_checkpoint)
+
+
+def run_checked(cfg: Config, layout: StageLayout, stage: int | str, blocks: list[torch.nn.Module] | None,
+                e2e_checkpoint: bool) -> Outcome:
+    """run_job's work: the device and ranks, the data, every check, then the run directory under its lock."""
     device = distributed.init(cfg.device)
     if cfg.release_memory:
         release_freed_memory()

@@ -28,9 +28,7 @@ from seqtrain.balance import (
     block_costs,
     fewest_stages,
     largest_block_bytes,
-    library_bytes,
 )
-from seqtrain.cache import require_filter
 from seqtrain.config import Config, config_hash, flag, network_hash, parse_size
 from seqtrain.errors import UserError
 from seqtrain.splitting import check_torchvision, torchvision_num_stages, torchvision_stage_shapes
@@ -69,7 +67,6 @@ def resolve_layout(cfg: Config, in_shape: tuple[int, int, int]) -> StageLayout:
     """Check what needs the network and cut it into stages; UserError naming the flag when it cannot be done.
 
     `cfg` must have passed Config.validate()."""
-    require_filter(cfg.compression)
     in_shape = tuple(in_shape)
     if ":" in cfg.arch:
         total = check_external_arch(cfg, in_shape)
@@ -97,8 +94,9 @@ def stage_sizes(cfg: Config, in_shape: tuple[int, int, int]) -> tuple[list[int],
     total = len(standard_specs(cfg.arch, cfg.width))
     text = str(cfg.stages).replace(" ", "")
     if text == "auto":
-        # the libraries' workspaces take their share of the budget first (balance.library_bytes)
-        costs, budget = block_costs(cfg, in_shape), parse_size(cfg.memory_budget) - library_bytes(cfg.device)
+        # The cut is a function of the settings alone, never of the machine: --plan shows the CUDA libraries'
+        # workspace beside it (balance.library_bytes), which a GPU run's budget must leave room for.
+        costs, budget = block_costs(cfg, in_shape), parse_size(cfg.memory_budget)
         try:
             return balanced_sizes(costs, fewest_stages(costs, budget)), "auto"
         except BudgetTooSmall as e:
@@ -123,11 +121,11 @@ def budget_advice(cfg: Config, in_shape: tuple[int, int, int], budget: int) -> s
     """What makes --stages auto fit --memory-budget, each option checked by a cut on the meta device: a
     budget every block fits, the largest --batch-size (at least 2, the smallest accepted) at which every
     block fits this one, or --checkpoint when that alone makes every block fit."""
-    need = largest_block_bytes(block_costs(cfg, in_shape)) + library_bytes(cfg.device)
+    need = largest_block_bytes(block_costs(cfg, in_shape))
     options = [f"give a budget of at least {math.ceil(need / 2**20):,} MB"]
-    fits = [b for b in batch_sizes_below(cfg.batch_size) if fits_budget(cfg, in_shape, b, budget)]
+    fits = next((b for b in batch_sizes_below(cfg.batch_size) if fits_budget(cfg, in_shape, b, budget)), None)
     if fits:
-        options.append(f"a --batch-size of {fits[0]} or less")
+        options.append(f"a --batch-size of {fits} or less")
     if not cfg.checkpoint and fits_budget(dataclasses.replace(cfg, checkpoint=True), in_shape, cfg.batch_size, budget):
         options.append("add --checkpoint (each block keeps only its input for backward)")
     return ", or ".join(options)
@@ -143,7 +141,7 @@ def batch_sizes_below(batch_size: int) -> list[int]:
 
 
 def fits_budget(cfg: Config, in_shape: tuple[int, int, int], batch_size: int, budget: int) -> bool:
-    """Every block fits `budget` bytes (what is left of --memory-budget beside the libraries) at `batch_size`."""
+    """Every block fits `budget` bytes at `batch_size`."""
     return largest_block_bytes(block_costs(dataclasses.replace(cfg, batch_size=batch_size), in_shape)) <= budget
 
 

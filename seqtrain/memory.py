@@ -31,6 +31,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed._tools.mem_tracker import _MemRefType as MEM_KIND
 
+from seqtrain.errors import UserError
 from seqtrain.report import MB
 from seqtrain.train import train_step, without_cuda_query
 
@@ -316,6 +317,20 @@ def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return StepBytes(saved=saved.bytes, weights=tensor_bytes(weights), grads=tensor_bytes(grads),
                      optimizer=tensor_bytes(state), batch=tensor_bytes([x, y]))
+
+
+@contextlib.contextmanager
+def out_of_memory_as(what: str, fixes: list[str], predicted: int | None = None):
+    """A CUDA out-of-memory error inside as the user's one line (exit 2): what ran out, its predicted peak when
+    known, and `fixes`; an interrupted training keeps every finished epoch, so rerunning resumes."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        peak = f" (predicted peak {predicted / MB:,.0f} MB; python -m seqtrain.run --plan shows every stage)" \
+            if predicted else ""
+        options = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+        raise UserError(f"{what} ran out of GPU memory{peak}: use {options}; every finished epoch is saved, so "
+                        "rerunning resumes") from None
 
 
 def device_description(device: torch.device | str) -> str:

@@ -32,6 +32,7 @@ from seqtrain.rundir import (
     load_weights,
     require_input_cache,
     stage_manifest,
+    versus,
 )
 from seqtrain.splitting import is_torchvision, torchvision_stage_shapes
 from seqtrain.stage import check_disk, run_stage
@@ -56,7 +57,7 @@ def check_inputs(cfg: Config, layout: StageLayout, run: RunDir, stage: int | str
         check_disk(run, 0, predicted_cache_bytes(tuple(out_shape), cfg, {s: len(getattr(raw, s)) for s in SPLITS}))
 
 
-def announce_disk(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData) -> None:
+def announce_disk(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, todo: list[int]) -> None:
     """Say, before the first stage, what disk the caches still to write will take (plan.py's prediction), and
     when int8 caches would matter (a quarter of float32's bytes, half of float16's)."""
     if not layout.own_blocks and not is_torchvision(cfg.arch):
@@ -65,7 +66,6 @@ def announce_disk(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData) -
     shapes = (torchvision_stage_shapes(cfg.arch, cfg.split, layout.in_shape) if not layout.own_blocks else
               [feature_shape([s for g in layout.specs[:k + 1] for s in g], layout.in_shape)
                for k in range(layout.num_stages)])
-    todo = [k for k in range(layout.num_stages) if stage_manifest(cfg, layout, run, k)[0] is None]
     if not todo:
         return
     need = sum(predicted_cache_bytes(tuple(shapes[k]), cfg, counts) for k in todo)
@@ -86,11 +86,13 @@ def run_all(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
     `blocks`: the stages' modules when the caller holds them (seqtrain.train_stages); else each is built from
     the layout. Returns the summary's figures (rundir.collect_results).
     """
-    announce_disk(cfg, layout, run, raw)
+    current = [stage_manifest(cfg, layout, run, k) for k in range(layout.num_stages)]
+    announce_disk(cfg, layout, run, raw, [k for k, (manifest, _) in enumerate(current) if manifest is None])
     manifests: list[Manifest] = []
     last = layout.num_stages - 1
-    for k in range(layout.num_stages):
-        manifest, why = stage_manifest(cfg, layout, run, k)
+    for k, (manifest, why) in enumerate(current):
+        if manifest is not None and k > 0 and manifests[k - 1].fingerprint != manifest.identity.input_fingerprint:
+            manifest, why = None, f"stage {k}'s cache is stale: it was made from an earlier version of its input"
         if manifest is not None:
             try:
                 verify_shards(run.cache(k), manifest, checksums=False)  # sizes now; checksums when read
@@ -107,9 +109,11 @@ def run_all(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
     saved = final_results(run)
     if saved and saved["final"]["fingerprint"] == manifests[-1].fingerprint:
         log("final: complete, skipped")
-    else:
-        final = assemble_final(cfg, layout, run, manifests, raw, device, blocks)
-        if distributed.is_main():
-            write_json(run.final / "results.json", {**collect_results(cfg, layout, run), "final": final})
-        distributed.barrier()
-    return collect_results(cfg, layout, run)
+        return collect_results(cfg, layout, run)
+    final = assemble_final(cfg, layout, run, manifests, raw, device, blocks)
+    results = {**collect_results(cfg, layout, run), "final": final}
+    results["versus"] = versus(results)  # with the final network just assembled
+    if distributed.is_main():
+        write_json(run.final / "results.json", results)
+    distributed.barrier()
+    return results

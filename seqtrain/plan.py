@@ -185,8 +185,8 @@ def plan(cfg: Config, layout: StageLayout | None = None, num_classes: int | None
     caching = cut and cut.pop("caching_pass_bytes")
     stages, shape = [], tuple(in_shape)
     for k, block in enumerate(modules):
-        out_shape = tuple([b for b in blocks if b["stage"] == k][-1]["out_shape"])
         own = [b for b in blocks if b["stage"] == k]
+        out_shape = tuple(own[-1]["out_shape"])
         with torch.device("meta"):
             model = StageModel(block, build_head(cfg, out_shape[0], num_classes, layout.specs_after(k)))
         analytic, train = train_figures(cfg, model, [block], shape, own, cfg.checkpoint)

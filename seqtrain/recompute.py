@@ -45,10 +45,11 @@ def frozen_statistics(module: nn.Module):
                 b.copy_(before)
 
 
-def checkpoint_module(module: nn.Module) -> None:
-    """Make `module` keep only its input for backward, recomputing its forward there (idempotent)."""
-    if "forward" in vars(module):  # already wrapped
-        return
+def checkpoint_module(module: nn.Module) -> bool:
+    """Make `module` keep only its input for backward, recomputing its forward there; False when it already has
+    a forward of its own instance (wrapped before, or the caller's), which is then left alone."""
+    if "forward" in vars(module):
+        return False
     plain = module.forward
 
     def forward(*args, **kwargs):
@@ -61,6 +62,7 @@ def checkpoint_module(module: nn.Module) -> None:
         return checkpoint(plain, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     module.forward = forward
+    return True
 
 
 def children_of(stage: nn.Module) -> list[nn.Module]:
@@ -80,13 +82,12 @@ def checkpointed(stages, enabled: bool = True):
     """Every block of every stage in `stages` checkpointed inside the context (the heads are left as they
     are: small, and last), and the modules as they were after it: a caller's own modules come back plain."""
     blocks = [b for stage in stages for b in blocks_of(stage)] if enabled else []
-    for block in blocks:
-        checkpoint_module(block)
+    wrapped = [b for b in blocks if checkpoint_module(b)]
     try:
         yield
     finally:
-        for block in blocks:
-            vars(block).pop("forward", None)
+        for block in wrapped:  # only what this context wrapped: an outer one's, or the caller's, stay
+            del block.forward
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,9 +112,9 @@ def recompute_extra_bytes(stages: list[nn.Module], head: nn.Module, x: torch.Ten
     internal, inputs = [], []
     with torch.enable_grad():
         for stage in stages:
-            checkpointed = {id(b) for b in blocks_of(stage)}
+            recomputed = {id(b) for b in blocks_of(stage)}
             for child in children_of(stage):
-                if id(child) not in checkpointed:
+                if id(child) not in recomputed:
                     with torch.no_grad():
                         x = child(x)
                     continue

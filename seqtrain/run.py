@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -105,6 +104,10 @@ def saved_config(run_dir: str) -> dict | None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
+    if getattr(args, "stage", "all") == "e2e" and "checkpoint" in flags:
+        # With --stage e2e, --checkpoint chooses the baseline (RUN/e2e_checkpoint), not how this run's stages
+        # train: the run keeps its own --checkpoint, and the cut made for it, so that its stages stay current.
+        args.e2e_checkpoint = flags.pop("checkpoint")
     from_file = read_toml(args.config) if getattr(args, "config", None) else {}
     run_dir = flags.get("run_dir", from_file.get("run_dir", Config.run_dir))
     # --plan answers for the flags given (and the defaults): it writes nothing, so a run directory made with
@@ -151,15 +154,9 @@ def run_command(argv: list[str] | None) -> int:
                         "your code can build: train, resume or compare it from Python (seqtrain.train_stages(stages, "
                         f"run_dir={cfg.run_dir!r}, e2e=True) adds its end-to-end baseline); here it can only "
                         "be checked with --verify")
-    from seqtrain.job import resolve  # here: --help and argument errors answer without loading torch
+    from seqtrain.job import resolve as resolve_layout_of  # here: --help and errors answer without torch
 
-    e2e_checkpoint = False
-    if getattr(args, "stage", "all") == "e2e":
-        # --checkpoint with --stage e2e chooses the baseline, not how this run's stages train: the run keeps
-        # its own --checkpoint (and the cut made for it), so that its stages stay current.
-        e2e_checkpoint = cfg.checkpoint
-        cfg = dataclasses.replace(cfg, checkpoint=bool((saved_config(cfg.run_dir) or {}).get("checkpoint")))
-    layout = resolve(cfg)
+    layout = resolve_layout_of(cfg)
     if getattr(args, "plan", False):
         from seqtrain.plan import format_plan, plan
 
@@ -172,7 +169,7 @@ def run_command(argv: list[str] | None) -> int:
     stage = parse_stage(getattr(args, "stage", "all"), layout.num_stages)
     from seqtrain.job import run_job
 
-    outcome = run_job(cfg, layout, stage, e2e_checkpoint=e2e_checkpoint)
+    outcome = run_job(cfg, layout, stage, e2e_checkpoint=getattr(args, "e2e_checkpoint", False))
     log("\n" + summary_table(outcome.results))
     return 0
 

@@ -201,7 +201,7 @@ def collect_results(cfg: Config, layout: StageLayout, run: RunDir) -> dict:
     final = (final_results(run) or {}).get("final")
     baselines = {}
     for key, checkpoint in (("e2e", False), ("e2e_checkpoint", True)):
-        flag = " --checkpoint" if checkpoint else " --no-checkpoint"
+        flag = " --checkpoint" if checkpoint else ""
         record = read_e2e_results(run.e2e_home(checkpoint) / "results.json",
                                   f"--stage e2e{flag} --run-dir {run.root}")
         baselines[key] = record if record and is_baseline_of(record, layout) else None
@@ -218,7 +218,7 @@ def versus(results: dict) -> dict:
         base = results.get(key)
         if not (base and final and stages):
             continue
-        seconds = sum(s["train_seconds"] + s["cache_seconds"] for s in stages)
+        seconds = sum(StageResult.from_dict(s).seconds for s in stages)
         out[key] = {"points": round(100 * (final["test_acc"] - base["test_acc"]), 2),
                     "memory": round(max(s["peak_tensor_mb"] for s in stages) / base["peak_tensor_mb"], 3)
                     if base["peak_tensor_mb"] else None,

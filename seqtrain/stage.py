@@ -21,7 +21,7 @@ from seqtrain.errors import UserError
 from seqtrain.files import save_torch, sha256_state_dict
 from seqtrain.layout import StageLayout
 from seqtrain.log import log
-from seqtrain.memory import PeakMemory
+from seqtrain.memory import PeakMemory, out_of_memory_as
 from seqtrain.models import StageModel, build_head
 from seqtrain.network import build_stage
 from seqtrain.plan import free_disk, predicted_cache_bytes
@@ -62,27 +62,24 @@ def run_stage(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawDat
     unpublish_stage(run, k)  # stage k is incomplete from here until its new manifest is published
     log(f"stage {k}/{layout.num_stages - 1}: {len(block) if isinstance(block, torch.nn.Sequential) else 1} "
         f"block(s), {sum(p.numel() for p in block.parameters()):,} parameters, input {inputs.in_shape}")
-    try:
+    with out_of_memory_as(f"stage {k}", memory_fixes(cfg), predicted_peak(cfg, layout, k)):
         result = train_stage(cfg, layout, run, k, model, inputs, identity, device)
         table, result = cache_stage(cfg, run, k, block, inputs, device, result)
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(cfg, layout, f"stage {k}", k) from None
     return publish_stage(run, k, block, identity, inputs.num_classes, table, result)
 
 
-def out_of_memory(cfg: Config, layout: StageLayout, what: str, k: int | None) -> UserError:
-    """A CUDA out-of-memory error as the user's one line: what ran out, its predicted peak, and the fixes."""
-    predicted = ""
-    if k is not None and layout.own_blocks:  # the cut's own prediction of this stage (balance.py)
-        start = layout.starts()[k]
-        need = block_costs(cfg, layout.in_shape).stage_bytes(start, start + layout.sizes[k] - 1)
-        predicted = f" (predicted peak {need / 2**20:,.0f} MB; python -m seqtrain.run --plan shows every stage)"
+def memory_fixes(cfg: Config) -> list[str]:
+    """What makes a stage fit a GPU that it did not fit."""
     fixes = ["more --stages (or --stages auto --memory-budget with your GPU's memory)"]
-    if not cfg.checkpoint:
-        fixes.append("--checkpoint")
-    fixes.append("a smaller --batch-size")
-    return UserError(f"{what} ran out of GPU memory{predicted}: use {', '.join(fixes[:-1])} or {fixes[-1]}; "
-                     "every finished epoch is saved, so rerunning resumes")
+    return fixes + ([] if cfg.checkpoint else ["--checkpoint"]) + ["a smaller --batch-size"]
+
+
+def predicted_peak(cfg: Config, layout: StageLayout, k: int) -> int | None:
+    """The cut's own prediction of stage k's tensor peak (balance.py); None for networks it does not cost."""
+    if not layout.own_blocks:
+        return None
+    start = layout.starts()[k]
+    return block_costs(cfg, layout.in_shape).stage_bytes(start, start + layout.sizes[k] - 1)
 
 
 @dataclass

@@ -267,7 +267,9 @@ class Checkpointer:
             return
         save_torch(self.path, {
             "format": CHECKPOINT_FORMAT, "identity": self.identity.to_dict(), "config": self.cfg.to_dict(),
-            **dataclasses.asdict(state), "progress": dataclasses.asdict(progress), "model": model.state_dict(),
+            # the fields as they are: asdict would deep-copy the best epoch's state dict at every checkpoint
+            **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+            "progress": dataclasses.asdict(progress), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         })

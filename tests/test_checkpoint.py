@@ -102,3 +102,15 @@ def test_a_budget_cut_with_checkpointing_fits_its_measured_stages(tmp_path):
     results = json.loads((tmp_path / "run" / "final" / "results.json").read_text())
     assert len(results["stages"]) == ckpt.num_stages
     assert all(s["peak_tensor_mb"] <= budget and s["checkpoint"] for s in results["stages"]), results["stages"]
+
+
+def test_checkpoint_moves_a_memory_balanced_cut_so_changing_it_needs_rebuild(tmp_path, capsys):
+    assert main(tiny_flags(tmp_path, "--stage", "0", "--max-epochs", "1")) == 0  # --balance memory, the default
+    capsys.readouterr()
+    assert main(tiny_flags(tmp_path, "--stage", "0", "--max-epochs", "1", "--checkpoint")) == 2
+    err = capsys.readouterr().err
+    assert "was made without --checkpoint" in err and "--rebuild" in err and err.count("\n") == 1
+    # with a cut by block counts, checkpointing changes only memory and time: no refusal
+    other = tmp_path / "blocks"
+    assert main(tiny_flags(other, "--stage", "0", "--max-epochs", "1", "--balance", "blocks")) == 0
+    assert main(tiny_flags(other, "--stage", "0", "--max-epochs", "1", "--checkpoint")) == 0
