@@ -22,6 +22,7 @@ caching batch (--batch-size x --cache-views samples), under torch.no_grad.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -133,24 +134,50 @@ class BlockCosts:
 # Per-block costs
 
 
-def specs_of(cfg: Config, in_channels: int) -> list[BlockSpec]:
+def specs_of(cfg: CostSettings, in_channels: int) -> list[BlockSpec]:
     """The network's blocks with the configured downsampling (per-stage intensity applies after the cut)."""
     return block_specs(cfg.arch, cfg.width, in_channels, cfg.downsample, cfg.downsample_op)
 
 
-_costs: dict[tuple, BlockCosts] = {}  # layout resolution and --plan ask for the same network's costs
+@dataclass(frozen=True)
+class CostSettings:
+    """The settings a block-cost measurement can read, and nothing else: measure_block_costs sees only these, so
+    a cache keyed by them cannot go stale (a setting that is to change a cost must be added here to be read)."""
+
+    arch: str
+    width: int
+    downsample: str
+    downsample_op: str
+    batch_size: int
+    cache_views: int
+    checkpoint: bool
+    head: str  # the heads (build_head reads these)
+    head_blocks: int
+    head_fraction: float
+    head_convs: int
+    head_width: int
+    optimizer: str  # the optimizer state (make_optimizer reads these)
+    lr: float
+    momentum: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, cfg: Config) -> CostSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
-    """One training step of the whole network on the meta device, its bytes attributed to the blocks."""
-    # Keyed by every setting, not a hand-picked few: a setting that changes a cost can never be left out.
-    key = (tuple(sorted(cfg.to_dict().items())), tuple(in_shape))
-    if key not in _costs:
-        _costs[key] = measure_block_costs(cfg, tuple(in_shape))
-    return _costs[key]
+    """One training step of the whole network on the meta device, its bytes attributed to the blocks; layout
+    resolution and --plan ask for the same network's, so each is measured once per process."""
+    return measured_costs(CostSettings.of(cfg), tuple(in_shape))
 
 
-def measure_block_costs(cfg: Config, in_shape: tuple[int, int, int]) -> BlockCosts:
+@functools.lru_cache(maxsize=128)
+def measured_costs(settings: CostSettings, in_shape: tuple[int, int, int]) -> BlockCosts:
+    return measure_block_costs(settings, in_shape)
+
+
+def measure_block_costs(cfg: CostSettings, in_shape: tuple[int, int, int]) -> BlockCosts:
     """BlockCosts from one step of the whole network on the meta device: each storage autograd saves is
     counted for the block that saved it first (forward pre-hooks say which block runs)."""
     batch_size, cache_views = cfg.batch_size, cfg.cache_views
@@ -222,7 +249,7 @@ class AttributedSaves(SavedTensorBytes):
         return super().pack(t)
 
 
-def head_bytes(cfg: Config, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int, int]:
+def head_bytes(cfg: CostSettings, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int, int]:
     """(the head's step bytes without its input, the bytes of its input when it saves it, everything it saves
     for backward) on `shape` features; `after`: the blocks that follow (an aug head copies them)."""
     with torch.device("meta"):
