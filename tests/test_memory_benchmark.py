@@ -136,7 +136,8 @@ def test_an_out_of_memory_anywhere_in_a_configuration_is_its_result(monkeypatch,
 
 def test_the_budget_judges_e2e_and_stages_by_one_figure_and_records_oom(monkeypatch, tmp_path):
     # Tensor peaks by (depth, configuration); at depth 20 stage 1 runs out of the GPU's memory.
-    peaks = {8: {"e2e": 60, "stage": 50, "cache": 20}, 20: {"e2e": 100, "stage": 50, "cache": 20}}
+    peaks = {8: {"e2e": 60, "ckpt": 40, "stage": 50, "cache": 20},
+             20: {"e2e": 100, "ckpt": 70, "stage": 50, "cache": 20}}
 
     def spawn(job):
         depth = int(job.cfg["arch"].removeprefix("resnet"))
@@ -155,8 +156,10 @@ def test_the_budget_judges_e2e_and_stages_by_one_figure_and_records_oom(monkeypa
     assert points[20]["e2e_peak"] == 100 * 2**20 and not points[20]["e2e_oom"]
     assert points[20]["largest_stage_peak"] is None and not points[20]["fits"]
     assert summary["e2e_max_depth"] == 8 and summary["seqtrain_depth"] == 8
+    assert summary["e2e_checkpoint_max_depth"] == 8 and points[20]["e2e_checkpoint_peak"] == 70 * 2**20
     table = memory_report.budget_table(list(points.values()), 64 * 2**20)
-    assert table.splitlines()[-1].split()[-2:] == ["OOM", "NO"]
+    row = next(line.split() for line in table.splitlines() if line.split()[:1] == ["20"])
+    assert row[4:6] == ["OOM", "NO"]  # depth 20: the largest stage ran out of memory, so not every stage fits
 
 
 # --------------------------------------------------------------------------------------------------------
