@@ -144,6 +144,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def publish_copy(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` through a temporary file and a rename, so `dest` is whole or absent."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copy(src, tmp)
+    os.replace(tmp, dest)
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -317,14 +324,14 @@ def check(out: Path, rehearse: bool) -> int:
                                            "step_ms": round(row["step_ms"], 2),
                                            "samples_per_s": round(row["samples_per_s"], 1)}
                                     for name, row in saved["rows"].items()}}
-        shutil.copy(work / "bench" / "memory.json", out / "memory.json")
+        publish_copy(work / "bench" / "memory.json", out / "memory.json")
     depths = os.environ.get("GPU_CHECK_DEPTHS", "8,14" if rehearse else "8,20,56")
     steps.run("budget", [python, "benchmarks/memory.py", *bench, "--budget-mb", "64", "--depths", depths,
                          "--out", str(work / "budget")], 180)
     saved = read_json(work / "budget" / "budget.json")
     if saved:
         report["budget"] = saved
-        shutil.copy(work / "budget" / "budget.json", out / "budget.json")
+        publish_copy(work / "budget" / "budget.json", out / "budget.json")
 
     gpus = 0 if rehearse else gpu_count()
     if gpus >= 2:
@@ -345,7 +352,9 @@ def check(out: Path, rehearse: bool) -> int:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     failed = [n for n, s in steps.record.items() if not s["ok"]] + [c for c, ok in report["checks"].items() if not ok]
     report["failed"] = failed
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out / "gpu_check.json.tmp"  # written whole, then renamed: a killed check leaves no torn JSON
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "gpu_check.json")
     shutil.rmtree(work, ignore_errors=True)  # caches and data: gigabytes, and every figure is in the JSON
     print(f"gpu_check: {len(steps.record)} steps in {report['seconds']:.0f} s; "
           + (f"FAILED: {', '.join(failed)}" if failed else "all passed") + f"; figures in {out / 'gpu_check.json'}")
