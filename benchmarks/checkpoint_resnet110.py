@@ -20,13 +20,13 @@ import torch
 from seqtrain.config import Config
 from seqtrain.files import write_json
 from seqtrain.job import resolve
-from seqtrain.memory import PeakMemory, device_description
+from seqtrain.memory import device_description, measured_steps
 from seqtrain.models import StageModel, build_head
 from seqtrain.network import build_network, build_stage
 from seqtrain.plan import plan
 from seqtrain.recompute import checkpointed
 from seqtrain.report import MB, aligned
-from seqtrain.train import make_optimizer, train_step
+from seqtrain.train import make_optimizer
 
 TARGET = 0.15  # 4 checkpointed stages: the largest / end to end's tensor peak
 CUTS = (("4 stages", "4", False), ("4 stages + --checkpoint", "4", True), ("8 stages + --checkpoint", "8", True))
@@ -34,14 +34,8 @@ CUTS = (("4 stages", "4", False), ("4 stages + --checkpoint", "4", True), ("8 st
 
 def measured_step(model: torch.nn.Module, stages: list[torch.nn.Module], x: torch.Tensor, checkpoint: bool,
                   cfg: Config) -> int:
-    optimizer = make_optimizer(cfg, model)
-    y = torch.randint(0, 10, (len(x),))
-    memory = PeakMemory(torch.device("cpu"), watch_steps=2)
-    with memory, checkpointed(stages, checkpoint):
-        for _ in range(2):  # the optimizer state exists from the second step on
-            with memory.watch(model, optimizer, x, y):
-                train_step(model, x, y, optimizer)
-    return memory.tensor_bytes
+    with checkpointed(stages, checkpoint):
+        return measured_steps(model, make_optimizer(cfg, model), x, torch.randint(0, 10, (len(x),))).tensor_bytes
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,13 +30,13 @@ import torch
 from seqtrain.config import Config
 from seqtrain.files import write_json
 from seqtrain.job import resolve
-from seqtrain.memory import PeakMemory, device_description
+from seqtrain.memory import device_description, measured_steps
 from seqtrain.models import StageModel, build_head
 from seqtrain.network import build_stage
 from seqtrain.plan import plan
 from seqtrain.recompute import checkpointed
 from seqtrain.report import MB, aligned
-from seqtrain.train import make_optimizer, train_step
+from seqtrain.train import make_optimizer
 
 ARCHS = ("torchvision:resnet152", "torchvision:wide_resnet101_2")
 SPLITS = {  # --split for K = 4 and K = 8: where stages 1, 2, ... begin
@@ -89,14 +89,10 @@ def measure(arch: str, batch_size: int) -> dict:
     torch.manual_seed(0)
     block, out = build_stage(cfg, layout, k, in_shape)
     model = StageModel(block, build_head(cfg, out[0], 1000))
-    optimizer = make_optimizer(cfg, model)
     x, y = torch.randn(batch_size, *in_shape), torch.randint(0, 1000, (batch_size,))
-    memory = PeakMemory(torch.device("cpu"), watch_steps=2)
     t0 = time.perf_counter()
-    with memory, checkpointed([block]):
-        for _ in range(2):  # the optimizer state exists from the second step on
-            with memory.watch(model, optimizer, x, y):
-                train_step(model, x, y, optimizer)
+    with checkpointed([block]):
+        memory = measured_steps(model, make_optimizer(cfg, model), x, y)
     predicted = p["stages"][k]["train_bytes"]
     return {"arch": arch, "stage": k, "batch_size": batch_size, "measured": memory.tensor_bytes,
             "predicted": predicted, "ratio": memory.tensor_bytes / predicted, "seconds": time.perf_counter() - t0,

@@ -98,6 +98,11 @@ def image_side(cfg: Config) -> int:
     return synthetic.SIZE if cfg.dataset == "synthetic" else KNOWN[cfg.dataset].side
 
 
+def input_shape(cfg: Config) -> tuple[int, int, int]:
+    """C, H, W of the images the network sees: every dataset is given three channels."""
+    return 3, image_side(cfg), image_side(cfg)
+
+
 def dataset_info(cfg: Config, listing: imagefolder.Listing | None = None) -> dict:
     """{"in_shape", "num_classes", "n_train", "n_test"} of the configured dataset, without decoding an image.
 

@@ -22,7 +22,7 @@ from seqtrain.allocator import release_freed_memory
 from seqtrain.augment import augment_for
 from seqtrain.cache import require_filter
 from seqtrain.config import Config
-from seqtrain.data import RawData, image_side, load_raw
+from seqtrain.data import RawData, input_shape, load_raw
 from seqtrain.e2e import run_e2e
 from seqtrain.errors import UserError
 from seqtrain.layout import StageLayout, resolve_layout
@@ -30,11 +30,6 @@ from seqtrain.log import log
 from seqtrain.pipeline import check_inputs, run_all
 from seqtrain.rundir import RunDir, RunLock, collect_results, prepare_run_dir, write_run_config
 from seqtrain.stage import run_stage
-
-
-def input_shape(cfg: Config) -> tuple[int, int, int]:
-    """C, H, W of the images the network sees: every dataset is given three channels."""
-    return 3, image_side(cfg), image_side(cfg)
 
 
 def resolve(cfg: Config) -> StageLayout:

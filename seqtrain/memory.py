@@ -319,6 +319,18 @@ def analytic_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
                      optimizer=tensor_bytes(state), batch=tensor_bytes([x, y]))
 
 
+def measured_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   steps: int = 2) -> PeakMemory:
+    """The tensor peak of `steps` training steps (MemTracker on a CPU, the allocator on CUDA); from the second
+    step the optimizer state exists, so 2 is enough for the steady peak."""
+    memory = PeakMemory(x.device, watch_steps=steps)
+    with memory:
+        for _ in range(steps):
+            with memory.watch(model, optimizer, x, y):
+                train_step(model, x, y, optimizer)
+    return memory
+
+
 @contextlib.contextmanager
 def out_of_memory_as(what: str, fixes: list[str], predicted: int | None = None):
     """A CUDA out-of-memory error inside as the user's one line (exit 2): what ran out, its predicted peak when

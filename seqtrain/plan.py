@@ -32,7 +32,7 @@ from seqtrain.balance import block_costs, library_bytes
 from seqtrain.cache import CHUNK_BYTES, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.contract import SPLITS
-from seqtrain.data import dataset_info
+from seqtrain.data import dataset_info, input_shape
 from seqtrain.layout import StageLayout, resolve_layout
 from seqtrain.loader import window_rows
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
@@ -50,11 +50,6 @@ SHARD_OVERHEAD = 7104
 LABEL_ID_BYTES = 16  # int64 label + int64 sample id per sample
 QUANT_BYTES = 5  # an int8 shard's float32 scale and int8 zero point per channel (their headers fit in the above)
 VIEW_INDEX_BYTES = 520  # [n, V, C, H, W] features: the chunk index's 65 keys are 8 bytes wider (measured)
-
-
-def dataset_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) of the images the network sees (data.dataset_info: no image is decoded)."""
-    return tuple(dataset_info(cfg)["in_shape"])
 
 
 def split_counts(cfg: Config) -> dict[str, int]:
@@ -173,10 +168,10 @@ def plan(cfg: Config, layout: StageLayout | None = None, num_classes: int | None
          n_samples: dict[str, int] | None = None) -> dict:
     """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
 
-    `layout` defaults to the one resolved for dataset_shape(cfg) (job.resolve), `num_classes` to the
+    `layout` defaults to the one resolved for data.input_shape(cfg) (as job.resolve), `num_classes` to the
     dataset's and `n_samples` (per split) to split_counts(cfg).
     """
-    layout = layout or resolve_layout(cfg, dataset_shape(cfg))
+    layout = layout or resolve_layout(cfg, input_shape(cfg))
     in_shape = layout.in_shape
     num_classes = num_classes or dataset_info(cfg)["num_classes"]
     counts = n_samples or split_counts(cfg)
