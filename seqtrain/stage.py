@@ -48,6 +48,7 @@ def run_stage(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawDat
     the layout. Returns the stage's published manifest.
     """
     inputs = stage_inputs(cfg, layout, run, k, raw, device)
+    given = block is not None
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
     if block is None:
         block, out_shape = build_stage(cfg, layout, k, inputs.in_shape)
@@ -64,8 +65,16 @@ def run_stage(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawDat
         f"block(s), {sum(p.numel() for p in block.parameters()):,} parameters, input {inputs.in_shape}")
     with out_of_memory_as(f"stage {k}", memory_fixes(cfg), predicted_peak(cfg, layout, k)):
         result = train_stage(cfg, layout, run, k, model, inputs, identity, device)
+        # The caching pass holds the frozen block alone, so that its peak is its own work: the head (saved in
+        # block.pt) and the last step's gradients would otherwise stay on the device through it.
+        del model, head
+        for p in block.parameters():
+            p.grad = None
         table, result = cache_stage(cfg, run, k, block, inputs, device, result)
-    return publish_stage(run, k, block, identity, inputs.num_classes, table, result)
+    manifest = publish_stage(run, k, block, identity, inputs.num_classes, table, result)
+    if given:  # seqtrain.train_stages: the caller's block leaves the device, out of the next stages' peaks
+        block.cpu()
+    return manifest
 
 
 def memory_fixes(cfg: Config) -> list[str]:

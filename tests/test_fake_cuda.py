@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import weakref
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import seqtrain
+import seqtrain.stage
 from seqtrain.files import load_torch
 from seqtrain.run import main
 
@@ -123,12 +125,30 @@ def test_an_interrupted_stage_resumes_on_the_gpu(tmp_path, capsys):
     assert len(steps) > 3 and (tmp_path / "run" / "stage_00" / "block.pt").exists()  # trained on from there
 
 
-def test_train_stages_on_the_gpu(tmp_path):
+def test_train_stages_on_the_gpu(tmp_path, monkeypatch):
     stages = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
               nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
+    # What is alive on the device while each stage caches: a GPU peak must be the stage's own work.
+    heads, alive = [], []
+    build_head, write_shards = seqtrain.stage.build_head, seqtrain.stage.write_shards
+
+    def spy_head(*a, **k):
+        heads.append(weakref.ref(head := build_head(*a, **k)))
+        return head
+
+    def spy_cache(block, *a, **k):
+        alive.append({"heads": sum(h() is not None for h in heads),
+                      "gradients": sum(p.grad is not None for p in block.parameters()),
+                      "earlier blocks on cuda": sum(p.device.type == "cuda" for s in stages if s is not block
+                                                    for p in s.parameters())})
+        return write_shards(block, *a, **k)
+
+    monkeypatch.setattr(seqtrain.stage, "build_head", spy_head)
+    monkeypatch.setattr(seqtrain.stage, "write_shards", spy_cache)
     with fakecuda.FakeCuda() as gpu:
         net = seqtrain.train_stages(stages, run_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
                                     n_train=160, n_test=40, max_epochs=1, batch_size=32, shard_mb=1, device="cuda")
     assert gpu.seen["backward on the fake cuda"] > 0
+    assert alive == [{"heads": 0, "gradients": 0, "earlier blocks on cuda": 0}] * 2
     assert net.stages[1] is stages[1] and next(net.parameters()).device.type == "cpu"  # back on the CPU
     assert [s["feature_shape"] for s in net.results["stages"]] == [[4, 32, 32], [8, 16, 16]]
