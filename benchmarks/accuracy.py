@@ -160,18 +160,19 @@ def downsampling(value: str) -> dict:
 def seqtrain_flags(args: argparse.Namespace, point: dict) -> list[str]:
     """The flags that define a point, apart from --run-dir."""
     ds = downsampling(point["downsample"])
+    setting = lambda name: point.get("settings", {}).get(name, getattr(args, name))  # noqa: E731
     flags = ["--arch", point["arch"], "--downsample", ds["downsample"], "--downsample-op", ds["downsample_op"],
              "--head", point["head"], "--seed", str(point["seed"]),
              "--stages", str(point["stages"]), "--dataset", args.dataset, "--data-dir", str(args.data_dir),
              "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--width", str(args.width),
-             "--max-epochs", str(args.max_epochs), "--device", args.device]
+             "--max-epochs", str(setting("max_epochs")), "--device", args.device]
     for name in TRAINING:  # only when set: otherwise seqtrain's own default
-        if getattr(args, name) is not None:
-            flags += [flag(name), str(getattr(args, name))]
+        if setting(name) is not None:
+            flags += [flag(name), str(setting(name))]
     for name in ("stage_convs", "stage_width"):  # already expanded to one value per stage
         if point[name]:
             flags += [flag(name), point[name]]
-    return flags
+    return flags + point.get("extra", [])
 
 
 def run_seqtrain(flags: list[str], log: Path, threads: int | None) -> None:
@@ -315,12 +316,18 @@ def per_stage(value: str, k: int) -> str | None:
     return ",".join(items + items[-1:] * (k - len(items))) if len(items) <= k else None
 
 
+def runs_root(args: argparse.Namespace, **settings) -> Path:
+    """OUT/runs/SETTINGS-HASH: the folder of the points run with these settings (`settings` overriding the
+    flags'), and the name of their folder in the ledger."""
+    keys = ("dataset", "n_train", "n_test", "width", "max_epochs", "device", *TRAINING)
+    values = {k: settings.get(k, getattr(args, k)) for k in keys}
+    return args.out / "runs" / sha256_json({k: v for k, v in values.items() if v is not None})[:8]
+
+
 def points(args: argparse.Namespace) -> list[dict]:
     """Every point of the sweep, e2e first within each (arch, downsample, intensity, seed); K larger than the
     depth (or shorter than an intensity list) skipped."""
-    keys = ("dataset", "n_train", "n_test", "width", "max_epochs", "device", *TRAINING)
-    settings = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    root = args.out / "runs" / sha256_json(settings)[:8]
+    root = runs_root(args)
     out = []
     for arch in args.archs:
         blocks = num_blocks(arch, args.width)
@@ -558,7 +565,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, help="run seqtrain.probe on every finished "
                    "point: a sequential run's stage boundaries, an e2e network cut as each K (default: --study on)")
     p.add_argument("--report-only", action="store_true", help="report the points recorded in --ledger, run none")
+    p.add_argument("--budget", help="accuracy under tensor memory budgets, in MB, e.g. 32,64,128: end to end and "
+                   "end to end with checkpointing at every --e2e-depths depth that fits, seqtrain's --archs with "
+                   "--stages auto --memory-budget, with and without --checkpoint (benchmarks/budget.py; default "
+                   "archs resnet56,resnet110, --study ledger docs/study/budget)")
+    p.add_argument("--e2e-depths", default="8,14,20,32,44,56,110", help="--budget: CIFAR ResNet depths trained "
+                   "end to end (default: 8,14,20,32,44,56,110)")
+    p.add_argument("--long-e2e", action="store_true", help="--budget: one end-to-end run per depth (seed 0) at "
+                   "twice the epochs, to show whether the baseline had converged")
     args = p.parse_args(argv)
+    if args.budget:  # its own defaults, before the preset's
+        for key, value in (("archs", "resnet56,resnet110"), ("downsamples", "standard"), ("heads", "conv"),
+                           ("probe", False), ("ledger", ROOT / "docs" / "study" / "budget" if args.study else None)):
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.out == p.get_default("out"):
+            args.out = Path("benchmarks/out/budget")
+        try:
+            args.budget = [float(b) for b in args.budget.split(",")]
+            args.e2e_depths = [int(d) for d in args.e2e_depths.split(",")]
+        except ValueError:
+            p.error("--budget and --e2e-depths are comma-separated numbers, e.g. --budget 32,64,128")
+        if len(args.downsamples.split(",")) > 1 or len(args.heads.split(",")) > 1:
+            p.error("--budget compares one network family: give one --downsamples and one --heads value")
     if args.quick and args.study:
         p.error("--quick and --study are two presets: choose one")
     args.preset = "quick" if args.quick else "study" if args.study else "full"
@@ -623,6 +652,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"benchmarks/accuracy.py: {e}")
     print(f"accuracy: {settings_line(args)}", file=sys.stderr)
+    if args.budget:
+        try:  # budget imports this module: loaded only in its mode
+            from benchmarks import budget
+        except ImportError:  # python benchmarks/accuracy.py
+            import budget
+
+        budget.main(args)
+        return
     done = run_sweep(args)
     rows = summarize(done, args)
     target = target_check(rows, args.one_process, STUDY_TARGET if args.study else TARGET)

@@ -156,6 +156,7 @@ class CostSettings:
     head_fraction: float
     head_convs: int
     head_width: int
+    head_pool: int
     optimizer: str  # the optimizer state (make_optimizer reads these)
     lr: float
     momentum: float

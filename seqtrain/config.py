@@ -79,6 +79,9 @@ class Config:
     head_fraction: float = opt(0.5, "aug head: the copied blocks' channels, as a fraction of the network's, 0.25-1")
     head_convs: int = opt(1, "conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3")
     head_width: int = opt(0, "conv head: channels of its conv layers; 0 = the stage's output channels")
+    head_pool: int = opt(0, "conv head: average-pool the stage's output to at most this side before the head's "
+                         "conv layers, e.g. 8: a shallow stage's head then costs little beside its blocks (0 = the "
+                         "full resolution)")
     stage_convs: str = opt("", 'convolution intensity: conv layers per block in each stage, e.g. "1,2,2,2"; "" = usual')
     stage_width: str = opt("",
                            'channel multiplier of each stage, e.g. "0.5,1,1,1" narrows the shallow stage; "" = all 1')
@@ -139,7 +142,7 @@ class Config:
         if self.batch_size < 2:  # a 1x1 feature map of one sample leaves BatchNorm nothing to normalise
             raise UserError(f"--batch-size must be at least 2 (BatchNorm normalises over the batch), got "
                             f"{self.batch_size}")
-        for name in ("width", "head_convs", "head_width", "workers", "data_seed", "seed", "image_size",
+        for name in ("width", "head_convs", "head_width", "head_pool", "workers", "data_seed", "seed", "image_size",
                      "crop_padding"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
@@ -243,6 +246,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 # Upper bounds of the counts whose help gives no range of its own: the seeds as torch.manual_seed takes them
 # (times 1000 plus the stage), sizes whose tensors would overflow or fill any machine, a head of a few layers.
 LIMITS = {"seed": 2**31 - 1, "data_seed": 2**31 - 1, "width": 4096, "head_width": 4096, "head_convs": 8,
+          "head_pool": 4096,
           "batch_size": 2**20, "crop_padding": 1024, "workers": 256}
 
 
@@ -253,8 +257,14 @@ OPERATIONAL = {"run_dir", "data_dir", "download", "device", "workers", "channels
                "checkpoint", "deterministic"}
 
 
+# Fields added after runs were made, at the value that reproduces those runs: left out of the hash at that
+# value, so the runs keep theirs.
+ADDED_LATER = {"head_pool": 0}
+
+
 def shaping_dict(cfg: Config) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in OPERATIONAL and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def config_hash(cfg: Config, stage_sizes: list[int]) -> str:
@@ -374,7 +384,8 @@ GROUPS = {
     "data": ("dataset", "data_dir", "download", "n_train", "n_test", "data_seed", "val_fraction", "image_size",
              "augment", "crop_padding", "cache_views"),
     "network": ("arch", "width", "stages", "balance", "memory_budget", "downsample", "downsample_op", "stage_convs",
-                "stage_width", "head", "head_blocks", "head_fraction", "head_convs", "head_width", "split"),
+                "stage_width", "head", "head_blocks", "head_fraction", "head_convs", "head_width", "head_pool",
+                "split"),
     "training (every stage and e2e)": ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs",
                                        "batch_size", "max_epochs", "patience", "min_delta", "seed", "checkpoint"),
     "feature cache": ("cache_dtype", "shard_mb", "shuffle_mb", "compression"),

@@ -113,11 +113,15 @@ class AuxHead(nn.Module):
     """Auxiliary classifier on a stage's output: n x conv3x3-BN-ReLU, adaptive average pool, linear.
 
     n = 0 with pool 1 is the plain global-average-pool + linear head; n >= 1 with pool 2 is the head of
-    Belilovsky, Eickenberg, Oyallon 2019 ("Greedy Layerwise Learning Can Scale to ImageNet").
+    Belilovsky, Eickenberg, Oyallon 2019 ("Greedy Layerwise Learning Can Scale to ImageNet"). `first_pool`
+    > 0 average-pools the input to at most that side before the conv layers (--head-pool): at full resolution
+    a shallow stage's head costs as much as a block of it.
     """
 
-    def __init__(self, in_ch: int, num_classes: int, convs: int = 0, width: int = 0, pool: int = 1):
+    def __init__(self, in_ch: int, num_classes: int, convs: int = 0, width: int = 0, pool: int = 1,
+                 first_pool: int = 0):
         super().__init__()
+        self.first_pool = AvgPool(first_pool) if first_pool else None
         layers, ch = [], in_ch
         for _ in range(convs):
             layers += conv_bn_relu(ch, width or in_ch)
@@ -127,6 +131,8 @@ class AuxHead(nn.Module):
         self.fc = nn.Linear(ch * pool * pool, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_pool is not None and max(x.shape[-2:]) > self.first_pool.size:
+            x = self.first_pool(x)
         return self.fc(torch.flatten(self.pool(self.convs(x)), 1))
 
 
@@ -152,7 +158,7 @@ def build_head(cfg: Config, in_ch: int, num_classes: int, after: list[BlockSpec]
         return AuxHead(in_ch, num_classes)
     if cfg.head == "aug":
         return AugHead(head_specs(list(after), in_ch, cfg.head_blocks, cfg.head_fraction), num_classes)
-    return AuxHead(in_ch, num_classes, convs=cfg.head_convs, width=cfg.head_width, pool=2)
+    return AuxHead(in_ch, num_classes, convs=cfg.head_convs, width=cfg.head_width, pool=2, first_pool=cfg.head_pool)
 
 
 class StageModel(nn.Module):

@@ -115,6 +115,7 @@ class EpochProgress:
     correct: int = 0
     seen: int = 0
     lr: float = 0.0
+    loader_wait: float = 0.0  # seconds spent waiting for the next batch: what a faster loader could save
 
 
 def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress: EpochProgress, *, autocast,
@@ -124,8 +125,11 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
     `memory` (a memory.PeakMemory) watches the tensors of the steps it asks for."""
     model.train()
     steps, device = len(batches), next(model.parameters()).device
+    waited = time.perf_counter()
     for i, (x, y, _) in enumerate(bar(batches, desc)):
+        progress.loader_wait += time.perf_counter() - waited
         if i < progress.step:  # done before an interruption; the order is the same, so skip them
+            waited = time.perf_counter()
             continue
         if stop.is_set() and not distributed.active():
             return False
@@ -148,6 +152,7 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
         progress.seen += len(y)
         if stop_now and distributed.active():
             return progress.step == steps  # a finished epoch is finished, even if Ctrl-C came at its last step
+        waited = time.perf_counter()
     return True
 
 
@@ -322,16 +327,20 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: Config, *, workdir: P
                 save(since=e0)
                 raise Interrupted(f"{desc}: interrupted {position(epoch, progress.step, len(train_batches))}; "
                                   "progress is saved: rerun the same command to resume")
+            v0 = time.perf_counter()
             val_loss, val_acc = evaluate(model, val_batches, autocast, channels_last)
+            val_seconds = time.perf_counter() - v0
             state.update(val_acc, model, cfg.min_delta)
             seconds = time.perf_counter() - e0
             loss_sum, correct, seen = distributed.sum_all([progress.loss_sum, progress.correct, progress.seen], device)
             train_loss, train_acc = loss_sum / seen, correct / seen
-            lr, progress = progress.lr, EpochProgress()
+            lr, loader_wait, progress = progress.lr, progress.loader_wait, EpochProgress()
             if main:
                 append_metrics(metrics_path, {
                     "epoch": state.epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                    "val_acc": val_acc, "best_val_acc": state.best_acc, "lr": lr, "seconds": round(seconds, 3)})
+                    "val_acc": val_acc, "best_val_acc": state.best_acc, "lr": lr, "seconds": round(seconds, 3),
+                    # where the epoch's time went, beside the steps themselves
+                    "loader_wait_seconds": round(loader_wait, 3), "val_seconds": round(val_seconds, 3)})
             save(since=e0)
             log(f"{desc} epoch {state.epoch:3d} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
                 f"val acc {val_acc:.4f} | best {state.best_acc:.4f} @ {state.best_epoch} | "

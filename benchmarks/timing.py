@@ -1,0 +1,208 @@
+"""Wall-clock of the four ways to train the default network, side by side: `--stage all`, `--stage all
+--checkpoint`, `--stage e2e` and `--stage e2e --checkpoint`, and where each one's time goes.
+
+    python benchmarks/timing.py                      # the default run, 2 rounds: about 50 min on 2 CPU cores
+    python benchmarks/timing.py --head-pool 8        # any other flag goes to every seqtrain command
+    python benchmarks/timing.py --rounds 1 --max-epochs 1 --n-train 1000   # a smoke test
+
+Each way runs as `python -m seqtrain.run` in a fresh run directory (nothing reused), `--rounds` times,
+interleaved (A B C D, then D C B A, ...) so that the machine's drift cancels between ways. Run it alone on the
+machine: another job's load lands in whichever way runs beside it (the CPU-wait share of each run is printed,
+from Linux PSI, to tell). Per way: the process's wall-clock, and from the run's own records each stage's
+training (its steps, the time waiting for batches, validation after each epoch) and caching seconds. Per stage
+of the cut: the auxiliary head's share of a training step, timed on random inputs of the stage's shape (the
+head's forward and backward against the whole stage's step).
+
+Targets: `--stage all` within `--stage e2e --checkpoint`'s wall-clock, and within 1.1x `--stage e2e`'s.
+Output: OUT/timing.json, a table, and a last JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from benchmarks.common import CpuWait, target
+except ImportError:  # python benchmarks/timing.py: this folder is on sys.path, the repository root is not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import CpuWait, target
+from seqtrain.config import Config
+from seqtrain.data import load_raw
+from seqtrain.files import read_json, write_json
+from seqtrain.job import resolve
+from seqtrain.memory import device_description
+from seqtrain.models import StageModel, build_head
+from seqtrain.network import build_stage
+from seqtrain.run import build_parser, config_from_args
+from seqtrain.rundir import RunDir, collect_results
+
+ROOT = Path(__file__).resolve().parents[1]
+WAYS = {"all": ["--stage", "all"], "all+ckpt": ["--stage", "all", "--checkpoint"],
+        "e2e": ["--stage", "e2e"], "e2e+ckpt": ["--stage", "e2e", "--checkpoint"]}
+TARGETS = {"all / e2e+ckpt": ("<=", 1.0), "all / e2e": ("<=", 1.1)}
+
+
+def parse_config(flags: list[str]) -> Config:
+    """The Config seqtrain.run makes of these flags (a mistake is its one-line error)."""
+    return config_from_args(build_parser().parse_args(["--stage", "all", *flags]))
+
+
+def run_way(way: str, run_dir: Path, flags: list[str], log: Path, ways: dict[str, list[str]]) -> dict:
+    """One seqtrain process, timed; its records read back from the run directory. A way's own flags come after
+    the common ones, so they override them."""
+    cmd = [sys.executable, "-m", "seqtrain.run", "--run-dir", str(run_dir), *flags, *ways[way]]
+    with open(log, "a") as f, CpuWait() as wait:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        t0 = time.perf_counter()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        wall = time.perf_counter() - t0
+    if code != 0:
+        sys.exit(f"benchmarks/timing.py: {' '.join(cmd)} exited {code}; see {log}")
+    return {"wall_s": round(wall, 1), "cpu_wait_share": wait.share and round(wait.share, 3),
+            "parts": parts(way, RunDir(run_dir))}
+
+
+def epoch_sums(metrics: Path) -> dict:
+    """Seconds of every epoch in a metrics.jsonl, and of its loader waits and validation passes."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {"epochs": len(rows), "epochs_s": sum(r["seconds"] for r in rows),
+            "loader_wait_s": sum(r.get("loader_wait_seconds", 0.0) for r in rows),
+            "validation_s": sum(r.get("val_seconds", 0.0) for r in rows)}
+
+
+def parts(way: str, run: RunDir) -> list[dict]:
+    """Where a finished run's time went: one entry per stage (or one for e2e)."""
+    cfg = Config.from_dict(read_json(run.config))
+    results = collect_results(cfg, resolve(cfg), run)
+    if way.startswith("e2e"):
+        home = run.e2e_home(way == "e2e+ckpt")
+        record = results["e2e_checkpoint" if way == "e2e+ckpt" else "e2e"]
+        return [{"part": way, "train_s": record["train_seconds"], "cache_s": 0.0, "test_acc": record["test_acc"],
+                 **epoch_sums(home / "metrics.jsonl")}]
+    return [{"part": f"stage {s['stage']}", "train_s": s["train_seconds"], "cache_s": s["cache_seconds"],
+             "test_acc": s["test_acc"], **epoch_sums(run.stage(s["stage"]) / "metrics.jsonl")}
+            for s in results["stages"]] + [{"part": "final network", "train_s": 0.0, "cache_s": 0.0,
+                                            "test_acc": results["final"]["test_acc"], "epochs": 0, "epochs_s": 0.0,
+                                            "loader_wait_s": 0.0, "validation_s": 0.0}]
+
+
+def step_time(loss_fn, steps: int) -> float:
+    """Mean seconds of `loss_fn().backward()`, after one warm-up call (the allocator, the kernels' first use)."""
+    loss_fn().backward()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss_fn().backward()
+    return (time.perf_counter() - t0) / steps
+
+
+def head_shares(flags: list[str], steps: int = 5) -> list[dict]:
+    """Each stage's auxiliary head: its share of one training step (forward and backward), on random inputs
+    of the stage's shape at the run's batch size, timed after a warm-up step."""
+    cfg = parse_config(flags)
+    layout = resolve(cfg)
+    out, shape = [], tuple(layout.in_shape)
+    for k in range(layout.num_stages):
+        block, out_shape = build_stage(cfg, layout, k, shape)
+        model = StageModel(block, build_head(cfg, out_shape[0], 10, layout.specs_after(k)))
+        x = torch.randn(cfg.batch_size, *shape)
+        y = torch.randint(0, 10, (cfg.batch_size,))
+        feats = block(x).detach().requires_grad_()
+        whole = step_time(lambda: F.cross_entropy(model(x), y), steps)  # noqa: B023 (called at once)
+        head = step_time(lambda: F.cross_entropy(model.head(feats), y), steps)  # noqa: B023
+        out.append({"stage": k, "step_ms": round(1000 * whole, 1), "head_ms": round(1000 * head, 1),
+                    "head_share": round(head / whole, 3)})
+        shape = out_shape
+    return out
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per way: the mean wall-clock over the rounds and the mean of each part's figures."""
+    out = {}
+    for way, rounds in runs.items():
+        walls = [r["wall_s"] for r in rounds]
+        names = [p["part"] for p in rounds[0]["parts"]]
+        out[way] = {"wall_s": round(statistics.mean(walls), 1), "rounds_s": walls,
+                    "parts": [{"part": name, **{key: round(statistics.mean(r["parts"][i][key] for r in rounds), 1)
+                                                for key in
+                                                ("train_s", "cache_s", "epochs_s", "loader_wait_s", "validation_s")},
+                               "test_acc": rounds[0]["parts"][i]["test_acc"],
+                               "epochs": rounds[0]["parts"][i]["epochs"]} for i, name in enumerate(names)]}
+    return out
+
+
+def table(summary: dict, heads: list[dict]) -> str:
+    e2e = summary["e2e"]["wall_s"]
+    lines = ["way        wall s (rounds)           / e2e  training s  of which loader waits  validation  caching s"
+             "  test acc"]
+    for way, s in summary.items():
+        train = sum(p["train_s"] for p in s["parts"])
+        lines.append(f"{way[:9]:9s}  {s['wall_s']:7.1f} ({', '.join(f'{w:.0f}' for w in s['rounds_s'])})"
+                     f"{'':{max(1, 16 - 5 * len(s['rounds_s']))}}{s['wall_s'] / e2e:5.2f}  {train:10.1f}  "
+                     f"{sum(p['loader_wait_s'] for p in s['parts']):21.1f}  "
+                     f"{sum(p['validation_s'] for p in s['parts']):10.1f}  "
+                     f"{sum(p['cache_s'] for p in s['parts']):9.1f}  {s['parts'][-1]['test_acc']:.4f}")
+    lines.append("head's share of a training step, per stage: " + ", ".join(
+        f"stage {h['stage']} {100 * h['head_share']:.0f}% ({h['head_ms']:.0f} of {h['step_ms']:.0f} ms)"
+        for h in heads))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Every other flag is passed to each seqtrain command, e.g. --head-pool 8.")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the four ways (default: 2)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/timing"), help="output directory")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=FLAGS", help="one more way, interleaved "
+                   "with the four, e.g. 'all, full-resolution head=--stage all --head-pool 0' (its flags override "
+                   "the common ones)")
+    args, flags = p.parse_known_args(argv)
+    ways = dict(WAYS)
+    for also in args.also:
+        name, sep, extra = also.partition("=")
+        if not sep or not extra.strip():
+            p.error(f"--also {also!r}: give NAME=FLAGS, e.g. 'all, head 0=--stage all --head-pool 0'")
+        ways[name.strip()] = extra.split()
+    flags = flags + ([] if "--device" in flags else ["--device", "cpu"])
+    cfg = parse_config(flags)  # a mistake in the flags stops here, before any run
+    load_raw(cfg)  # the dataset is made once, outside every timed run
+    out = args.out.absolute()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
+    for r in range(args.rounds):
+        for i, way in enumerate(list(ways) if r % 2 == 0 else list(reversed(ways))):
+            run_dir = out / "runs" / f"round{r}-{i}"
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            runs[way].append(run_way(way, run_dir, flags, out / "timing.log", ways))
+            print(f"  round {r + 1} {way}: {runs[way][-1]['wall_s']} s", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    heads = head_shares(flags)
+    ratios = {"all / e2e+ckpt": summary["all"]["wall_s"] / summary["e2e+ckpt"]["wall_s"],
+              "all / e2e": summary["all"]["wall_s"] / summary["e2e"]["wall_s"]}
+    result = {"benchmark": "timing", "torch": torch.__version__, "device_name": device_description(cfg.device),
+              "flags": flags, "rounds": args.rounds, "threads": torch.get_num_threads(), "ways": summary,
+              "runs": runs, "heads": heads,
+              "targets": {name: target(name, round(value, 3), TARGETS) for name, value in ratios.items()}}
+    write_json(out / "timing.json", result)
+    print(table(summary, heads))
+    for name, t in result["targets"].items():
+        print(f"{name}: {t['value']:.3f} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")
+    print(json.dumps({k: result[k] for k in ("benchmark", "torch", "device_name", "flags", "rounds", "targets")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
