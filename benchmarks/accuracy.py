@@ -9,6 +9,7 @@ Run from the repository root:
     python -m benchmarks.accuracy --quick               # the sweep, small: 2 CPU cores, <= 20 min
     python -m benchmarks.accuracy                       # the same sweep at full size on the default data: a GPU
     python -m benchmarks.accuracy --study [--e2e-only]  # the scaling study: hours, in resumable parts
+    python -m benchmarks.accuracy --study --budget 32,64,128   # accuracy under memory budgets (benchmarks/budget.py)
     python -m benchmarks.accuracy --dataset cifar10 --data-dir data   # any seqtrain dataset
     python -m benchmarks.accuracy --quick --archs resnet32 --ks 4 \
         --stage-convs usual 1,2 --stage-width usual 0.5,1   # convolution intensity of the shallow stage

@@ -45,7 +45,11 @@ OUT/memory.json (every figure) and OUT/memory.png and, last, a JSON line with th
 
 --budget-mb measures, at each of --depths, end to end and every stage cut by --stages auto --memory-budget,
 and writes OUT/budget.json and OUT/budget.png. Both sides are judged alike: a configuration fits when its
-tensor peak (CUDA: max_memory_allocated; CPU: MemTracker) is at most the budget. Nothing is capped: a cap
+tensor peak (CUDA: max_memory_allocated; CPU: MemTracker) is at most the budget. Depths above --sample-above
+(ResNet-1202: 150 stages) are sampled, and the table says so: end to end's peaks are --plan's predictions,
+and of the stages only the training peaks of the 3 that --plan predicts to be the largest and of evenly
+spaced others are measured, each on random features of its input's shape (no cache is written: a caching
+pass holds less than training, with no gradients, optimizer state or saved activations). Nothing is capped: a cap
 (set_per_process_memory_fraction) could only act on reserved memory, which the allocator rounds up to
 2 and 20 MiB segments, and it would hold e2e alone to that other figure. A configuration that runs out of
 the GPU's own memory is recorded as OOM, a stage's as not fitting. The JSON is written before anything is drawn (by
@@ -79,7 +83,7 @@ except ImportError:  # python benchmarks/memory.py: this folder is on sys.path, 
     from common import CpuWait, require_plotting, target
     from memory_report import peak_of
 from seqtrain.allocator import release_freed_memory
-from seqtrain.archs import block_specs, cifar_resnet_n
+from seqtrain.archs import block_specs, cifar_resnet_n, feature_shape
 from seqtrain.cache import clear_cache, publish_manifest, read_manifest, read_shard, write_shards
 from seqtrain.config import Config
 from seqtrain.contract import SPLITS, Identity, Manifest
@@ -123,7 +127,9 @@ class Job:
     run_dir: str  # where the caches go; stage k reads cache k-1
     steps: int  # timed steps after warm-up
     warmup: int  # untimed steps first; the first is counted by analytic_step
-    kind: str = "e2e"  # e2e, ckpt (e2e+ckpt), cache (stage's caching pass), stage, ram (stage fed from RAM)
+    kind: str = "e2e"  # e2e, ckpt (e2e+ckpt), cache (stage's caching pass), stage, ram (stage fed from RAM),
+    # sample (a stage of a network too deep to cache every stage of: trained on random features of its input's
+    # shape, which hold the same tensors as cached ones)
     stage: int = 0
 
     @property
@@ -169,6 +175,16 @@ class RamBatches:
             yield self.x[idx].to(self.device, non_blocking=True), self.y[idx].to(self.device), self.ids[idx]
 
 
+class RandomFeatures(RamBatches):
+    """Random float32 features of a stage's input shape in RAM, as the loader hands cached ones to training."""
+
+    def __init__(self, shape: tuple[int, int, int], n: int, cfg: Config, device: torch.device):
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.x = torch.randn(n, *shape, generator=g)
+        self.y, self.ids = torch.randint(0, NUM_CLASSES, (n,), generator=g), torch.arange(n)
+        self.batch_size, self.seed, self.device, self.epoch = cfg.batch_size, cfg.seed, device, 0
+
+
 def training_job(cfg: Config, layout: StageLayout, run: RunDir, kind: str, k: int, device: torch.device):
     """The model and train batches of an e2e, ckpt, stage or ram configuration, built as the pipeline builds them;
     ckpt (e2e+ckpt), and a stage with --checkpoint, checkpoint their blocks as seqtrain does (recompute.py)."""
@@ -186,6 +202,9 @@ def training_job(cfg: Config, layout: StageLayout, run: RunDir, kind: str, k: in
             checkpoint_module(block)
     if k == 0:
         return model, image_batches(cfg, random_raw(cfg), "train", device, train=True)
+    if kind == "sample":
+        shape = feature_shape([s for group in layout.specs[:k] for s in group], IN_SHAPE)
+        return model, RandomFeatures(shape, split_counts(cfg)["train"], cfg, device)
     manifest = read_manifest(run.cache(k - 1))
     if kind == "ram":
         return model, RamBatches(run.cache(k - 1), manifest, cfg, device)
@@ -458,25 +477,59 @@ def measure_stages(base: Job, out: Path) -> list[dict]:
     return stages
 
 
+def sampled_stages(cfg: Config, layout: StageLayout, n: int) -> tuple[list[int], int]:
+    """The stages to measure of a network too deep to measure every one: the 3 that --plan predicts to be the
+    largest and evenly spaced others, at most `n` in all (fewer where the two coincide); and the largest
+    predicted training peak (bytes)."""
+    predicted = [s["train_bytes"] for s in plan(cfg, layout, NUM_CLASSES, split_counts(cfg))["stages"]]
+    largest = sorted(range(len(predicted)), key=lambda k: -predicted[k])[:3]
+    spaced = [round(i * (len(predicted) - 1) / max(1, n - 4)) for i in range(max(0, n - 3))]
+    return sorted(set(largest) | set(spaced)), max(predicted)
+
+
+def measure_sample(base: Job, layout: StageLayout, n: int) -> tuple[list[dict], int]:
+    """Training peaks of a sample of the stages (sampled_stages), each in its own process."""
+    ks, predicted = sampled_stages(Config(**base.cfg), layout, n)
+    stages = []
+    for k in ks:
+        train = spawn(replace(base, kind="sample", stage=k))
+        stages.append({"stage": k, "train": None if train.get("oom") else peak_of(train), "cache": None})
+    return stages, predicted
+
+
 def run_budget(args: argparse.Namespace) -> dict:
     """The deepest CIFAR ResNet whose end-to-end step fits the budget, against seqtrain's stages cut by
     `--stages auto --memory-budget` at every depth; every peak measured at tensor level, in its own process,
     and every one judged against the budget by that same figure."""
     budget = args.budget_mb * MB
-    points = []
+    points, child = [], None  # child: any child's result, which names the device
     for depth in args.depths:
         cfg = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB")
         base = Job(cfg.to_dict(), args.device, "", args.steps, args.warmup)
-        e2e, e2e_ckpt = spawn(base), spawn(replace(base, kind="ckpt"))
-        point = {"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),
-                 "e2e_checkpoint_peak": None if e2e_ckpt.get("oom") else peak_of(e2e_ckpt)}
+        sampled = depth > args.sample_above
+        if sampled:  # end to end at such depths is predicted, its step being many GB and minutes on a CPU
+            p = plan(cfg, resolve_layout(cfg, IN_SHAPE), NUM_CLASSES, split_counts(cfg))
+            point = {"depth": depth, "e2e_peak": p["e2e"]["train_bytes"], "e2e_oom": False,
+                     "e2e_checkpoint_peak": p["e2e_checkpoint"]["train_bytes"], "e2e_predicted": True}
+        else:
+            e2e, e2e_ckpt = spawn(base), spawn(replace(base, kind="ckpt"))
+            child = e2e
+            point = {"depth": depth, "e2e_peak": None if e2e.get("oom") else peak_of(e2e), "e2e_oom": e2e.get("oom"),
+                     "e2e_checkpoint_peak": None if e2e_ckpt.get("oom") else peak_of(e2e_ckpt)}
         for name, checkpoint in (("", False), ("checkpoint_", True)):  # seqtrain, and seqtrain with --checkpoint
             staged = bench_config(args, arch=f"resnet{depth}", stages="auto", memory_budget=f"{args.budget_mb}MB",
                                   checkpoint=checkpoint)
             layout = resolve_layout(staged, IN_SHAPE)
-            stages = measure_stages(replace(base, cfg=staged.to_dict()), args.out)
-            measured = [v for s in stages for v in s.values()]
-            largest = None if None in measured or len(stages) < layout.num_stages else max(measured)  # None: OOM
+            if sampled:
+                stages, predicted = measure_sample(replace(base, cfg=staged.to_dict()), layout, args.sample_stages)
+                measured = [s["train"] for s in stages]
+                largest = None if None in measured else max(measured)
+                point[f"{name}sampled"] = {"stages": [s["stage"] for s in stages],
+                                           "predicted_largest_peak": predicted}
+            else:
+                stages = measure_stages(replace(base, cfg=staged.to_dict()), args.out)
+                measured = [v for s in stages for v in s.values()]
+                largest = None if None in measured or len(stages) < layout.num_stages else max(measured)  # OOM
             point.update({f"{name}stages": list(layout.sizes), f"{name}stage_peaks": stages,
                           f"{name}largest_stage_peak": largest,
                           f"{name}fits": largest is not None and largest <= budget})
@@ -491,7 +544,8 @@ def run_budget(args: argparse.Namespace) -> dict:
         found = {"seqtrain_depth": deepest["depth"], "seqtrain_stages": len(deepest["stages"]),
                  "seqtrain_max_stage_mb": round(deepest["largest_stage_peak"] / MB, 1),
                  "depth_ratio": deepest["depth"] / max(fitting) if fitting else None}
-    summary = {**environment(args, e2e), "config": run_settings(args, cfg), "budget_mb": args.budget_mb,
+    child = child or {"device_name": device_description(args.device)}  # every depth sampled: this one's name
+    summary = {**environment(args, child), "config": run_settings(args, cfg), "budget_mb": args.budget_mb,
                "depths": args.depths, "e2e_max_depth": max(fitting, default=None),
                "e2e_checkpoint_max_depth": max(fitting_ckpt, default=None),
                "seqtrain_checkpoint_max_depth": max((pt["depth"] for pt in points if pt["checkpoint_fits"]),
@@ -538,6 +592,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--release-memory", action=argparse.BooleanOptionalAction, default=False, help="as seqtrain's "
                    "--release-memory (off by default, as there): freed host memory leaves the resident set at once, "
                    "so the RSS figures follow the tensors, at about 2.4x the CPU step time")
+    p.add_argument("--sample-above", type=int, default=110, help="with --budget-mb: depths above this measure a "
+                   "sample of their stages, each trained on random features of its input's shape, and take end to "
+                   "end's peaks from --plan (default: 110)")
+    p.add_argument("--sample-stages", type=int, default=8, help="the stages measured at such a depth: the 3 that "
+                   "--plan predicts to be the largest and evenly spaced others (default: 8)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/memory"), help="output directory")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -548,6 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup and --steps must be at least 1 (the first warm-up step is the analytic one)")
     if args.depths and not args.budget_mb:
         p.error("--depths goes with --budget-mb: each depth is cut by --stages auto --memory-budget")
+    if args.sample_above < 8 or args.sample_stages < 4:
+        p.error("--sample-above is a depth (at least 8) and --sample-stages at least 4 (the 3 largest and others)")
     if args.budget_mb and not args.depths:
         args.depths = "8,14,20,32,56,110"
     if args.depths:

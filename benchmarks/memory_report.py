@@ -143,16 +143,26 @@ def budget_table(points: list[dict], budget: int) -> str:
     def mb_or_oom(v) -> str:
         return "OOM" if v is None else f"{v / MB:,.1f}"
 
+    def largest(pt: dict, name: str) -> str:  # at a sampled depth, the largest of the stages measured
+        sampled = pt.get(f"{name}sampled")
+        return mb_or_oom(pt[f"{name}largest_stage_peak"]) + (f" ({len(sampled['stages'])} measured)" if sampled else "")
+
     rows = [["depth", "e2e MB", "e2e+ckpt MB", "stages", "largest stage MB", "all fit", "stages +ckpt",
              "largest +ckpt MB", "all fit +ckpt"]]
     for pt in points:
-        e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}"
-        ckpt = mb_or_oom(pt["e2e_checkpoint_peak"]) if "e2e_checkpoint_peak" in pt else "-"
-        staged = [str(len(pt["checkpoint_stages"])), mb_or_oom(pt["checkpoint_largest_stage_peak"]),
+        plan = " (plan)" if pt.get("e2e_predicted") else ""
+        e2e = "OOM" if pt["e2e_oom"] else f"{pt['e2e_peak'] / MB:,.1f}{plan}"
+        ckpt = mb_or_oom(pt["e2e_checkpoint_peak"]) + plan if "e2e_checkpoint_peak" in pt else "-"
+
+        staged = [str(len(pt["checkpoint_stages"])), largest(pt, "checkpoint_"),
                   "yes" if pt["checkpoint_fits"] else "NO"] if "checkpoint_stages" in pt else ["-"] * 3
-        rows.append([str(pt["depth"]), e2e, ckpt, str(len(pt["stages"])), mb_or_oom(pt["largest_stage_peak"]),
+        rows.append([str(pt["depth"]), e2e, ckpt, str(len(pt["stages"])), largest(pt, ""),
                      "yes" if pt["fits"] else "NO", *staged])
-    return aligned(rows) + f"\n(budget {budget / MB:,.0f} MB; every figure a tensor peak)"
+    note = ""
+    if any(pt.get("e2e_predicted") for pt in points):
+        note = ("; (plan): predicted by --plan, not measured; N measured: at that depth the stages --plan predicts "
+                "to be the largest and evenly spaced others, trained on random features of their input's shape")
+    return aligned(rows) + f"\n(budget {budget / MB:,.0f} MB; every figure a tensor peak{note})"
 
 
 def budget_verdict(s: dict) -> str:
@@ -188,6 +198,9 @@ def plot_budget(points: list[dict], budget_mb: int, device: str, path: Path, tit
     fig, ax = figure()
     measured = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt["e2e_peak"] is not None]
     ax.plot(*zip(*measured), "o-", color="C3", label="end to end")
+    predicted = [(pt["depth"], pt["e2e_peak"] / MB) for pt in points if pt.get("e2e_predicted")]
+    if predicted:  # drawn again, hollow: these were predicted by --plan, not measured
+        ax.plot(*zip(*predicted), "o", mfc="none", ms=11, color="k", label="predicted by --plan\n(not measured)")
     ckpt = [(pt["depth"], pt["e2e_checkpoint_peak"] / MB) for pt in points if pt.get("e2e_checkpoint_peak")]
     if ckpt:  # results measured before the checkpointed curves existed have none
         ax.plot(*zip(*ckpt), "s--", color="C1", label="end to end,\ncheckpointed")

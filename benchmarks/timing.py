@@ -38,7 +38,8 @@ except ImportError:  # python benchmarks/timing.py: this folder is on sys.path, 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import CpuWait, target
 from seqtrain.config import Config
-from seqtrain.data import load_raw
+from seqtrain.data import dataset_info, load_raw
+from seqtrain.distributed import resolve_device
 from seqtrain.files import read_json, write_json
 from seqtrain.job import resolve
 from seqtrain.memory import device_description
@@ -53,9 +54,16 @@ WAYS = {"all": ["--stage", "all"], "all+ckpt": ["--stage", "all", "--checkpoint"
 TARGETS = {"all / e2e+ckpt": ("<=", 1.0), "all / e2e": ("<=", 1.1)}
 
 
-def parse_config(flags: list[str]) -> Config:
-    """The Config seqtrain.run makes of these flags (a mistake is its one-line error)."""
-    return config_from_args(build_parser().parse_args(["--stage", "all", *flags]))
+def parse_config(flags: list[str], run_dir: Path) -> Config:
+    """The Config seqtrain.run makes of these flags (a mistake is its one-line error), for a run directory that
+    does not exist yet: an existing one's config.json would be read into it."""
+    return config_from_args(build_parser().parse_args(["--stage", "all", *flags, "--run-dir", str(run_dir)]))
+
+
+def stage_of(flags: list[str]) -> tuple[str, bool]:
+    """What a way's flags run: ("all" or "e2e", with --checkpoint or not); the last --stage counts."""
+    args = build_parser().parse_args(flags)
+    return ("e2e" if args.stage == "e2e" else "all"), "--checkpoint" in flags
 
 
 def run_way(way: str, run_dir: Path, flags: list[str], log: Path, ways: dict[str, list[str]]) -> dict:
@@ -66,13 +74,14 @@ def run_way(way: str, run_dir: Path, flags: list[str], log: Path, ways: dict[str
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         t0 = time.perf_counter()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+        # in this directory, as the flags' relative paths (--data-dir) were meant, with this checkout's seqtrain
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
         wall = time.perf_counter() - t0
     if code != 0:
         sys.exit(f"benchmarks/timing.py: {' '.join(cmd)} exited {code}; see {log}")
     return {"wall_s": round(wall, 1), "cpu_wait_share": wait.share and round(wait.share, 3),
-            "parts": parts(way, RunDir(run_dir))}
+            "parts": parts(*stage_of(ways[way]), RunDir(run_dir))}
 
 
 def epoch_sums(metrics: Path) -> dict:
@@ -83,15 +92,14 @@ def epoch_sums(metrics: Path) -> dict:
             "validation_s": sum(r.get("val_seconds", 0.0) for r in rows)}
 
 
-def parts(way: str, run: RunDir) -> list[dict]:
-    """Where a finished run's time went: one entry per stage (or one for e2e)."""
+def parts(stage: str, checkpoint: bool, run: RunDir) -> list[dict]:
+    """Where a finished run's time went: one entry per stage and the final network's accuracy, or one for e2e."""
     cfg = Config.from_dict(read_json(run.config))
     results = collect_results(cfg, resolve(cfg), run)
-    if way.startswith("e2e"):
-        home = run.e2e_home(way == "e2e+ckpt")
-        record = results["e2e_checkpoint" if way == "e2e+ckpt" else "e2e"]
-        return [{"part": way, "train_s": record["train_seconds"], "cache_s": 0.0, "test_acc": record["test_acc"],
-                 **epoch_sums(home / "metrics.jsonl")}]
+    if stage == "e2e":
+        record = results["e2e_checkpoint" if checkpoint else "e2e"]
+        return [{"part": "e2e+ckpt" if checkpoint else "e2e", "train_s": record["train_seconds"], "cache_s": 0.0,
+                 "test_acc": record["test_acc"], **epoch_sums(run.e2e_home(checkpoint) / "metrics.jsonl")}]
     return [{"part": f"stage {s['stage']}", "train_s": s["train_seconds"], "cache_s": s["cache_seconds"],
              "test_acc": s["test_acc"], **epoch_sums(run.stage(s["stage"]) / "metrics.jsonl")}
             for s in results["stages"]] + [{"part": "final network", "train_s": 0.0, "cache_s": 0.0,
@@ -99,29 +107,32 @@ def parts(way: str, run: RunDir) -> list[dict]:
                                             "loader_wait_s": 0.0, "validation_s": 0.0}]
 
 
-def step_time(loss_fn, steps: int) -> float:
+def step_time(loss_fn, steps: int, device: torch.device) -> float:
     """Mean seconds of `loss_fn().backward()`, after one warm-up call (the allocator, the kernels' first use)."""
     loss_fn().backward()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss_fn().backward()
+    sync()
     return (time.perf_counter() - t0) / steps
 
 
-def head_shares(flags: list[str], steps: int = 5) -> list[dict]:
+def head_shares(cfg: Config, steps: int = 5) -> list[dict]:
     """Each stage's auxiliary head: its share of one training step (forward and backward), on random inputs
-    of the stage's shape at the run's batch size, timed after a warm-up step."""
-    cfg = parse_config(flags)
-    layout = resolve(cfg)
+    of the stage's shape at the run's batch size and on its device, timed after a warm-up step."""
+    layout, device = resolve(cfg), resolve_device(cfg.device)
+    classes = dataset_info(cfg)["num_classes"]
     out, shape = [], tuple(layout.in_shape)
     for k in range(layout.num_stages):
         block, out_shape = build_stage(cfg, layout, k, shape)
-        model = StageModel(block, build_head(cfg, out_shape[0], 10, layout.specs_after(k)))
-        x = torch.randn(cfg.batch_size, *shape)
-        y = torch.randint(0, 10, (cfg.batch_size,))
-        feats = block(x).detach().requires_grad_()
-        whole = step_time(lambda: F.cross_entropy(model(x), y), steps)  # noqa: B023 (called at once)
-        head = step_time(lambda: F.cross_entropy(model.head(feats), y), steps)  # noqa: B023
+        model = StageModel(block, build_head(cfg, out_shape[0], classes, layout.specs_after(k))).to(device)
+        x = torch.randn(cfg.batch_size, *shape, device=device)
+        y = torch.randint(0, classes, (cfg.batch_size,), device=device)
+        feats = model.block(x).detach().requires_grad_()
+        whole = step_time(lambda: F.cross_entropy(model(x), y), steps, device)  # noqa: B023 (called at once)
+        head = step_time(lambda: F.cross_entropy(model.head(feats), y), steps, device)  # noqa: B023
         out.append({"stage": k, "step_ms": round(1000 * whole, 1), "head_ms": round(1000 * head, 1),
                     "head_share": round(head / whole, 3)})
         shape = out_shape
@@ -134,8 +145,11 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     for way, rounds in runs.items():
         walls = [r["wall_s"] for r in rounds]
         names = [p["part"] for p in rounds[0]["parts"]]
+        waits = [r["cpu_wait_share"] for r in rounds]
         out[way] = {"wall_s": round(statistics.mean(walls), 1), "rounds_s": walls,
-                    "parts": [{"part": name, **{key: round(statistics.mean(r["parts"][i][key] for r in rounds), 1)
+                    # the share of the time some task waited for a CPU: near 0 when the way ran alone
+                    "cpu_wait": "n/a" if None in waits else f"{100 * max(waits):.0f}%",
+                    "parts": [{"part": name, **{key: round(statistics.mean(r["parts"][i][key] for r in rounds), 2)
                                                 for key in
                                                 ("train_s", "cache_s", "epochs_s", "loader_wait_s", "validation_s")},
                                "test_acc": rounds[0]["parts"][i]["test_acc"],
@@ -144,16 +158,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def table(summary: dict, heads: list[dict]) -> str:
-    e2e = summary["e2e"]["wall_s"]
+    e2e = summary["e2e"]["wall_s"] if summary else None
     lines = ["way        wall s (rounds)           / e2e  training s  of which loader waits  validation  caching s"
-             "  test acc"]
+             "  test acc  CPU wait"] if summary else []
     for way, s in summary.items():
         train = sum(p["train_s"] for p in s["parts"])
         lines.append(f"{way[:9]:9s}  {s['wall_s']:7.1f} ({', '.join(f'{w:.0f}' for w in s['rounds_s'])})"
                      f"{'':{max(1, 16 - 5 * len(s['rounds_s']))}}{s['wall_s'] / e2e:5.2f}  {train:10.1f}  "
                      f"{sum(p['loader_wait_s'] for p in s['parts']):21.1f}  "
                      f"{sum(p['validation_s'] for p in s['parts']):10.1f}  "
-                     f"{sum(p['cache_s'] for p in s['parts']):9.1f}  {s['parts'][-1]['test_acc']:.4f}")
+                     f"{sum(p['cache_s'] for p in s['parts']):9.1f}  {s['parts'][-1]['test_acc']:.4f}  "
+                     f"{s['cpu_wait']}")
     lines.append("head's share of a training step, per stage: " + ", ".join(
         f"stage {h['stage']} {100 * h['head_share']:.0f}% ({h['head_ms']:.0f} of {h['step_ms']:.0f} ms)"
         for h in heads))
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--also", action="append", default=[], metavar="NAME=FLAGS", help="one more way, interleaved "
                    "with the four, e.g. 'all, full-resolution head=--stage all --head-pool 0' (its flags override "
                    "the common ones)")
+    p.add_argument("--heads-only", action="store_true", help="only time each stage's head against its step (seconds)")
     args, flags = p.parse_known_args(argv)
     ways = dict(WAYS)
     for also in args.also:
@@ -175,10 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep or not extra.strip():
             p.error(f"--also {also!r}: give NAME=FLAGS, e.g. 'all, head 0=--stage all --head-pool 0'")
         ways[name.strip()] = extra.split()
-    flags = flags + ([] if "--device" in flags else ["--device", "cpu"])
-    cfg = parse_config(flags)  # a mistake in the flags stops here, before any run
-    load_raw(cfg)  # the dataset is made once, outside every timed run
+    flags = ["--device", "cpu", *flags]  # the CPU unless the flags say otherwise (the last --device counts)
     out = args.out.absolute()
+    cfg = parse_config(flags, out / "runs" / "flags")  # a mistake in the flags stops here, before any run
+    if args.heads_only:
+        heads = head_shares(cfg, steps=10)
+        print(table({}, heads))
+        print(json.dumps({"benchmark": "timing-heads", "torch": torch.__version__, "flags": flags,
+                          "device_name": device_description(cfg.device), "heads": heads}))
+        return {"heads": heads}
+    load_raw(cfg)  # the dataset is made once, outside every timed run
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {way: [] for way in ways}
     for r in range(args.rounds):
@@ -189,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[way].append(run_way(way, run_dir, flags, out / "timing.log", ways))
             print(f"  round {r + 1} {way}: {runs[way][-1]['wall_s']} s", file=sys.stderr, flush=True)
     summary = summarize(runs)
-    heads = head_shares(flags)
+    heads = head_shares(cfg)
     ratios = {"all / e2e+ckpt": summary["all"]["wall_s"] / summary["e2e+ckpt"]["wall_s"],
               "all / e2e": summary["all"]["wall_s"] / summary["e2e"]["wall_s"]}
     result = {"benchmark": "timing", "torch": torch.__version__, "device_name": device_description(cfg.device),

@@ -79,9 +79,9 @@ class Config:
     head_fraction: float = opt(0.5, "aug head: the copied blocks' channels, as a fraction of the network's, 0.25-1")
     head_convs: int = opt(1, "conv head: number of conv3x3-BN-ReLU layers before pooling, 0-3")
     head_width: int = opt(0, "conv head: channels of its conv layers; 0 = the stage's output channels")
-    head_pool: int = opt(0, "conv head: average-pool the stage's output to at most this side before the head's "
-                         "conv layers, e.g. 8: a shallow stage's head then costs little beside its blocks (0 = the "
-                         "full resolution)")
+    head_pool: int = opt(8, "conv head: average-pool its input to at most this side before its conv layers; a "
+                         "shallow stage's head then costs little beside its blocks and trains better features "
+                         "(docs/time.md); the network's own last head too, where its map is larger; 0 = none")
     stage_convs: str = opt("", 'convolution intensity: conv layers per block in each stage, e.g. "1,2,2,2"; "" = usual')
     stage_width: str = opt("",
                            'channel multiplier of each stage, e.g. "0.5,1,1,1" narrows the shallow stage; "" = all 1')
@@ -227,12 +227,15 @@ class Config:
 
 
 def upgrade_saved(values: dict) -> dict:
-    """A config saved by an earlier seqtrain, in today's fields: --loader-mb held two shuffle windows, and a
-    run made before --balance existed cut its stages by block count."""
+    """A config saved by an earlier seqtrain, in today's fields: --loader-mb held two shuffle windows, a run
+    made before --balance existed cut its stages by block count, and one made before --head-pool pooled
+    nothing before its heads."""
     if "loader_mb" in values and "shuffle_mb" not in values:
         values = {**values, "shuffle_mb": values["loader_mb"] / 2}
     if "balance" not in values:
         values = {**values, "balance": "blocks"}
+    if "head_pool" not in values:  # made before --head-pool: its conv heads saw the full resolution
+        values = {**values, "head_pool": 0}
     return values
 
 

@@ -127,10 +127,10 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
     steps, device = len(batches), next(model.parameters()).device
     waited = time.perf_counter()
     for i, (x, y, _) in enumerate(bar(batches, desc)):
-        progress.loader_wait += time.perf_counter() - waited
         if i < progress.step:  # done before an interruption; the order is the same, so skip them
             waited = time.perf_counter()
             continue
+        progress.loader_wait += time.perf_counter() - waited
         if stop.is_set() and not distributed.active():
             return False
         progress.lr = get_lr(cfg, epoch * steps + i, steps)
@@ -253,7 +253,8 @@ class Checkpointer:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = EarlyStopping(**{f.name: ckpt[f.name] for f in dataclasses.fields(EarlyStopping) if f.name in ckpt})
-        progress = EpochProgress(**ckpt["progress"])
+        # the epoch's seconds count again from the resume, so its waits do too (older checkpoints have none)
+        progress = dataclasses.replace(EpochProgress(**ckpt["progress"]), loader_wait=0.0)
         if not distributed.is_main():  # the saved partial sums are rank 0's; the epoch's totals are summed
             progress = dataclasses.replace(progress, loss_sum=0.0, correct=0, seen=0)
         torch.set_rng_state(ckpt["rng_cpu"])

@@ -218,3 +218,55 @@ def test_heads_and_downsampling_ops_are_axes_with_their_own_e2e(tmp_path):
     assert flags[flags.index("--downsample") + 1] == "accelerated"
     assert flags[flags.index("--downsample-op") + 1] == "space-to-depth" and flags[flags.index("--head") + 1] == "aug"
     assert accuracy.intensity(todo[-1]) in ("usual", "head aug")
+
+
+def test_budget_mode_points_run_e2e_whole_schedules_and_seqtrain_cut_for_each_budget(tmp_path):
+    from benchmarks import budget
+
+    args = accuracy.parse_args(["--study", "--budget", "32,64", "--seeds", "0,1", "--e2e-depths", "8,20",
+                                "--out", str(tmp_path), "--device", "cpu"])
+    assert args.archs == ["resnet56", "resnet110"] and args.downsamples == ["standard"] and args.probe is False
+    assert args.ledger == ROOT / "docs" / "study" / "budget"
+    todo, single = budget.budget_points(args)
+    e2e = [p for p in todo if p["method"] == "e2e"]
+    assert [(p["arch"], p["seed"]) for p in e2e] == [("resnet8", 0), ("resnet8", 1), ("resnet20", 0), ("resnet20", 1)]
+    # End to end runs its whole cosine schedule: early stopping may keep the best epoch, never cut it short.
+    assert all("--patience 30" in " ".join(accuracy.seqtrain_flags(args, p)) for p in e2e)
+    seq = {(p["arch"], p["budget_mb"], p["checkpoint"], p["seed"]): p for p in todo if p["method"] == "sequential"}
+    flags = " ".join(accuracy.seqtrain_flags(args, seq[("resnet56", 32, True, 0)]))
+    assert "--stages auto" in flags and "--memory-budget 32MB --checkpoint" in flags and "--patience 6" in flags
+    # Checkpointing lets the cut take fewer stages; where one stage fits, seqtrain is end to end with it.
+    assert seq[("resnet56", 32, True, 0)]["k"] < seq[("resnet56", 32, False, 0)]["k"]
+    assert {"arch": "resnet56", "budget_mb": 64, "checkpoint": True, "sizes": [28]} in single
+    assert ("resnet56", 64, True, 0) not in seq
+
+
+def test_budget_report_compares_the_best_that_fits(tmp_path):
+    from benchmarks import budget
+
+    args = accuracy.parse_args(["--study", "--budget", "32", "--seeds", "0", "--e2e-depths", "8,20,32",
+                                "--archs", "resnet56", "--out", str(tmp_path), "--device", "cpu"])
+    peaks = {8: {"e2e": 26.0, "e2e+ckpt": 18.0}, 20: {"e2e": 57.0, "e2e+ckpt": 24.0},
+             32: {"e2e": 87.0, "e2e+ckpt": 31.0}}
+
+    def e2e(depth, acc, epochs=30, peak=None):  # peak: the tensor peak the run measured, MB
+        return {"method": "e2e", "arch": f"resnet{depth}", "epochs": epochs,
+                "results": {"e2e": {"test_acc": acc, "peak_tensor_mb": peak or peaks[depth]["e2e"]}}}
+
+    def seq(ckpt, acc, peak):
+        return {"method": "sequential", "arch": "resnet56", "budget_mb": 32, "checkpoint": ckpt, "k": 3,
+                "sizes": [6, 7, 15], "results": {"final": {"test_acc": acc}, "stages": [
+                    {"peak_tensor_mb": peak, "train_seconds": 1.0, "cache_seconds": 1.0}]}}
+
+    done = [e2e(8, 0.83, peak=33.0), e2e(20, 0.885), e2e(32, 0.847), e2e(20, 0.95, epochs=60),
+            seq(False, 0.95, 40.0), seq(True, 0.90, 25.0)]
+    [row] = budget.summarize(done, [], peaks, args)
+    # End to end is judged by the peak its run measured, as seqtrain's stages are: ResNet-8 measured over 32 MB.
+    assert (row["e2e"]["deepest"], row["e2e"]["best_depth"]) == (None, None)
+    # With checkpointing ResNet-32 fits, but ResNet-20 is the more accurate: the best that fits is compared.
+    assert (row["e2e+ckpt"]["deepest"], row["e2e+ckpt"]["best_depth"]) == (32, 20)
+    assert row["e2e+ckpt"]["test_acc"]["mean"] == 0.885  # the run at twice the epochs is not a baseline point
+    # A seqtrain run whose measured stage went over the budget does not count, however accurate.
+    assert [r["fits"] for r in row["seqtrain"]] == [False, True]
+    assert row["verdict"]["seqtrain_best"] == 0.90 and row["verdict"]["met"] is True
+    assert "**over budget**" in budget.table([row]) and "| 32 MB | e2e | deepest that fits: none" in budget.table([row])

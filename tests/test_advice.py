@@ -21,7 +21,7 @@ def refusal(cfg: Config) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("budget,batch", [("1MB", 32), ("0.2MB", 4), ("3MB", 128), ("2MB", 16)])
+@pytest.mark.parametrize("budget,batch", [("1MB", 32), ("0.2MB", 4), ("3MB", 128), ("1.5MB", 16)])
 def test_memory_budget_advice_is_accepted(budget, batch):
     cfg = Config(**{**TINY, "batch_size": batch, "memory_budget": budget})
     message = refusal(cfg)

@@ -169,15 +169,15 @@ def test_a_python_only_network_on_the_command_line_is_refused_in_one_line(tmp_pa
 
 def test_a_run_saved_with_the_loaders_two_windows_keeps_its_hash(tmp_path, capsys):
     # --loader-mb N (two pools) became --shuffle-mb N/2 (one): a run made before resumes as the same run.
-    # Such runs were made when --patience defaulted to 3; their config.json says so.
-    old = {k: v for k, v in Config().to_dict().items() if k != "shuffle_mb"} | {"loader_mb": 1, "arch": "resnet20",
-                                                                               "patience": 3}
+    # Such runs were made when --patience defaulted to 3, and before --head-pool; their config.json says so.
+    old = {k: v for k, v in Config().to_dict().items() if k not in ("shuffle_mb", "head_pool")} | {
+        "loader_mb": 1, "arch": "resnet20", "patience": 3}
     cfg = Config.from_dict(old)
     assert cfg.shuffle_mb == 0.5 and resolve(old, {}, {}).shuffle_mb == 0.5
     assert resolve(old, {}, {}).patience == 3  # a saved value outlives a changed default
     sizes = job.resolve(cfg.validate()).sizes
     assert config_hash(cfg, sizes) == "c8e50988cd63d4bf"  # the hash seqtrain gave it with --loader-mb 1
-    then = Config(patience=3).validate()  # and the then defaults' hash, --loader-mb 128
+    then = Config(patience=3, head_pool=0).validate()  # and the then defaults' hash, --loader-mb 128
     assert config_hash(then, job.resolve(then).sizes) == "9aea3ce86242f954"
     toml = tmp_path / "c.toml"
     toml.write_text("loader-mb = 256\n")

@@ -162,6 +162,42 @@ def test_the_budget_judges_e2e_and_stages_by_one_figure_and_records_oom(monkeypa
     assert row[4:6] == ["OOM", "NO"]  # depth 20: the largest stage ran out of memory, so not every stage fits
 
 
+
+def test_a_depth_too_deep_to_cache_is_sampled_at_its_largest_stages_and_says_so(monkeypatch, tmp_path):
+    # Above --sample-above, end to end comes from --plan and only a sample of the stages is trained, among them
+    # the 3 that --plan predicts to be the largest: every one of them must be measured.
+    spawned = []
+
+    def spawn(job):
+        spawned.append((job.kind, job.stage))
+        return {"tensor": {"peak": (40 + job.stage % 7) * 2**20}, "device_name": "test"}
+
+    monkeypatch.setattr(memory, "spawn", spawn)
+    monkeypatch.setattr(memory.memory_report, "report", lambda out: None)
+    args = memory.parse_args(["--device", "cpu", "--quick", "--budget-mb", "64", "--depths", "56",
+                              "--sample-above", "20", "--sample-stages", "5", "--out", str(tmp_path)])
+    summary = memory.run_budget(args)
+    [pt] = read_json(tmp_path / "budget.json")["points"]
+    cfg = memory.bench_config(args, arch="resnet56", stages="auto", memory_budget="64MB")
+    predicted = [s["train_bytes"] for s in plan(cfg, resolve(cfg), memory.NUM_CLASSES)["stages"]]
+    largest = sorted(range(len(predicted)), key=lambda k: -predicted[k])[:3]
+    sampled = pt["sampled"]["stages"]
+    assert set(largest) <= set(sampled) and 0 in sampled and len(predicted) - 1 in sampled and len(sampled) <= 5
+    assert {kind for kind, _ in spawned} == {"sample"}  # no end-to-end step and no cache at this depth
+    assert pt["e2e_predicted"] and pt["e2e_peak"] == plan(cfg, resolve(cfg), memory.NUM_CLASSES)["e2e"]["train_bytes"]
+    assert pt["largest_stage_peak"] == max(s["train"] for s in pt["stage_peaks"])
+    assert summary["device_name"]  # named though no end-to-end child ran at any depth
+    table = memory_report.budget_table([pt], 64 * 2**20)
+    assert "(plan)" in table and f"({len(sampled)} measured)" in table and "predicted by --plan, not measured" in table
+
+
+def test_a_sampled_stage_trains_on_random_features_of_its_inputs_shape(tmp_path):
+    cfg = Config(arch="resnet20", width=4, stages="4", batch_size=8, n_train=64, n_test=16)
+    job = memory.Job(cfg.to_dict(), "cpu", str(tmp_path / "no-cache-here"), 1, 1, kind="sample", stage=2)
+    result = memory.child(job)
+    assert result["tensor"]["peak"] > 0 and not (tmp_path / "no-cache-here").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # plan.py without the benchmark
 
@@ -203,5 +239,6 @@ def test_plan_predicts_the_cache_of_a_real_run(tiny, dtype):
     # A line per stage in the table and in the per-block list (where each block leaves the resolution);
     # 11 more: title, header, rule, the e2e and e2e+ckpt rows, 5 notes, the blocks' legend.
     assert "e2e" in text and "free at" in text and len(text.splitlines()) == 2 * len(p["stages"]) + 11
-    assert "stages 3,7: cut by memory (--balance memory)" in text  # the chosen cut and why
+    cut = ",".join(str(s["blocks"]) for s in p["stages"])
+    assert f"stages {cut}: cut by memory (--balance memory)" in text  # the chosen cut and why
     assert text.splitlines()[-1].startswith(f"  stage {len(p['stages']) - 1}: ")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqtrain.archs import block_specs, feature_shape, reductions
-from seqtrain.config import Config
+from seqtrain.config import Config, config_hash
 from seqtrain.job import resolve
 from seqtrain.layout import StageLayout
 from seqtrain.models import AuxHead, build_head, build_stage_block
@@ -289,3 +289,16 @@ def test_aug_head_copies_the_following_blocks_at_a_fraction_of_their_width(tiny,
     assert aug["stages"][0]["head_parameters"] > linear["stages"][0]["head_parameters"]
     assert aug["stages"][0]["train_bytes"] > linear["stages"][0]["train_bytes"]
     assert aug["stages"][-1]["head_parameters"] == linear["stages"][-1]["head_parameters"]
+
+
+def test_head_pool_shrinks_what_the_conv_head_convolves_and_is_part_of_a_runs_identity():
+    seen = []
+    head = build_head(Config(head_pool=8), 16, 10)
+    head.convs.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    assert head(torch.randn(2, 16, 32, 32)).shape == (2, 10)
+    assert head(torch.randn(2, 16, 4, 4)).shape == (2, 10)  # already small: left as it is
+    assert seen == [(2, 16, 8, 8), (2, 16, 4, 4)]
+    full = build_head(Config(head_pool=0), 16, 10)
+    assert [p.shape for p in full.parameters()] == [p.shape for p in head.parameters()]  # the same head, cheaper
+    # Another value is another run (runs made before it existed keep their hash: tests/test_errors.py).
+    assert config_hash(Config(head_pool=4), [2, 1, 2, 5]) != config_hash(Config(), [2, 1, 2, 5])
