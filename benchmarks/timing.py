@@ -149,7 +149,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         out[way] = {"wall_s": round(statistics.mean(walls), 1), "rounds_s": walls,
                     # the share of the time some task waited for a CPU: near 0 when the way ran alone
                     "cpu_wait": "n/a" if None in waits else f"{100 * max(waits):.0f}%",
-                    "parts": [{"part": name, **{key: round(statistics.mean(r["parts"][i][key] for r in rounds), 2)
+                    # to a tenth of a millisecond: a small run's validation takes a few milliseconds
+                    "parts": [{"part": name, **{key: round(statistics.mean(r["parts"][i][key] for r in rounds), 4)
                                                 for key in
                                                 ("train_s", "cache_s", "epochs_s", "loader_wait_s", "validation_s")},
                                "test_acc": rounds[0]["parts"][i]["test_acc"],
