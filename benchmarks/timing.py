@@ -52,6 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WAYS = {"all": ["--stage", "all"], "all+ckpt": ["--stage", "all", "--checkpoint"],
         "e2e": ["--stage", "e2e"], "e2e+ckpt": ["--stage", "e2e", "--checkpoint"]}
 TARGETS = {"all / e2e+ckpt": ("<=", 1.0), "all / e2e": ("<=", 1.1)}
+# Above this share of CPU wait (another job on the cores) a way's wall-clock says more about the other job than
+# about the way: its ratios are still printed, marked as not judged. Alone, runs here waited under 3%.
+CONTENDED = 0.05
 
 
 def parse_config(flags: list[str], run_dir: Path) -> Config:
@@ -158,6 +161,18 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def judge(runs: dict[str, list[dict]], summary: dict) -> dict[str, dict]:
+    """Each target's ratio of mean wall-clocks, judged only when both ways ran (near) alone: `judged` is False
+    when some round of either waited for a CPU more than CONTENDED of its time."""
+    out = {}
+    for name in TARGETS:
+        a, b = name.split(" / ")
+        waits = [r["cpu_wait_share"] for way in (a, b) for r in runs[way] if r["cpu_wait_share"] is not None]
+        out[name] = {**target(name, round(summary[a]["wall_s"] / summary[b]["wall_s"], 3), TARGETS),
+                     "cpu_wait": max(waits, default=None), "judged": max(waits, default=0.0) <= CONTENDED}
+    return out
+
+
 def table(summary: dict, heads: list[dict]) -> str:
     e2e = summary["e2e"]["wall_s"] if summary else None
     lines = ["way        wall s (rounds)           / e2e  training s  of which loader waits  validation  caching s"
@@ -191,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         name, sep, extra = also.partition("=")
         if not sep or not extra.strip():
             p.error(f"--also {also!r}: give NAME=FLAGS, e.g. 'all, head 0=--stage all --head-pool 0'")
+        if name.strip() in WAYS:  # the targets compare the four ways: none of them may be replaced
+            p.error(f"--also {also!r}: {name.strip()!r} is one of the four ways ({', '.join(WAYS)}); "
+                    "name yours otherwise")
         ways[name.strip()] = extra.split()
     flags = ["--device", "cpu", *flags]  # the CPU unless the flags say otherwise (the last --device counts)
     out = args.out.absolute()
@@ -213,16 +231,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  round {r + 1} {way}: {runs[way][-1]['wall_s']} s", file=sys.stderr, flush=True)
     summary = summarize(runs)
     heads = head_shares(cfg)
-    ratios = {"all / e2e+ckpt": summary["all"]["wall_s"] / summary["e2e+ckpt"]["wall_s"],
-              "all / e2e": summary["all"]["wall_s"] / summary["e2e"]["wall_s"]}
     result = {"benchmark": "timing", "torch": torch.__version__, "device_name": device_description(cfg.device),
               "flags": flags, "rounds": args.rounds, "threads": torch.get_num_threads(), "ways": summary,
-              "runs": runs, "heads": heads,
-              "targets": {name: target(name, round(value, 3), TARGETS) for name, value in ratios.items()}}
+              "runs": runs, "heads": heads, "targets": judge(runs, summary)}
     write_json(out / "timing.json", result)
     print(table(summary, heads))
     for name, t in result["targets"].items():
-        print(f"{name}: {t['value']:.3f} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")
+        verdict = "met" if t["met"] else "MISSED"
+        if not t["judged"]:
+            verdict += f", not judged: up to {100 * t['cpu_wait']:.0f}% CPU wait from other work; rerun alone"
+        print(f"{name}: {t['value']:.3f} (target {t['target']}: {verdict})")
     print(json.dumps({k: result[k] for k in ("benchmark", "torch", "device_name", "flags", "rounds", "targets")}))
     return result
 

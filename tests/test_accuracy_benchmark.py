@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,21 @@ def test_budget_report_compares_the_best_that_fits(tmp_path):
     assert [r["fits"] for r in row["seqtrain"]] == [False, True]
     assert row["verdict"]["seqtrain_best"] == 0.90 and row["verdict"]["met"] is True
     assert "**over budget**" in budget.table([row]) and "| 32 MB | e2e | deepest that fits: none" in budget.table([row])
+    # One seed a side is a first look, not the 3-seed verdict the target asks for: the table says which.
+    assert row["verdict"]["final"] is False and "+1.50 points: ahead on 1 seed, not yet judged" in budget.table([row])
+    three = [{**d, "seed": s} for d in done for s in range(3)]
+    assert budget.summarize(three, [], peaks, args)[0]["verdict"]["final"] is True
+    # A depth that fits but has no run is named, never silently left out of "the best that fits".
+    [row] = budget.summarize([d for d in done if d["arch"] != "resnet32"], [], peaks, args)
+    assert row["e2e+ckpt"]["not_run"] == [32] and "not run: ResNet-32" in budget.table([row])
+
+
+def test_budget_points_of_another_head_are_named_apart(tmp_path):
+    from benchmarks import budget
+
+    common = ["--study", "--budget", "32", "--seeds", "0", "--e2e-depths", "8", "--archs", "resnet56",
+              "--out", str(tmp_path), "--device", "cpu"]
+    conv, aug = (budget.budget_points(accuracy.parse_args(common + extra))[0] for extra in ([], ["--heads", "aug"]))
+    # The ledger knows a point by its run directory's name: a run with --heads aug is never served conv's record.
+    assert [p["head"] for p in aug] == ["aug"] * len(aug)
+    assert not {Path(p["run_dir"]).name for p in conv} & {Path(p["run_dir"]).name for p in aug}
