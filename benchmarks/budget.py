@@ -6,10 +6,13 @@ that end to end, end to end with activation checkpointing and seqtrain reach on 
 
 - End to end, with and without checkpointing: CIFAR ResNets of the depths --e2e-depths, each trained over its
   whole learning-rate schedule (--patience = --max-epochs: early stopping keeps the best epoch but cannot cut
-  the cosine schedule short). A depth fits a budget when `--plan` predicts its training step's tensor peak
-  within it. Checkpointing changes no weight (tests/test_checkpoint.py: identical weights, BatchNorm buffers and
-  losses), so end to end with checkpointing reaches, at a depth, the accuracy end to end reaches there: one run
-  serves both, and the two differ only in which depths fit.
+  the cosine schedule short). Checkpointing changes no weight (tests/test_checkpoint.py: identical weights,
+  BatchNorm buffers and losses), so end to end with checkpointing reaches, at a depth, the accuracy end to end
+  reaches there: one run serves both, and the two differ only in which depths fit. A depth fits a budget when
+  its training step's measured tensor peak is within it: end to end's from its own runs, with checkpointing
+  from one epoch of `--stage e2e --checkpoint` per depth (recorded in the ledger as `...-e2e-ckpt-peak`),
+  as seqtrain's stages are judged by their measured peaks. Until a depth is measured, `--plan`'s prediction
+  stands in, and the table says "(plan)".
 - seqtrain: --archs (default ResNet-56 and ResNet-110) with `--stages auto --memory-budget B`, with and without
   `--checkpoint`, one process per stage, the preset's early stopping. Each stage's measured tensor peak
   (MemTracker on a CPU, the CUDA allocator on a GPU) is checked against the budget. When the whole network fits
@@ -41,9 +44,11 @@ except ImportError:  # python benchmarks/accuracy.py: this folder is on sys.path
 from seqtrain.archs import num_blocks
 from seqtrain.config import Config
 from seqtrain.errors import UserError
-from seqtrain.files import write_json
+from seqtrain.files import read_json, write_json
 from seqtrain.job import resolve
+from seqtrain.memory import device_description
 from seqtrain.plan import plan
+from seqtrain.rundir import RunDir
 
 MB = 2**20
 TARGET_SEEDS = 3  # the target compares 3-seed means: seqtrain's best >= end to end with checkpointing's best
@@ -64,6 +69,39 @@ def e2e_peaks(args: argparse.Namespace) -> dict[int, dict[str, float]]:
     for depth in args.e2e_depths:
         p = plan(config(args, f"resnet{depth}", stages="1"))
         out[depth] = {"e2e": p["e2e"]["train_bytes"] / MB, "e2e+ckpt": p["e2e_checkpoint"]["train_bytes"] / MB}
+    return out
+
+
+def checkpoint_peaks(args: argparse.Namespace) -> dict[int, float]:
+    """End to end with checkpointing's measured training-step tensor peak (MB) at each --e2e-depths depth: one
+    epoch of `--stage e2e --checkpoint` (every step after the first holds the same tensors), recorded in the
+    ledger like a point. With --report-only, the depths the ledger holds."""
+    settings = {"max_epochs": 1, "patience": 1}  # one epoch: its accuracy is not used, only its peak
+    root = accuracy.runs_root(args, **settings)
+    out = {}
+    for depth in args.e2e_depths:
+        point = {**base_point(args, f"resnet{depth}", 0), "method": "e2e", "stages": 1, "settings": settings,
+                 "extra": ["--checkpoint"],
+                 "run_dir": str(root / f"resnet{depth}-{args.downsamples[0]}{head_tag(args)}-e2e-ckpt-peak")}
+        path = accuracy.record_path(args, point)
+        if path is not None and path.exists():
+            out[depth] = read_json(path)["peak_tensor_mb"]
+            continue
+        if args.report_only:
+            continue
+        run = RunDir(point["run_dir"])
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        flags = ["--stage", "e2e", "--run-dir", str(run.root), *accuracy.seqtrain_flags(args, point)]
+        accuracy.run_seqtrain(flags, args.out / "logs" / f"{root.name}-{run.root.name}.log", args.threads)
+        out[depth] = accuracy.existing_results(run)["e2e_checkpoint"]["peak_tensor_mb"]
+        print(f"  ResNet-{depth} e2e+ckpt: training step's tensor peak {out[depth]} MB", file=sys.stderr, flush=True)
+        if path is not None:
+            command = ("python -m seqtrain.run --stage e2e " + " ".join(accuracy.seqtrain_flags(args, point))
+                       ).replace(f"{accuracy.ROOT}/", "")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"arch": f"resnet{depth}", "peak_tensor_mb": out[depth], "command": command,
+                              "device_name": device_description(args.device),
+                              "finished": time.strftime("%Y-%m-%d %H:%M")})
     return out
 
 
@@ -146,13 +184,13 @@ def stats(values: list[float]) -> dict | None:
             "seeds": len(values)}
 
 
-def e2e_rows(done: list[dict], peaks: dict, budget: float, args: argparse.Namespace) -> dict:
+def e2e_rows(done: list[dict], peaks: dict, budget: float, args: argparse.Namespace,
+             ckpt_mb: dict[int, float]) -> dict:
     """End to end and end to end with checkpointing under one budget: the deepest depth that fits and the most
     accurate one (mean over seeds) among the depths that fit and were measured.
 
-    A depth fits end to end when the peak its runs measured is within the budget (before any run, --plan's
-    prediction), as seqtrain's stages are judged; with checkpointing, which those runs did not use, when
-    --plan's prediction is (within 5% of MemTracker: tests/test_checkpoint.py)."""
+    A depth fits when its measured peak is within the budget, as seqtrain's stages are judged: end to end's from
+    its runs, with checkpointing's from `ckpt_mb` (checkpoint_peaks); --plan's prediction until then."""
     acc, measured_mb = {}, {}
     for d in done:
         if d["method"] == "e2e" and d.get("epochs") == args.max_epochs:
@@ -161,8 +199,9 @@ def e2e_rows(done: list[dict], peaks: dict, budget: float, args: argparse.Namesp
             measured_mb[depth] = max(measured_mb.get(depth, 0.0), d["results"]["e2e"]["peak_tensor_mb"])
     out = {}
     for way in ("e2e", "e2e+ckpt"):
-        mb = {d: (measured_mb[d], "measured") if way == "e2e" and d in measured_mb
-              else (round(peaks[d][way], 1), "plan") for d in args.e2e_depths}
+        measured = measured_mb if way == "e2e" else ckpt_mb
+        mb = {d: (measured[d], "measured") if d in measured else (round(peaks[d][way], 1), "plan")
+              for d in args.e2e_depths}
         fit = [depth for depth in args.e2e_depths if mb[depth][0] <= budget]
         by_depth = {depth: stats(acc[depth]) for depth in fit if depth in acc}
         best = max(by_depth, key=lambda depth: by_depth[depth]["mean"], default=None)
@@ -188,11 +227,12 @@ def seqtrain_rows(done: list[dict], budget: float, args: argparse.Namespace) -> 
     return rows
 
 
-def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.Namespace) -> list[dict]:
+def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.Namespace,
+              ckpt_mb: dict[int, float] | None = None) -> list[dict]:
     """One entry per budget: e2e, e2e+ckpt, every seqtrain way, and the verdict against e2e+ckpt's best."""
     out = []
     for budget in args.budget:
-        e2e = e2e_rows(done, peaks, budget, args)
+        e2e = e2e_rows(done, peaks, budget, args, ckpt_mb or {})
         seq = seqtrain_rows(done, budget, args)
         fitting = [r for r in seq if r["fits"] and r["test_acc"]]
         best = max(fitting, key=lambda r: r["test_acc"]["mean"], default=None)
@@ -281,11 +321,16 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"benchmarks/accuracy.py --budget: {e}")
     print(f"accuracy --budget: {len(todo)} points ({sum(accuracy.recorded(args, p) is not None for p in todo)} "
           f"recorded in {args.ledger}); logs in {args.out / 'logs'}", file=sys.stderr)
+    try:  # first, as they take minutes, not hours: which depths end to end with checkpointing fits
+        ckpt_mb = checkpoint_peaks(args)
+    except RuntimeError as e:
+        sys.exit(f"benchmarks/accuracy.py: {e}")
     done = run_points(todo, args)
-    rows = summarize(done, single, peaks, args)
+    rows = summarize(done, single, peaks, args, ckpt_mb)
     summary = {"benchmark": "accuracy-budget", "torch": torch.__version__, "device": args.device,
                "device_name": accuracy.machines(done, args), "settings": accuracy.settings_line(args),
                "e2e_depths": args.e2e_depths, "archs": args.archs, "seeds": args.seeds,
+               "e2e_checkpoint_measured_mb": ckpt_mb,
                "wall_s": round(time.perf_counter() - t0, 1),
                "verdicts": {r["budget_mb"]: r["verdict"] for r in rows},
                "long_e2e": [{"arch": d["arch"], "epochs": d["epochs"], "test_acc": d["results"]["e2e"]["test_acc"],

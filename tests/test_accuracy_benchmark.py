@@ -289,3 +289,25 @@ def test_budget_points_of_another_head_are_named_apart(tmp_path):
     # The ledger knows a point by its run directory's name: a run with --heads aug is never served conv's record.
     assert [p["head"] for p in aug] == ["aug"] * len(aug)
     assert not {Path(p["run_dir"]).name for p in conv} & {Path(p["run_dir"]).name for p in aug}
+
+
+def test_end_to_end_with_checkpointing_fits_by_its_measured_peak(tmp_path):
+    from benchmarks import budget
+
+    argv = ["--budget", "64", "--e2e-depths", "8", "--archs", "resnet8", "--seeds", "0", "--n-train", "256",
+            "--n-test", "64", "--width", "4", "--batch-size", "32", "--max-epochs", "2", "--image-size", "16",
+            "--device", "cpu", "--threads", "1", "--ledger", str(tmp_path / "ledger"), "--out", str(tmp_path / "out"),
+            "--data-dir", str(tmp_path / "data")]
+    args = accuracy.parse_args(argv)
+    [(depth, mb)] = budget.checkpoint_peaks(args).items()
+    assert depth == 8 and 0 < mb < 64
+    [record] = (tmp_path / "ledger").glob("*/resnet8-standard-e2e-ckpt-peak.json")
+    assert read_json(record)["peak_tensor_mb"] == mb and "--stage e2e" in read_json(record)["command"]
+    assert "--checkpoint" in read_json(record)["command"]
+    # Recorded: a report reads it back with nothing left to run, and it, not --plan, decides what fits.
+    shutil.rmtree(tmp_path / "out")
+    assert budget.checkpoint_peaks(accuracy.parse_args(argv + ["--report-only"])) == {8: mb}
+    peaks = {8: {"e2e": 1000.0, "e2e+ckpt": 1000.0}}  # a --plan that would fit nothing
+    [row] = budget.summarize([], [], peaks, args, {8: mb})
+    assert row["e2e+ckpt"]["deepest"] == 8 and row["e2e+ckpt"]["peak_mb"][8] == (mb, "measured")
+    assert row["e2e"]["deepest"] is None
