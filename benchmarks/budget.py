@@ -235,16 +235,21 @@ def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.
         e2e = e2e_rows(done, peaks, budget, args, ckpt_mb or {})
         seq = seqtrain_rows(done, budget, args)
         fitting = [r for r in seq if r["fits"] and r["test_acc"]]
-        best = max(fitting, key=lambda r: r["test_acc"]["mean"], default=None)
-        ref = e2e["e2e+ckpt"]["test_acc"]
+        # seqtrain's best among its ways with the target's seeds when one has them: a lucky single seed of
+        # another way does not stand in for a 3-seed mean
+        full = [r for r in fitting if r["test_acc"]["seeds"] >= TARGET_SEEDS]
+        best = max(full or fitting, key=lambda r: r["test_acc"]["mean"], default=None)
+        ckpt = e2e["e2e+ckpt"]
+        ref = ckpt["test_acc"]  # the most accurate depth that fits, whatever its seeds: the stronger baseline
         verdict = None
         if best and ref:
-            seeds = min(best["test_acc"]["seeds"], ref["seeds"])
+            seeds = min(best["test_acc"]["seeds"], *(s["seeds"] for s in ckpt["by_depth"].values()))
             verdict = {"seqtrain_best": best["test_acc"]["mean"], "e2e_checkpoint_best": ref["mean"],
                        "gap_points": round(100 * (best["test_acc"]["mean"] - ref["mean"]), 2),
                        "met": best["test_acc"]["mean"] >= ref["mean"], "seeds": seeds,
-                       # the target is a mean over 3 seeds on each side: fewer is a first look, said as such
-                       "final": seeds >= TARGET_SEEDS}
+                       # the target compares 3-seed means, and every depth that fits could be the baseline's
+                       # best: fewer seeds anywhere, or a depth not run, is a first look, said as such
+                       "final": seeds >= TARGET_SEEDS and not ckpt["not_run"]}
         out.append({"budget_mb": budget, **e2e, "seqtrain": seq, "verdict": verdict,
                     "one_stage": [s for s in single if s["budget_mb"] == budget]})
     return out
@@ -253,7 +258,9 @@ def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.
 def pct(s: dict | None) -> str:
     if not s:
         return "not measured"
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}% ({s['seeds']} seed{'s' * (s['seeds'] > 1)})"
+    if s["seeds"] == 1:
+        return f"{100 * s['mean']:.2f}% (1 seed)"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}% ({s['seeds']} seeds)"
 
 
 def table(rows: list[dict]) -> str:
@@ -280,8 +287,9 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {b} | seqtrain{' + `--checkpoint`' if s['checkpoint'] else ''} | "
                          f"ResNet-{s['arch'][len('resnet'):]}: one stage, {same} (its row) | | |")
         if v := r["verdict"]:
+            why = f"{v['seeds']} seed{'s' * (v['seeds'] > 1)}" if v["seeds"] < TARGET_SEEDS else "a depth not run"
             judged = ("met" if v["met"] else "**missed**") if v["final"] else \
-                f"{'ahead' if v['met'] else 'behind'} on {v['seeds']} seed{'s' * (v['seeds'] > 1)}, not yet judged"
+                f"{'ahead' if v['met'] else 'behind'}, not yet judged ({why})"
             lines.append(f"| {b} | verdict | seqtrain's best - end to end + checkpointing's best | | "
                          f"{v['gap_points']:+.2f} points: {judged} |")
     return "\n".join(lines)
