@@ -185,6 +185,7 @@ def run_module(module: str, flags: list[str], log: Path, threads: int | None) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"$ python -m {module} {' '.join(flags)}\n")
         f.flush()

@@ -90,7 +90,6 @@ def checkpoint_peaks(args: argparse.Namespace) -> dict[int, float]:
         if args.report_only:
             continue
         run = RunDir(point["run_dir"])
-        (args.out / "logs").mkdir(parents=True, exist_ok=True)
         flags = ["--stage", "e2e", "--run-dir", str(run.root), *accuracy.seqtrain_flags(args, point)]
         accuracy.run_seqtrain(flags, args.out / "logs" / f"{root.name}-{run.root.name}.log", args.threads)
         out[depth] = accuracy.existing_results(run)["e2e_checkpoint"]["peak_tensor_mb"]
