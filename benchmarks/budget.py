@@ -90,13 +90,13 @@ def checkpoint_peaks(args: argparse.Namespace) -> dict[int, float]:
         if args.report_only:
             continue
         run = RunDir(point["run_dir"])
-        flags = ["--stage", "e2e", "--run-dir", str(run.root), *accuracy.seqtrain_flags(args, point)]
-        accuracy.run_seqtrain(flags, args.out / "logs" / f"{root.name}-{run.root.name}.log", args.threads)
+        flags = ["--stage", "e2e", *accuracy.seqtrain_flags(args, point)]
+        log = args.out / "logs" / f"{root.name}-{run.root.name}.log"
+        accuracy.run_seqtrain(["--run-dir", str(run.root), *flags], log, args.threads)
         out[depth] = accuracy.existing_results(run)["e2e_checkpoint"]["peak_tensor_mb"]
         print(f"  ResNet-{depth} e2e+ckpt: training step's tensor peak {out[depth]} MB", file=sys.stderr, flush=True)
         if path is not None:
-            command = ("python -m seqtrain.run --stage e2e " + " ".join(accuracy.seqtrain_flags(args, point))
-                       ).replace(f"{accuracy.ROOT}/", "")
+            command = ("python -m seqtrain.run " + " ".join(flags)).replace(f"{accuracy.ROOT}/", "")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, {"arch": f"resnet{depth}", "peak_tensor_mb": out[depth], "command": command,
                               "device_name": device_description(args.device),
