@@ -4,6 +4,7 @@
     python benchmarks/timing.py                      # the default run, 2 rounds: about 50 min on 2 CPU cores
     python benchmarks/timing.py --head-pool 8        # any other flag goes to every seqtrain command
     python benchmarks/timing.py --rounds 1 --max-epochs 1 --n-train 1000   # a smoke test
+    python benchmarks/timing.py --ways all,e2e --rounds 3   # two of the ways: one target, in less time
 
 Each way runs as `python -m seqtrain.run` in a fresh run directory (nothing reused), `--rounds` times,
 interleaved (A B C D, then D C B A, ...) so that the machine's drift cancels between ways. Run it alone on the
@@ -167,20 +168,27 @@ def judge(runs: dict[str, list[dict]], summary: dict) -> dict[str, dict]:
     out = {}
     for name in TARGETS:
         a, b = name.split(" / ")
+        if a not in runs or b not in runs:  # --ways left one of them out
+            continue
         waits = [r["cpu_wait_share"] for way in (a, b) for r in runs[way] if r["cpu_wait_share"] is not None]
         out[name] = {**target(name, round(summary[a]["wall_s"] / summary[b]["wall_s"], 3), TARGETS),
                      "cpu_wait": max(waits, default=None), "judged": max(waits, default=0.0) <= CONTENDED}
     return out
 
 
+def ratio(wall: float, e2e: float | None) -> str:
+    """A way's wall-clock over end to end's, or a dash when --ways left end to end out."""
+    return f"{wall / e2e:5.2f}" if e2e else f"{'-':>5}"
+
+
 def table(summary: dict, heads: list[dict]) -> str:
-    e2e = summary["e2e"]["wall_s"] if summary else None
+    e2e = summary["e2e"]["wall_s"] if "e2e" in summary else None
     lines = ["way        wall s (rounds)           / e2e  training s  of which loader waits  validation  caching s"
              "  test acc  CPU wait"] if summary else []
     for way, s in summary.items():
         train = sum(p["train_s"] for p in s["parts"])
         lines.append(f"{way[:9]:9s}  {s['wall_s']:7.1f} ({', '.join(f'{w:.0f}' for w in s['rounds_s'])})"
-                     f"{'':{max(1, 16 - 5 * len(s['rounds_s']))}}{s['wall_s'] / e2e:5.2f}  {train:10.1f}  "
+                     f"{'':{max(1, 16 - 5 * len(s['rounds_s']))}}{ratio(s['wall_s'], e2e)}  {train:10.1f}  "
                      f"{sum(p['loader_wait_s'] for p in s['parts']):21.1f}  "
                      f"{sum(p['validation_s'] for p in s['parts']):10.1f}  "
                      f"{sum(p['cache_s'] for p in s['parts']):9.1f}  {s['parts'][-1]['test_acc']:.4f}  "
@@ -194,14 +202,19 @@ def table(summary: dict, heads: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Every other flag is passed to each seqtrain command, e.g. --head-pool 8.")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the four ways (default: 2)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the ways (default: 2)")
+    p.add_argument("--ways", default=",".join(WAYS), help=f"which of the four ways to run, comma-separated "
+                   f"(default: {','.join(WAYS)}); a target is judged only when both of its ways ran")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/timing"), help="output directory")
     p.add_argument("--also", action="append", default=[], metavar="NAME=FLAGS", help="one more way, interleaved "
                    "with the four, e.g. 'all, full-resolution head=--stage all --head-pool 0' (its flags override "
                    "the common ones)")
     p.add_argument("--heads-only", action="store_true", help="only time each stage's head against its step (seconds)")
     args, flags = p.parse_known_args(argv)
-    ways = dict(WAYS)
+    chosen = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not chosen or set(chosen) - set(WAYS):
+        p.error(f"--ways {args.ways!r}: choose among {', '.join(WAYS)}")
+    ways = {w: WAYS[w] for w in WAYS if w in chosen}
     for also in args.also:
         name, sep, extra = also.partition("=")
         if not sep or not extra.strip():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import math
 import shutil
 from pathlib import Path
 
@@ -127,21 +128,25 @@ class ShardWriter:
         self.dtype, self.filter = np.dtype(dtype), filter_options(compression)
         # int8 is quantized per shard, from the shard's own range: until then its rows wait as float32 (up to
         # one shard, 4x --shard-mb of host memory)
-        self.pending_dtype = np.float32 if self.dtype == np.int8 else self.dtype
+        self.pending_torch = torch.from_numpy(np.empty(0, np.float32 if self.dtype == np.int8 else self.dtype)).dtype
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_count = 0
         self.shards: list[dict] = []
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        x = features.detach().float().cpu()
-        if not torch.isfinite(x).all():
+        x = features.detach()
+        # One pass for both checks (inf and nan reach the min or the max), and the conversion to the stored
+        # dtype by torch, on the device: numpy's float32 -> float16 cast took 5.3 ms of a batch that torch
+        # converts in 0.4 ms (stage 0's output, 2 CPU cores), and a float16 copy halves the bytes to the host.
+        lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise FeatureOverflow(f"{self.split} features contain inf or nan: the block itself is unstable; "
                                   "retrain this stage with a lower --lr")
-        peak = float(x.abs().max()) if x.numel() else 0.0
+        peak = max(-lo, hi)
         if self.dtype == np.float16 and peak > FLOAT16_MAX:
             raise FeatureOverflow(f"{self.split} features reach |x| = {peak:.3g}, beyond float16's "
                                   f"{FLOAT16_MAX:.0f}; rerun with --cache-dtype float32")
-        self.pending.append((x.numpy().astype(self.pending_dtype), labels.cpu().numpy(), ids.cpu().numpy()))
+        self.pending.append((x.to(self.pending_torch).cpu().numpy(), labels.cpu().numpy(), ids.cpu().numpy()))
         self.pending_count += len(labels)
         while self.pending_count >= self.per_shard:
             self._flush(self.per_shard)

@@ -89,6 +89,7 @@ def run_all(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
     current = [stage_manifest(cfg, layout, run, k) for k in range(layout.num_stages)]
     announce_disk(cfg, layout, run, raw, [k for k, (manifest, _) in enumerate(current) if manifest is None])
     manifests: list[Manifest] = []
+    trained: set[int] = set()  # the stages this call has trained and cached
     last = layout.num_stages - 1
     for k, (manifest, why) in enumerate(current):
         if manifest is not None and k > 0 and manifests[k - 1].fingerprint != manifest.identity.input_fingerprint:
@@ -103,7 +104,10 @@ def run_all(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
                 blocks[k].load_state_dict(load_weights(run.stage(k) / "block.pt", k, run)["block"])
         else:
             log(f"stage {k}/{last}: {why}; training it")
-            manifest = run_stage(cfg, layout, run, k, raw, device, None if blocks is None else blocks[k])
+            just_written = k > 0 and k - 1 in trained  # its input's checksums were taken a moment ago
+            manifest = run_stage(cfg, layout, run, k, raw, device, None if blocks is None else blocks[k],
+                                 input_just_written=just_written)
+            trained.add(k)
         manifests.append(manifest)
 
     saved = final_results(run)

@@ -41,13 +41,15 @@ from seqtrain.train import autocast_for, evaluate, fit
 
 
 def run_stage(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawData | None, device: torch.device,
-              block: torch.nn.Module | None = None) -> Manifest:
+              block: torch.nn.Module | None = None, input_just_written: bool = False) -> Manifest:
     """Train stage k to convergence (resuming a checkpoint when one matches), freeze it, cache its output.
 
     `block` is stage k's module when the caller holds it (seqtrain.train_stages); otherwise it is built from
-    the layout. Returns the stage's published manifest.
+    the layout. `input_just_written`: this process has just published stage k-1's cache, its checksums taken
+    from the files as written, so they are not read and hashed a second time. Returns the stage's published
+    manifest.
     """
-    inputs = stage_inputs(cfg, layout, run, k, raw, device)
+    inputs = stage_inputs(cfg, layout, run, k, raw, device, checksums=not input_just_written)
     given = block is not None
     torch.manual_seed(cfg.seed * 1000 + k)  # the same initialisation whatever ran before in this process
     if block is None:
@@ -103,8 +105,10 @@ class StageInputs:
     frozen: dict  # split -> this rank's slice, in order, every view: what the caching pass reads
 
 
-def stage_inputs(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawData | None, device) -> StageInputs:
-    """Stage 0 reads the raw dataset; stage k > 0 the verified cache of stage k-1, and nothing else."""
+def stage_inputs(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: RawData | None, device,
+                 checksums: bool = True) -> StageInputs:
+    """Stage 0 reads the raw dataset; stage k > 0 the verified cache of stage k-1 (its shards' sizes, and their
+    checksums unless `checksums` is False), and nothing else."""
     if k == 0:
         assert raw is not None, "stage 0 reads the raw dataset"
         inputs = StageInputs(
@@ -113,7 +117,7 @@ def stage_inputs(cfg: Config, layout: StageLayout, run: RunDir, k: int, raw: Raw
             {s: image_batches(cfg, raw, s, device, train=s == "train") for s in SPLITS},
             {s: frozen_image_batches(cfg, raw, s, device) for s in SPLITS})
     else:
-        prev = require_input_cache(cfg, layout, run, k)
+        prev = require_input_cache(cfg, layout, run, k, checksums)
         inputs = StageInputs(
             tuple(prev.feature_shape), prev.num_classes, prev.fingerprint,
             {s: prev.splits[s].count for s in SPLITS},

@@ -64,3 +64,15 @@ def test_an_extra_way_cannot_replace_one_of_the_four(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "timing.py"), "--out", str(tmp_path),
                            "--also", "e2e=--stage e2e --head-pool 0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "'e2e' is one of the four ways" in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_ways_runs_a_subset_and_judges_only_the_targets_it_measured(tmp_path):
+    from benchmarks import timing
+
+    runs = {"all": [{"wall_s": 105.0, "cpu_wait_share": 0.01}], "e2e": [{"wall_s": 100.0, "cpu_wait_share": 0.02}]}
+    targets = timing.judge(runs, {name: {"wall_s": r[0]["wall_s"]} for name, r in runs.items()})
+    assert list(targets) == ["all / e2e"] and targets["all / e2e"]["met"] is True
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "timing.py"), "--out", str(tmp_path),
+                           "--ways", "all,e2e2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "choose among all, all+ckpt, e2e, e2e+ckpt" in proc.stderr
+    assert not (tmp_path / "runs").exists()
