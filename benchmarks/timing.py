@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
               "runs": runs, "heads": heads, "targets": judge(runs, summary)}
     write_json(out / "timing.json", result)
     print(table(summary, heads))
+    if not result["targets"]:
+        print(f"no target judged: each compares two of the ways ({', '.join(TARGETS)}), and --ways ran "
+              f"{', '.join(ways)}")
     for name, t in result["targets"].items():
         verdict = "met" if t["met"] else "MISSED"
         if not t["judged"]:

@@ -104,7 +104,9 @@ def run_all(cfg: Config, layout: StageLayout, run: RunDir, raw: RawData, device,
                 blocks[k].load_state_dict(load_weights(run.stage(k) / "block.pt", k, run)["block"])
         else:
             log(f"stage {k}/{last}: {why}; training it")
-            just_written = k > 0 and k - 1 in trained  # its input's checksums were taken a moment ago
+            # Its input's checksums were taken a moment ago from the files as written. Under torchrun each rank
+            # hashed only its own shards (on its own machine), so there every rank checks its share as usual.
+            just_written = k - 1 in trained and distributed.world_size() == 1
             manifest = run_stage(cfg, layout, run, k, raw, device, None if blocks is None else blocks[k],
                                  input_just_written=just_written)
             trained.add(k)

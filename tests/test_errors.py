@@ -103,6 +103,33 @@ def test_corrupt_shard_is_caught_by_its_checksum(tiny, capsys):
     assert str(shard) in err and "checksum" in err and "--stage 0" in err
 
 
+def test_stage_all_checksums_a_complete_stage_it_did_not_write(tiny, capsys, monkeypatch):
+    from seqtrain import pipeline
+
+    given = []
+    real = pipeline.run_stage
+
+    def spy(*args, **kw):
+        given.append((args[3], kw.get("input_just_written")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "run_stage", spy)
+    assert tiny("--stage", "all") == 0
+    # stage 1 read the cache stage 0 had just written in this process: its checksums were not taken again
+    assert given == [(0, False), (1, True)]
+    shard = sorted((tiny.run_dir / "stage_00" / "cache").glob("train-*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # same size, one flipped byte in the features
+    shard.write_bytes(bytes(data))
+    (tiny.run_dir / "stage_01" / "cache" / "manifest.json").unlink()  # stage 1 must be trained again
+    capsys.readouterr()
+    given.clear()
+    # a later --stage all skips stage 0 as complete, so it verifies stage 0's shards before stage 1 reads them
+    assert tiny("--stage", "all") == 2
+    err = capsys.readouterr().err
+    assert given == [(1, False)] and str(shard) in err and "checksum" in err and "--stage 0" in err
+
+
 def test_config_file_with_unknown_key(tiny, tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text("epochs = 3\n")
