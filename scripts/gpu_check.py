@@ -259,7 +259,11 @@ def environment(rehearse: bool) -> dict:
 
 def no_gpu_message() -> str | None:
     """None when torch sees a CUDA GPU; else why not, in one line."""
-    import torch
+    try:
+        import torch
+    except ImportError:  # a python outside the environment seqtrain is installed in
+        return (f"gpu_check: error: {sys.executable} has no torch; activate the environment seqtrain is installed "
+                "in (. .venv/bin/activate) or name its python with PYTHON=.venv/bin/python")
 
     if torch.cuda.is_available():
         return None

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -26,7 +27,8 @@ def gpu_check():
 
 
 def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
+    # no GPU, also on a machine that has one; the interpreter running these tests, whatever PATH says
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
