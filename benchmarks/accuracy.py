@@ -65,6 +65,8 @@ OUT/accuracy.png (accuracy against depth and K), OUT/curves.png (e2e learning cu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -85,7 +87,7 @@ except ImportError:  # python benchmarks/accuracy.py: this folder is on sys.path
     import accuracy_report
     from common import require_plotting
 from seqtrain.archs import num_blocks
-from seqtrain.config import Config, flag
+from seqtrain.config import Config, flag, shaping_dict
 from seqtrain.data import load_raw
 from seqtrain.distributed import resolve_device
 from seqtrain.errors import UserError
@@ -107,7 +109,7 @@ PRESETS = {
     # up to 30 epochs with patience 6, every remedy: reduction op, aux head, K = 4 and 8. Whether 30 epochs
     # bring e2e to its plateau is what the study's first part measures (--e2e-only, learning curves).
     "study": {"archs": "resnet20,resnet32,resnet56,resnet110", "ks": "4,8", "seeds": "0,1,2", "n_train": 10_000,
-              "n_test": 2_000, "width": 0, "max_epochs": 30, "patience": 6, "image_size": 16,
+              "n_test": 2_000, "width": 0, "max_epochs": 30, "patience": 6, "image_size": 16, "head_pool": 0,
               "downsamples": "standard,accelerated,accelerated+space-to-depth", "heads": "conv,aug", "jobs": 1,
               "one_process": False, "ledger": ROOT / "docs" / "study" / "points", "probe": True},
     # 2 CPU cores, 20 minutes. Measured on this machine (2 cores, torch 2.14.1, one thread per run):
@@ -140,7 +142,10 @@ PRESETS = {
               "downsamples": "standard,accelerated", "heads": "conv", "ledger": None, "probe": False},
 }
 # seqtrain settings passed to every run only when set (by a flag or the preset): otherwise seqtrain's default.
-TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience", "image_size")
+TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience", "image_size", "head_pool")
+# Settings every point passes to seqtrain (seqtrain_flags), so their defaults never reach a run.
+POINT_FLAGS = ("arch", "downsample", "downsample_op", "head", "seed", "stages", "dataset", "n_train", "n_test",
+               "width", "max_epochs", "stage_convs", "stage_width", "memory_budget", "checkpoint")
 TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_points": 1.0, "max_mem_ratio": 0.3}
 # The study's: at least one configuration (any downsampling, op and head) of ResNet-56 at K = 8 within 1 point of
 # e2e (the best of its e2e runs), with a largest stage of at most 0.3x e2e's tensor peak; the most accurate
@@ -210,14 +215,46 @@ def recorded(args: argparse.Namespace, point: dict) -> dict | None:
     return {**read_json(path), "run_dir": point["run_dir"]}
 
 
-def run_point(point: dict, args: argparse.Namespace) -> dict:
-    """Train one point, reusing whatever of it is complete; returns its results as seqtrain reports them.
+@contextlib.contextmanager
+def claim(record: Path | None):
+    """Whether this process may train the point whose ledger record is `record`: True for the first to ask, False
+    while another process holds the claim (it is training the point), so two commands sharing a ledger split
+    the points between them. The OS lets go of a claim when its process ends, however it ends."""
+    if record is None:
+        yield True
+        return
+    lock = record.with_name(f".{record.stem}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)  # still held: one that opened it meanwhile finds the record when it gets it
+
+
+def run_point(point: dict, args: argparse.Namespace) -> dict | None:
+    """Train one point, reusing whatever of it is complete; returns its results as seqtrain reports them, or
+    None when another process sharing --ledger is training it.
 
     With --ledger a point recorded there is not run again (delete its record to rerun it), and every point that
     finishes is recorded: its results, its command, its e2e learning curve and (--probe) its separability probes.
     """
-    if (done := recorded(args, point)) is not None:
-        return done
+    with claim(record_path(args, point)) as mine:
+        if (done := recorded(args, point)) is not None:  # asked again once claimed: it may have finished meanwhile
+            return done
+        if not mine:
+            print(f"  {label(point)}: another process is training it (its record goes to {args.ledger}); "
+                  "skipped", file=sys.stderr, flush=True)
+            return None
+        return train_point(point, args)
+
+
+def train_point(point: dict, args: argparse.Namespace) -> dict:
     run, t0 = RunDir(point["run_dir"]), time.perf_counter()
     flags = ["--run-dir", str(run.root), *seqtrain_flags(args, point)]
     log = args.out / "logs" / f"{run.root.parent.name}-{run.root.name}.log"
@@ -322,8 +359,11 @@ def runs_root(args: argparse.Namespace, **settings) -> Path:
     """OUT/runs/SETTINGS-HASH: the folder of the points run with these settings (`settings` overriding the
     flags'), and the name of their folder in the ledger."""
     keys = ("dataset", "n_train", "n_test", "width", "max_epochs", "device", *TRAINING)
-    values = {k: settings.get(k, getattr(args, k)) for k in keys}
-    return args.out / "runs" / sha256_json({k: v for k, v in values.items() if v is not None})[:8]
+    values = {k: v for k in keys if (v := settings.get(k, getattr(args, k))) is not None}
+    # seqtrain's defaults of the settings no point passes shape every point too: a changed default (say
+    # --head-pool's) names a new folder, so the ledger never serves a record that seqtrain would not reproduce.
+    defaults = {k: v for k, v in shaping_dict(Config()).items() if k not in values and k not in POINT_FLAGS}
+    return args.out / "runs" / sha256_json({**values, "seqtrain_defaults": defaults})[:8]
 
 
 def points(args: argparse.Namespace) -> list[dict]:
@@ -395,7 +435,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             except RuntimeError as e:
                 pool.shutdown(cancel_futures=True)
                 sys.exit(f"benchmarks/accuracy.py: {e}")
-    return [done[i] for i in range(len(todo))]
+    done = [done[i] for i in range(len(todo)) if done[i] is not None]  # None: another process has it
+    e2e = {e2e_key(d) for d in done if d["method"] == "e2e"}
+    return [d for d in done if e2e_key(d) in e2e]
 
 
 def peak_mb(results: dict, method: str) -> float:
@@ -524,6 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-only", action="store_true", help="only the e2e points: their learning curves say whether "
                    "a budget trains e2e to convergence")
     p.add_argument("--image-size", type=int, help="seqtrain --image-size (default: the dataset's own, --study 16)")
+    p.add_argument("--head-pool", type=int, help=f"seqtrain --head-pool (default: seqtrain's {seq.head_pool}; the "
+                   "--study sweep 0: its conv heads saw the full resolution, as it was measured)")
     p.add_argument("--archs", help="comma-separated seqtrain --arch values (default: resnet20,resnet32,resnet56,"
                    "resnet18)")
     p.add_argument("--ks", help="numbers of stages; larger than a network's blocks are skipped (default: 2,4,8)")
@@ -578,7 +622,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.budget:  # its own defaults, before the preset's
         for key, value in (("archs", "resnet56,resnet110"), ("downsamples", "standard"), ("heads", "conv"),
-                           ("probe", False), ("ledger", ROOT / "docs" / "study" / "budget" if args.study else None)):
+                           ("probe", False), ("head_pool", Config.head_pool),
+                           ("ledger", ROOT / "docs" / "study" / "budget" if args.study else None)):
             if getattr(args, key) is None:
                 setattr(args, key, value)
         if args.out == p.get_default("out"):

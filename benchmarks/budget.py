@@ -56,7 +56,7 @@ TARGET_SEEDS = 3  # the target compares 3-seed means: seqtrain's best >= end to 
 
 def config(args: argparse.Namespace, arch: str, **values) -> Config:
     """The seqtrain configuration of a point, for --plan and the stage cut (no data is read)."""
-    training = {name: getattr(args, name) for name in ("batch_size", "image_size", "optimizer")
+    training = {name: getattr(args, name) for name in ("batch_size", "image_size", "optimizer", "head_pool")
                 if getattr(args, name) is not None}
     return Config(arch=arch, width=args.width, dataset=args.dataset, data_dir=str(args.data_dir),
                   n_train=args.n_train, n_test=args.n_test, device=args.device,

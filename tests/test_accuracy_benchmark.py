@@ -4,6 +4,7 @@ target check follow their definitions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from benchmarks import accuracy, accuracy_report
 from seqtrain.config import Config
-from seqtrain.files import read_json
+from seqtrain.files import read_json, write_json
 
 from conftest import ROOT
 
@@ -293,6 +294,47 @@ def test_budget_points_of_another_head_are_named_apart(tmp_path):
     # The ledger knows a point by its run directory's name: a run with --heads aug is never served conv's record.
     assert [p["head"] for p in aug] == ["aug"] * len(aug)
     assert not {Path(p["run_dir"]).name for p in conv} & {Path(p["run_dir"]).name for p in aug}
+
+
+def test_a_changed_seqtrain_default_is_never_served_an_old_record(tmp_path, monkeypatch):
+    budget_args = ["--study", "--budget", "32", "--seeds", "0", "--e2e-depths", "8", "--archs", "resnet56",
+                   "--out", str(tmp_path), "--device", "cpu"]
+    args = accuracy.parse_args(budget_args)
+    before = accuracy.runs_root(args)
+
+    @dataclasses.dataclass
+    class NewDefault(Config):  # a later seqtrain holding out more images for early stopping
+        val_fraction: float = 0.2
+
+    monkeypatch.setattr(accuracy, "Config", NewDefault)
+    # The ledger files a record under its folder's name: a default no flag sets names a new one, so the
+    # points run again instead of being served records made with the old default.
+    assert accuracy.runs_root(args) != before
+    monkeypatch.undo()
+    # The study's sweep was measured with full-resolution heads and passes them; the budget mode uses
+    # seqtrain's default heads, and the two are filed apart.
+    sweep = accuracy.parse_args(["--study", "--archs", "resnet20", "--ks", "4", "--seeds", "0",
+                                 "--out", str(tmp_path), "--device", "cpu"])
+    assert (sweep.head_pool, args.head_pool) == (0, Config().head_pool)
+    point = next(p for p in accuracy.points(sweep) if p["method"] == "sequential")
+    assert "--head-pool 0" in " ".join(accuracy.seqtrain_flags(sweep, point))
+    assert accuracy.runs_root(sweep) != before
+
+
+def test_commands_sharing_a_ledger_never_train_the_same_point_twice(tmp_path, capsys):
+    args = accuracy.parse_args([*TINY, "--ledger", str(tmp_path / "ledger"), "--out", str(tmp_path / "out"),
+                                "--device", "cpu"])
+    point = accuracy.points(args)[0]
+    record = accuracy.record_path(args, point)
+    with accuracy.claim(record) as mine:  # another command has started training the point
+        assert mine
+        assert accuracy.run_point(point, args) is None
+        assert "another process is training it" in capsys.readouterr().err
+        assert not Path(point["run_dir"]).exists()  # nothing was started
+        write_json(record, {"method": point["method"], "results": {"e2e": {"test_acc": 0.5}}})
+    # Once it is recorded, every command is served the record; the claim leaves no file behind.
+    assert accuracy.run_point(point, args)["results"]["e2e"]["test_acc"] == 0.5
+    assert [f.name for f in record.parent.iterdir()] == [record.name]
 
 
 def test_end_to_end_with_checkpointing_fits_by_its_measured_peak(tmp_path):
