@@ -118,6 +118,12 @@ class EpochProgress:
     loader_wait: float = 0.0  # seconds spent waiting for the next batch: what a faster loader could save
 
 
+# Steps between the host's reads of the losses. A read waits for the device to finish every step queued so far;
+# reading each step's loss (and its accuracy, and whether it is finite) kept a GPU idle while the host queued
+# the next step. A diverged step is still found, by its own number, before any checkpoint can save its weights.
+READ_EVERY = 32
+
+
 def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress: EpochProgress, *, autocast,
                     channels_last: bool, stop: threading.Event, desc: str, memory=None) -> bool:
     """Train over `batches` from batch `progress.step` on; False when `stop` was set and the epoch is unfinished.
@@ -125,6 +131,32 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
     `memory` (a memory.PeakMemory) watches the tensors of the steps it asks for."""
     model.train()
     steps, device = len(batches), next(model.parameters()).device
+    unread = []  # (step, lr, loss, correct, batch size) of the steps whose figures are still on the device
+
+    def read() -> bool:
+        """Add the unread steps to `progress` in one wait for the device, raising Diverged at the first
+        non-finite loss; under torchrun, True when any rank was asked to stop (one collective for both)."""
+        figures = torch.stack([torch.stack([loss.float(), correct.float()]) for _, _, loss, correct, _ in unread])
+        figures = figures.tolist()
+        bad = next(((u, loss) for u, (loss, _) in zip(unread, figures) if not math.isfinite(loss)), None)
+        stop_now = stop.is_set()
+        if distributed.active():  # every rank stops after the same step, or diverges
+            stop_now, any_bad = (v > 0 for v in distributed.sum_all([stop_now, bad is not None], device))
+            if any_bad and bad is None:
+                raise Diverged(f"{desc}: the loss diverged on another rank; the last good checkpoint is kept: "
+                               "rerun with a lower --lr and --rebuild")
+        if bad is not None:  # the weights are poisoned: stop before a checkpoint can save them
+            (i, lr, *_), loss = bad
+            raise Diverged(f"{desc}: the loss is {loss} at step {i + 1} (lr {lr:.3g}); "
+                           "the last good checkpoint is kept: rerun with a lower --lr and --rebuild")
+        for (_, _, _, _, n), (loss, correct) in zip(unread, figures):
+            progress.loss_sum += loss * n
+            progress.correct += int(correct)
+            progress.seen += n
+        progress.step = unread[-1][0] + 1
+        unread.clear()
+        return stop_now
+
     waited = time.perf_counter()
     for i, (x, y, _) in enumerate(bar(batches, desc)):
         if i < progress.step:  # done before an interruption; the order is the same, so skip them
@@ -132,6 +164,8 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
             continue
         progress.loader_wait += time.perf_counter() - waited
         if stop.is_set() and not distributed.active():
+            if unread:
+                read()
             return False
         progress.lr = get_lr(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
@@ -140,17 +174,8 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
             x = x.contiguous(memory_format=torch.channels_last)
         with memory.watch(model, optimizer, x, y) if memory else contextlib.nullcontext():
             loss, logits = train_step(model, x, y, optimizer, autocast)
-        stop_now, bad = stop.is_set(), not torch.isfinite(loss)
-        if distributed.active():  # one collective per step: every rank stops after the same step, or diverges
-            stop_now, bad = (v > 0 for v in distributed.sum_all([stop_now, bad], device))
-        if bad:  # the weights are poisoned: stop before a checkpoint can save them
-            raise Diverged(f"{desc}: the loss is {loss.item()} at step {i + 1} (lr {progress.lr:.3g}); "
-                           "the last good checkpoint is kept: rerun with a lower --lr and --rebuild")
-        progress.step = i + 1
-        progress.loss_sum += loss.item() * len(y)
-        progress.correct += (logits.argmax(1) == y).sum().item()
-        progress.seen += len(y)
-        if stop_now and distributed.active():
+        unread.append((i, progress.lr, loss, (logits.argmax(1) == y).sum(), len(y)))
+        if (len(unread) == READ_EVERY or i + 1 == steps) and read() and distributed.active():
             return progress.step == steps  # a finished epoch is finished, even if Ctrl-C came at its last step
         waited = time.perf_counter()
     return True
@@ -194,7 +219,7 @@ def position(epochs_done: int, step: int, steps: int) -> str:
 def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: bool = False):
     """Mean loss and accuracy of `model` in eval mode over `batches`."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    sums, seen = [], 0  # each batch's loss sum and correct count, read from the device once at the end
     for x, y, _ in batches:
         if not len(y):  # under torchrun, a rank's share of a short last batch can be empty
             continue
@@ -202,9 +227,13 @@ def evaluate(model, batches, autocast=contextlib.nullcontext, channels_last: boo
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        sums.append(torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"),
+                                 (logits.argmax(1) == y).sum().float()]))
         seen += len(y)
+    loss_sum, correct = 0.0, 0
+    for batch_loss, batch_correct in torch.stack(sums).tolist() if sums else []:
+        loss_sum += batch_loss
+        correct += int(batch_correct)
     # Under torchrun each rank scored its own share: the sums make every rank's verdict the same.
     loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], next(model.parameters()).device)
     return loss_sum / max(1, seen), correct / max(1, seen)

@@ -110,3 +110,28 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny
     assert "the loss is nan at step 5" in err and "lower --lr" in err and err.count("\n") == 1
     ckpt = torch.load(tiny.run_dir / "stage_00" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1  # the last good checkpoint, from the end of epoch 1
+
+
+def test_training_waits_for_the_device_once_per_32_steps_not_at_every_step(monkeypatch):
+    import contextlib
+    import threading
+
+    import torch
+
+    from seqtrain import train
+    from seqtrain.config import Config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,)), None) for _ in range(40)]
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):  # every way the host reads a tensor
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, **k: reads.append(1) or _real(t, *a, **k))
+    progress = train.EpochProgress()
+    assert train.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), Config(), 0, progress,
+                                 autocast=contextlib.nullcontext, channels_last=False, stop=threading.Event(),
+                                 desc="test")
+    # On a GPU each read stalls the queue of kernels: 40 steps read twice (after step 32 and at the end).
+    assert len(reads) == 2
+    assert (progress.step, progress.seen) == (40, 160) and progress.loss_sum > 0 and 0 <= progress.correct <= 160
