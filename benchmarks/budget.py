@@ -210,13 +210,18 @@ def e2e_rows(done: list[dict], peaks: dict, budget: float, args: argparse.Namesp
     return out
 
 
-def seqtrain_rows(done: list[dict], budget: float, args: argparse.Namespace) -> list[dict]:
+def seqtrain_rows(done: list[dict], budget: float, args: argparse.Namespace, one_stage: list[dict]) -> list[dict]:
+    """seqtrain's ways under `budget`, each arch with and without --checkpoint; a way not yet run is a row
+    saying so (never left out), one whose cut is a single stage is end to end's row (`one_stage`)."""
     rows = []
     for arch in args.archs:
         for ckpt in (False, True):
             runs = [d for d in done if d["method"] == "sequential" and d["arch"] == arch
                     and d.get("budget_mb") == budget and d.get("checkpoint") == ckpt]
             if not runs:
+                if not any(s["arch"] == arch and s["checkpoint"] == ckpt for s in one_stage):
+                    rows.append({"arch": arch, "checkpoint": ckpt, "k": None, "fits": False, "test_acc": None,
+                                 "not_run": True})
                 continue
             peaks = [max(s["peak_tensor_mb"] for s in d["results"]["stages"]) for d in runs]
             rows.append({"arch": arch, "checkpoint": ckpt, "k": runs[0]["k"], "sizes": runs[0].get("sizes"),
@@ -232,7 +237,8 @@ def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.
     out = []
     for budget in args.budget:
         e2e = e2e_rows(done, peaks, budget, args, ckpt_mb or {})
-        seq = seqtrain_rows(done, budget, args)
+        one_stage = [s for s in single if s["budget_mb"] == budget]
+        seq = seqtrain_rows(done, budget, args, one_stage)
         fitting = [r for r in seq if r["fits"] and r["test_acc"]]
         # seqtrain's best among its ways with the target's seeds when one has them: a lucky single seed of
         # another way does not stand in for a 3-seed mean
@@ -250,7 +256,7 @@ def summarize(done: list[dict], single: list[dict], peaks: dict, args: argparse.
                        # best: fewer seeds anywhere, or a depth not run, is a first look, said as such
                        "final": seeds >= TARGET_SEEDS and not ckpt["not_run"]}
         out.append({"budget_mb": budget, **e2e, "seqtrain": seq, "verdict": verdict,
-                    "one_stage": [s for s in single if s["budget_mb"] == budget]})
+                    "one_stage": one_stage})
     return out
 
 
@@ -278,6 +284,9 @@ def table(rows: list[dict]) -> str:
                          f"{not_run or ''}) | {mb} ({source}) | {pct(e['test_acc'])} |")
         for s in r["seqtrain"]:
             way = "seqtrain + `--checkpoint`" if s["checkpoint"] else "seqtrain"
+            if s.get("not_run"):
+                lines.append(f"| {b} | {way} | ResNet-{s['arch'][len('resnet'):]}: not run | | |")
+                continue
             fits = "" if s["fits"] else " **over budget**"
             lines.append(f"| {b} | {way} | ResNet-{s['arch'][len('resnet'):]}, {s['k']} stages | "
                          f"{s['largest_stage_mb']} (measured){fits} | {pct(s['test_acc'])} |")

@@ -283,6 +283,9 @@ def test_budget_report_compares_the_best_that_fits(tmp_path):
     # A depth that fits but has no run is named, never silently left out of "the best that fits".
     [row] = budget.summarize([d for d in done if d["arch"] != "resnet32"], [], peaks, args)
     assert row["e2e+ckpt"]["not_run"] == [32] and "not run: ResNet-32" in budget.table([row])
+    # So is a seqtrain way not yet run.
+    [row] = budget.summarize([d for d in done if not d.get("checkpoint")], [], peaks, args)
+    assert "| 32 MB | seqtrain + `--checkpoint` | ResNet-56: not run | | |" in budget.table([row])
 
 
 def test_budget_points_of_another_head_are_named_apart(tmp_path):
