@@ -12,10 +12,11 @@ plain back-propagation, and both are handled here:
 So a stage, or e2e, trained with and without checkpointing reaches the same weights and buffers
 (tests/test_checkpoint.py checks it bit for bit on a CPU); only memory and time differ.
 
-Blocks are a stage's top-level children (a stage of seqtrain's own network: its blocks; a torchvision or
-`seqtrain.split` stage: its named children; e2e: every stage's). Wrapping is done on the modules' forward,
-not by new parent modules, so state-dict keys, weight hashes and saved files stay those of the unwrapped
-network.
+Blocks are a stage's top-level children that hold weights (a stage of seqtrain's own network: its blocks; a
+torchvision or `seqtrain.split` stage: its named children; e2e: every stage's), where a plain nn.Sequential of
+composite modules (torchvision's layer1) counts as those modules, each a block. Wrapping is done on the
+modules' forward, not by new parent modules, so state-dict keys, weight hashes and saved files stay those of
+the unwrapped network.
 """
 
 from __future__ import annotations
@@ -65,9 +66,21 @@ def checkpoint_module(module: nn.Module) -> bool:
     return True
 
 
+def is_chain_of_blocks(module: nn.Module) -> bool:
+    """A plain nn.Sequential of composite modules, such as torchvision's layer1 (or the run of it a stage
+    holds): its forward is theirs in turn, so each of them is a block."""
+    return type(module) is nn.Sequential and len(module) > 0 and all(next(m.children(), None) is not None
+                                                                   for m in module)
+
+
 def children_of(stage: nn.Module) -> list[nn.Module]:
-    """A stage's top-level children in forward order, or the stage itself when it has none."""
-    return list(stage.children()) or [stage]
+    """A stage's units in forward order: its top-level children, a chain of blocks among them opened into its
+    blocks (checkpointed whole, torchvision's layer3 would recompute its 23 Bottlenecks at once and hold all
+    their insides: as much as no checkpointing), or the stage itself when it has none."""
+    units = []
+    for child in stage.children():
+        units.extend(children_of(child) if is_chain_of_blocks(child) else [child])
+    return units or [stage]
 
 
 def blocks_of(stage: nn.Module) -> list[nn.Module]:

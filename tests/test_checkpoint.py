@@ -86,6 +86,39 @@ def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optim
         shape = out
 
 
+def test_a_torchvision_layer_is_checkpointed_block_by_block(monkeypatch):
+    import copy
+
+    import seqtrain.recompute
+
+    cfg = Config(arch="torchvision:resnet18", image_size=64, split="layer3", batch_size=8, head="linear",
+                 checkpoint=True).validate()
+    layout = resolve(cfg)
+    torch.manual_seed(0)
+    block, out = build_stage(cfg, layout, 0, layout.in_shape)
+    model = StageModel(block, build_head(cfg, out[0], 10, layout.specs_after(0)))
+    x, y = torch.randn(8, *layout.in_shape), torch.randint(0, 10, (8,))
+    # Stage 0 holds layer1 and layer2 whole, each an nn.Sequential of BasicBlocks: every BasicBlock is a block.
+    assert [type(b).__name__ for b in seqtrain.recompute.blocks_of(block)] == ["Conv2d", "BatchNorm2d"] + [
+        "BasicBlock"] * 4
+
+    def step(model):
+        opt = make_optimizer(cfg, model)
+        with checkpointed([model.block]):
+            memory = measured_steps(model, opt, x, y, steps=2)
+        return memory.tensor_bytes, model.state_dict()
+
+    plain = copy.deepcopy(model)
+    by_block, trained = step(model)
+    monkeypatch.setattr(seqtrain.recompute, "is_chain_of_blocks", lambda m: False)  # each layer recomputed whole
+    by_layer, _ = step(copy.deepcopy(plain))
+    assert by_block < 0.95 * by_layer  # one BasicBlock's inside at a time, not a whole layer's
+    monkeypatch.undo()
+    opt = make_optimizer(cfg, plain)
+    measured_steps(plain, opt, x, y, steps=2)  # the same two steps without checkpointing
+    assert same_state(trained, plain.state_dict())
+
+
 def test_a_budget_cut_with_checkpointing_fits_its_measured_stages(tmp_path):
     budget = 6  # MB: the tiny network's largest block fits it only with checkpointing's smaller stages
     flags = ["--stages", "auto", "--memory-budget", f"{budget}MB", "--max-epochs", "1", "--device", "cpu"]
