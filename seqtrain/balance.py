@@ -48,10 +48,14 @@ NUM_CLASSES = 10  # the head's classes barely matter to its bytes; plan.py count
 CUDA_WORKSPACE_BYTES = 32 * 2**20
 
 
+def runs_on_cuda(device: str) -> bool:
+    """Whether --device `device` trains on CUDA."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())  # is_available creates no context
+
+
 def library_bytes(device: str) -> int:
     """Bytes the CUDA libraries hold beside a step's tensors on `device` (--device), 0 on a CPU."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())  # is_available creates no context
-    return CUDA_WORKSPACE_BYTES if cuda else 0
+    return CUDA_WORKSPACE_BYTES if runs_on_cuda(device) else 0
 
 
 @dataclass(frozen=True)

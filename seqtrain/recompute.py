@@ -84,7 +84,7 @@ def children_of(stage: nn.Module) -> list[nn.Module]:
 
 
 def blocks_of(stage: nn.Module) -> list[nn.Module]:
-    """The blocks activation checkpointing recomputes one at a time: the stage's top-level children that hold
+    """The blocks activation checkpointing recomputes one at a time: the stage's units (children_of) that hold
     weights. A child without them (a torchvision stem's ReLU and max-pool) runs as it is: recomputing it
     saves little, and an in-place ReLU would modify the input its checkpoint keeps."""
     return [c for c in children_of(stage) if next(c.parameters(), None) is not None]

@@ -86,6 +86,27 @@ def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optim
         shape = out
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_plan_predicts_a_weight_bound_stage_within_5_percent_of_memtracker(optimizer, checkpoint):
+    # Wide and at batch 2, the stages' peak is the optimizer step's (weights, gradients, state and the step's
+    # temporaries), not backward's: what a large network's stage is like.
+    cfg = Config(arch="resnet20", width=64, stages="2", batch_size=2, optimizer=optimizer, checkpoint=checkpoint,
+                 device="cpu").validate()
+    layout = resolve(cfg)
+    predicted = [s["train_bytes"] for s in plan(cfg, layout, num_classes=10)["stages"]]
+    shape = layout.in_shape
+    for k in range(layout.num_stages):
+        torch.manual_seed(k)
+        block, out = build_stage(cfg, layout, k, shape)
+        model = StageModel(block, build_head(cfg, out[0], 10, layout.specs_after(k)))
+        x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
+        with checkpointed([block], checkpoint):
+            memory = measured_steps(model, make_optimizer(cfg, model), x, y, steps=3)
+        assert memory.tensor_bytes == pytest.approx(predicted[k], rel=0.05), (k, memory.breakdown)
+        shape = out
+
+
 def test_a_torchvision_layer_is_checkpointed_block_by_block(monkeypatch):
     import copy
 
