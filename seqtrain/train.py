@@ -121,6 +121,8 @@ class EpochProgress:
 # Steps between the host's reads of the losses. A read waits for the device to finish every step queued so far;
 # reading each step's loss (and its accuracy, and whether it is finite) kept a GPU idle while the host queued
 # the next step. A diverged step is still found, by its own number, before any checkpoint can save its weights.
+# Under torchrun the ranks read every step: that read's one collective is what carries a Ctrl-C to every rank
+# before the step after it, well within the seconds torchrun waits before it kills them.
 READ_EVERY = 32
 
 
@@ -132,6 +134,7 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
     model.train()
     steps, device = len(batches), next(model.parameters()).device
     unread = []  # (step, lr, loss, correct, batch size) of the steps whose figures are still on the device
+    read_every = 1 if distributed.active() else READ_EVERY
 
     def read() -> bool:
         """Add the unread steps to `progress` in one wait for the device, raising Diverged at the first
@@ -175,7 +178,7 @@ def train_one_epoch(model, batches, optimizer, cfg: Config, epoch: int, progress
         with memory.watch(model, optimizer, x, y) if memory else contextlib.nullcontext():
             loss, logits = train_step(model, x, y, optimizer, autocast)
         unread.append((i, progress.lr, loss, (logits.argmax(1) == y).sum(), len(y)))
-        if (len(unread) == READ_EVERY or i + 1 == steps) and read() and distributed.active():
+        if (len(unread) == read_every or i + 1 == steps) and read() and distributed.active():
             return progress.step == steps  # a finished epoch is finished, even if Ctrl-C came at its last step
         waited = time.perf_counter()
     return True

@@ -135,3 +135,48 @@ def test_training_waits_for_the_device_once_per_32_steps_not_at_every_step(monke
     # On a GPU each read stalls the queue of kernels: 40 steps read twice (after step 32 and at the end).
     assert len(reads) == 2
     assert (progress.step, progress.seen) == (40, 160) and progress.loss_sum > 0 and 0 <= progress.correct <= 160
+
+
+def test_a_stop_between_two_reads_resumes_at_the_step_it_stopped_after():
+    import contextlib
+    import copy
+    import threading
+
+    import torch
+
+    from seqtrain import train
+    from seqtrain.config import Config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,)), None) for _ in range(40)]
+    stopped = copy.deepcopy(model)
+
+    class Batches:  # Ctrl-C while batch 35 is loaded: 3 steps after the read at step 32
+        def __init__(self, stop=None):
+            self.stop = stop
+
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for i, batch in enumerate(batches):
+                if i == 35 and self.stop:
+                    self.stop.set()
+                yield batch
+
+    def epoch(model, progress, stop):
+        return train.train_one_epoch(model, Batches(stop), torch.optim.SGD(model.parameters(), lr=0.1), Config(), 0,
+                                     progress, autocast=contextlib.nullcontext, channels_last=False,
+                                     stop=stop or threading.Event(), desc="test")
+
+    whole = train.EpochProgress()
+    assert epoch(model, whole, None)
+    progress = train.EpochProgress()
+    assert not epoch(stopped, progress, threading.Event())
+    assert (progress.step, progress.seen) == (35, 140)  # every step taken is counted, and no other
+    # Resumed (SGD without momentum carries no state), the epoch ends as the one never stopped.
+    assert epoch(stopped, progress, None)
+    assert (progress.step, progress.seen, progress.correct) == (whole.step, whole.seen, whole.correct)
+    assert progress.loss_sum == pytest.approx(whole.loss_sum, rel=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(stopped.state_dict().values(), model.state_dict().values()))
