@@ -145,7 +145,7 @@ PRESETS = {
 TRAINING = ("batch_size", "lr", "warmup_epochs", "optimizer", "patience", "image_size", "head_pool")
 # Settings every point passes to seqtrain (seqtrain_flags), so their defaults never reach a run.
 POINT_FLAGS = ("arch", "downsample", "downsample_op", "head", "seed", "stages", "dataset", "n_train", "n_test",
-               "width", "max_epochs", "stage_convs", "stage_width", "memory_budget", "checkpoint")
+               "width", "max_epochs")
 TARGET = {"arch": "resnet32", "k": 4, "downsample": "accelerated", "max_gap_points": 1.0, "max_mem_ratio": 0.3}
 # The study's: at least one configuration (any downsampling, op and head) of ResNet-56 at K = 8 within 1 point of
 # e2e (the best of its e2e runs), with a largest stage of at most 0.3x e2e's tensor peak; the most accurate
@@ -225,16 +225,24 @@ def claim(record: Path | None):
         return
     lock = record.with_name(f".{record.stem}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
+    while True:
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                current = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue  # locked a file its holder had already removed: claim the one at the path now
+            try:
+                yield True
+            finally:
+                lock.unlink(missing_ok=True)  # while still held, so whoever locks next checks the path again
             return
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)  # still held: one that opened it meanwhile finds the record when it gets it
 
 
 def run_point(point: dict, args: argparse.Namespace) -> dict | None:
@@ -419,9 +427,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     --report-only: the points recorded in --ledger (and the e2e runs they compare with) alone, none run."""
     todo = points(args)
     if args.report_only:
-        done = [d for d in (recorded(args, p) for p in todo) if d is not None]
-        e2e = {e2e_key(d) for d in done if d["method"] == "e2e"}
-        done = [d for d in done if e2e_key(d) in e2e]
+        done = with_their_e2e([d for d in (recorded(args, p) for p in todo) if d is not None])
         print(f"accuracy: {len(done)} of {len(todo)} points recorded in {args.ledger}", file=sys.stderr)
         return done
     print(f"accuracy: {len(todo)} runs, {args.jobs} at a time; logs in {args.out / 'logs'}", file=sys.stderr)
@@ -435,7 +441,11 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             except RuntimeError as e:
                 pool.shutdown(cancel_futures=True)
                 sys.exit(f"benchmarks/accuracy.py: {e}")
-    done = [done[i] for i in range(len(todo)) if done[i] is not None]  # None: another process has it
+    return with_their_e2e([done[i] for i in range(len(todo)) if done[i] is not None])  # None: another process has it
+
+
+def with_their_e2e(done: list[dict]) -> list[dict]:
+    """The points of `done` whose e2e run is among them: a point is reported against its own e2e only."""
     e2e = {e2e_key(d) for d in done if d["method"] == "e2e"}
     return [d for d in done if e2e_key(d) in e2e]
 

@@ -89,19 +89,28 @@ def checkpoint_peaks(args: argparse.Namespace) -> dict[int, float]:
             continue
         if args.report_only:
             continue
-        run = RunDir(point["run_dir"])
-        flags = ["--stage", "e2e", *accuracy.seqtrain_flags(args, point)]
-        log = args.out / "logs" / f"{root.name}-{run.root.name}.log"
-        accuracy.run_seqtrain(["--run-dir", str(run.root), *flags], log, args.threads)
-        out[depth] = accuracy.existing_results(run)["e2e_checkpoint"]["peak_tensor_mb"]
-        print(f"  ResNet-{depth} e2e+ckpt: training step's tensor peak {out[depth]} MB", file=sys.stderr, flush=True)
-        if path is not None:
-            command = ("python -m seqtrain.run " + " ".join(flags)).replace(f"{accuracy.ROOT}/", "")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, {"arch": f"resnet{depth}", "peak_tensor_mb": out[depth], "command": command,
-                              "device_name": device_description(args.device),
-                              "finished": time.strftime("%Y-%m-%d %H:%M")})
+        with accuracy.claim(path) as mine:
+            if path is not None and path.exists():  # recorded while this process waited for the claim
+                out[depth] = read_json(path)["peak_tensor_mb"]
+            elif mine:  # else another process is measuring it: --plan's figure stands in meanwhile
+                out[depth] = measure_checkpoint_peak(args, point, path, root, depth)
     return out
+
+
+def measure_checkpoint_peak(args: argparse.Namespace, point: dict, path: Path | None, root: Path, depth: int) -> float:
+    """One epoch of `--stage e2e --checkpoint` for `point`: its measured peak (MB), recorded at `path` (ledger)."""
+    run = RunDir(point["run_dir"])
+    flags = ["--stage", "e2e", *accuracy.seqtrain_flags(args, point)]
+    log = args.out / "logs" / f"{root.name}-{run.root.name}.log"
+    accuracy.run_seqtrain(["--run-dir", str(run.root), *flags], log, args.threads)
+    peak = accuracy.existing_results(run)["e2e_checkpoint"]["peak_tensor_mb"]
+    print(f"  ResNet-{depth} e2e+ckpt: training step's tensor peak {peak} MB", file=sys.stderr, flush=True)
+    if path is not None:
+        command = ("python -m seqtrain.run " + " ".join(flags)).replace(f"{accuracy.ROOT}/", "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"arch": f"resnet{depth}", "peak_tensor_mb": peak, "command": command,
+                          "device_name": device_description(args.device), "finished": time.strftime("%Y-%m-%d %H:%M")})
+    return peak
 
 
 def head_tag(args: argparse.Namespace) -> str:
