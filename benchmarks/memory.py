@@ -392,7 +392,7 @@ def ratios(rows: dict[str, dict], p: dict) -> dict:
     rss_sequential = max([f"stage {k}" for k in range(K)] + [f"cache {k}" for k in range(K)], key=rss.get)
     k = max(range(K), key=lambda j: peak[f"stage {j}"])
     analytic = rows[f"stage {k}"]["analytic"]["total"]
-    predicted_peak = p["stages"][k]["train_bytes"]  # plan.py: the floor + backward's transient gradients
+    predicted_peak = p["stages"][k]["train_bytes"]  # plan.py: backward's peak or the optimizer step's
     host = analytic + p["stages"][k]["input_bytes"]  # the resident set also holds the stage's input
     loader = {j: operator.truediv(*rows[f"ram {j}"]["cache_vs_ram_samples_per_s"]) for j in range(1, K)}
     return {

@@ -13,7 +13,9 @@ one pass over the whole network on the "meta" device (no compute, about 0.1 s pe
     floor(i..j) = sum over blocks b in i..j of (saved_b + weights_b + grads_b + optimizer_b)
                   - what block i saves of its own input (the stage's input is the batch, counted once)
                   + the batch of block i's input + the head on block j's output
-    cost(i..j)  = floor(i..j) + 2 x the largest activation of blocks i..j (backward's transient gradients)
+    cost(i..j)  = floor(i..j) + 2 x the largest activation of blocks i..j (backward's transient gradients),
+                  or the optimizer step's peak where it is larger (its weights, gradients, state, batch and
+                  twice its largest parameter: a wide stage at a small batch)
 
 The partition minimising the largest cost is found exactly by dynamic programming (O(K n^2), n blocks).
 A stage must also fit its caching pass: weights plus the largest forward of one of its blocks at the
@@ -48,6 +50,18 @@ NUM_CLASSES = 10  # the head's classes barely matter to its bytes; plan.py count
 CUDA_WORKSPACE_BYTES = 32 * 2**20
 
 
+def step_temporary_bytes(largest_param, cuda_params=None):
+    """What an optimizer step holds beside the weights, gradients and state, measured with MemTracker (SGD with
+    Nesterov momentum and weight decay, AdamW): torch's per-parameter implementation, the CPU's default, two
+    copies of the `largest_param` (bytes) at a time. Its foreach one, CUDA's default, holds a copy of a whole
+    parameter group at once: given the groups' bytes (`cuda_params`), the larger. The stage cut counts the
+    per-parameter figure, so that it is the same on every machine; --plan shows a GPU's beside it."""
+    per_parameter = 2 * largest_param
+    if cuda_params is None:
+        return per_parameter
+    return max(per_parameter, max(cuda_params, default=0))
+
+
 def runs_on_cuda(device: str) -> bool:
     """Whether --device `device` trains on CUDA."""
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())  # is_available creates no context
@@ -73,6 +87,8 @@ class BlockCosts:
     state: tuple[int, ...]  # weights, grads and optimizer state of block b (fixed = state + what it saves)
     head_own_input: tuple[int, ...]  # block b's output when the head saves it, whoever saved it first
     head_saved: tuple[int, ...]  # everything the head on block b's output saves for backward, its input included
+    largest_param: tuple[int, ...]  # block b's largest parameter (the optimizer step's temporaries scale with it)
+    head_largest_param: tuple[int, ...]  # the head on block b's output: its largest parameter
     checkpoint: bool = False  # --checkpoint: every block keeps its input only and recomputes in backward
 
     def floor_bytes(self, i: int, j: int) -> int:
@@ -86,14 +102,24 @@ class BlockCosts:
         (an activation's gradient and its input's, both alive at once; MemTracker counts them as temporaries).
         With --checkpoint the floor holds every block's input instead of what the blocks save, and the peak
         adds what a block's recompute brings back (recompute.recompute_extra_bytes: its saved tensors, less
-        the inputs of the blocks after it, already freed)."""
+        the inputs of the blocks after it, already freed). The optimizer step's peak, where larger."""
         transient = TRANSIENT_ACTIVATIONS * max(self.activation[i:j + 1])
         if not self.checkpoint:
-            return self.floor_bytes(i, j) + transient
+            return max(self.floor_bytes(i, j) + transient, self.step_bytes(i, j))
         held = sum(self.activation[i:j])  # the inputs of blocks i+1..j; block i's is the batch
         floor = (sum(self.state[i:j + 1]) + self.batch_in[i] + held + self.head[j] + self.head_own_input[j])
         back = max(self.recompute(b) - sum(self.activation[b:j]) for b in range(i, j + 1))
-        return floor + transient + max(0, back - self.head_saved[j] - transient)
+        return max(floor + transient + max(0, back - self.head_saved[j] - transient), self.step_bytes(i, j))
+
+    def head_state(self, j: int) -> int:
+        """The weights, gradients and optimizer state of the head on block j's output."""
+        return self.head[j] - (self.head_saved[j] - self.head_own_input[j])
+
+    def step_bytes(self, i: int, j: int) -> int:
+        """The optimizer step's peak, once backward has freed the activations: the weights, gradients and state
+        of blocks i..j and the head, the batch, and the step's temporaries (step_temporary_bytes)."""
+        largest = max(*self.largest_param[i:j + 1], self.head_largest_param[j])
+        return sum(self.state[i:j + 1]) + self.head_state(j) + self.batch_in[i] + step_temporary_bytes(largest)
 
     def recompute(self, b: int) -> int:
         """What block b's recompute brings back: what it saves for backward beyond its input, and the gradients
@@ -112,8 +138,8 @@ class BlockCosts:
         """ending()[j][i] = stage_bytes(i, j) for every i <= j: all stages' costs, vectorised from prefix sums."""
         fixed = np.concatenate([[0], np.cumsum(self.fixed, dtype=np.int64)])
         weights = np.concatenate([[0], np.cumsum(self.weights, dtype=np.int64)])
-        own, batch, forward, activation = (np.array(v, dtype=np.int64) for v in (
-            self.own_input, self.batch_in, self.forward, self.activation))
+        own, batch, forward, activation, largest_param = (np.array(v, dtype=np.int64) for v in (
+            self.own_input, self.batch_in, self.forward, self.activation, self.largest_param))
         state = np.concatenate([[0], np.cumsum(self.state, dtype=np.int64)])
         acts = np.concatenate([[0], np.cumsum(activation, dtype=np.int64)])  # acts[m]: blocks 0..m-1's outputs
         back = np.array([self.recompute(b) for b in range(len(self.fixed))], dtype=np.int64)
@@ -129,8 +155,10 @@ class BlockCosts:
             else:
                 train = (fixed[j + 1] - fixed[:j + 1] - own[:j + 1] + batch[:j + 1] + self.head[j]
                          + self.head_input[j] + transient)
+            param = np.maximum(np.maximum.accumulate(largest_param[j::-1])[::-1], self.head_largest_param[j])
+            step = state[j + 1] - state[:j + 1] + self.head_state(j) + batch[:j + 1] + step_temporary_bytes(param)
             largest_forward = np.maximum.accumulate(forward[j::-1])[::-1]
-            out.append(np.maximum(train, weights[j + 1] - weights[:j + 1] + largest_forward))
+            out.append(np.maximum(np.maximum(train, step), weights[j + 1] - weights[:j + 1] + largest_forward))
         return out
 
 
@@ -210,6 +238,7 @@ def measure_block_costs(cfg: CostSettings, in_shape: tuple[int, int, int]) -> Bl
         optim.step()
     first_saver = saved.first_saver
     fixed, own_input, held, n = [], [], [], len(specs)
+    largest_param = [max((p.nbytes for p in block.parameters()), default=0) for block in blocks]
     for b, block in enumerate(blocks):
         params = list(block.parameters())
         state = [v for p in params for v in optim.state.get(p, {}).values() if torch.is_tensor(v)]
@@ -236,7 +265,7 @@ def measure_block_costs(cfg: CostSettings, in_shape: tuple[int, int, int]) -> Bl
                       tuple(tensor_bytes([*blk.parameters(), *blk.buffers()]) for blk in blocks),
                       tuple(activation), tuple(forward), tuple(held),
                       tuple(heads[head_key(b)][1] for b in range(n)), tuple(heads[head_key(b)][2] for b in range(n)),
-                      cfg.checkpoint)
+                      tuple(largest_param), tuple(heads[head_key(b)][3] for b in range(n)), cfg.checkpoint)
 
 
 class AttributedSaves(SavedTensorBytes):
@@ -254,9 +283,10 @@ class AttributedSaves(SavedTensorBytes):
         return super().pack(t)
 
 
-def head_bytes(cfg: CostSettings, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int, int]:
+def head_bytes(cfg: CostSettings, shape: tuple[int, int, int], after: list[BlockSpec]) -> tuple[int, int, int, int]:
     """(the head's step bytes without its input, the bytes of its input when it saves it, everything it saves
-    for backward) on `shape` features; `after`: the blocks that follow (an aug head copies them)."""
+    for backward, its largest parameter) on `shape` features; `after`: the blocks that follow (an aug head
+    copies them)."""
     with torch.device("meta"):
         head = build_head(cfg, shape[0], NUM_CLASSES, after)
         x = torch.empty(cfg.batch_size, *shape, requires_grad=False)
@@ -269,7 +299,7 @@ def head_bytes(cfg: CostSettings, shape: tuple[int, int, int], after: list[Block
     everything = saved.bytes
     own = saved.storages.pop(storage_key(x), 0)
     return (saved.bytes + tensor_bytes([*params, *head.buffers()]) + tensor_bytes(params) + tensor_bytes(state), own,
-            everything)
+            everything, max((p.nbytes for p in params), default=0))
 
 
 # --------------------------------------------------------------------------------------------------------

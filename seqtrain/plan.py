@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from seqtrain.archs import USUAL_CONVS, BlockSpec, even_sizes, feature_shape
-from seqtrain.balance import block_costs, library_bytes, runs_on_cuda
+from seqtrain.balance import block_costs, library_bytes, runs_on_cuda, step_temporary_bytes
 from seqtrain.cache import CHUNK_BYTES, samples_per_shard
 from seqtrain.config import Config
 from seqtrain.contract import SPLITS
@@ -226,7 +226,8 @@ def train_figures(cfg: Config, model: torch.nn.Module, stages: list[torch.nn.Mod
 
     The peak is the floor plus backward's transient gradients (an activation's and its input's); with
     activation checkpointing of every block of `stages`, the floor holds only the blocks' inputs, and the
-    peak adds what a block's recompute brings back (recompute.recompute_extra_bytes)."""
+    peak adds what a block's recompute brings back (recompute.recompute_extra_bytes). Where the optimizer
+    step holds more (weights, gradients, state, batch and the step's temporaries), its figure is the peak."""
     with checkpointed(stages, checkpoint):
         analytic = step_bytes(cfg, model, in_shape).as_dict()
     extra, transient = 0, transient_bytes(cfg, blocks)
@@ -235,22 +236,12 @@ def train_figures(cfg: Config, model: torch.nn.Module, stages: list[torch.nn.Mod
         extra = recompute_extra_bytes(stages, model.head, x, transient)
     # The optimizer steps once backward has freed the activations: where weights dominate (a large network's
     # stage, a small batch), its peak is the step's.
-    step = sum(analytic[k] for k in ("weights", "grads", "optimizer", "batch")) + step_temporary_bytes(cfg, model)
-    return analytic, max(analytic["total"] + extra + transient, step)
-
-
-def step_temporary_bytes(cfg: Config, model: torch.nn.Module) -> int:
-    """What the optimizer step holds beside the weights, gradients and state, measured with MemTracker (SGD with
-    Nesterov momentum and weight decay, AdamW): torch's per-parameter implementation, the default on a CPU,
-    two copies of one parameter at a time; its foreach one, the default on CUDA, a copy of each parameter of
-    a group at once (a group: the weights that decay, or the biases and norms that do not)."""
     params = list(model.parameters())
-    if not params:
-        return 0
-    if runs_on_cuda(cfg.device):
-        groups = ([p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1])  # make_optimizer's
-        return max(sum(p.nbytes for p in group) for group in groups)
-    return 2 * max(p.nbytes for p in params)
+    groups = [sum(p.nbytes for p in g["params"]) for g in make_optimizer(cfg, model).param_groups]
+    temporaries = step_temporary_bytes(max((p.nbytes for p in params), default=0),
+                                       groups if runs_on_cuda(cfg.device) else None)
+    step = sum(analytic[k] for k in ("weights", "grads", "optimizer", "batch")) + temporaries
+    return analytic, max(analytic["total"] + extra + transient, step)
 
 
 def transient_bytes(cfg: Config, blocks: list[dict]) -> int:

@@ -14,7 +14,7 @@ from seqtrain.balance import balanced_sizes, block_costs, fewest_stages
 from seqtrain.config import Config, parse_size
 from seqtrain.job import resolve
 from seqtrain.models import StageModel, build_head, build_stage_block
-from seqtrain.plan import step_bytes
+from seqtrain.plan import plan, step_bytes
 from seqtrain.report import MB
 from seqtrain.run import main
 
@@ -110,3 +110,19 @@ def test_plan_json_parses_and_agrees_with_the_table(tmp_path, capsys):
     assert p["largest_stage_ratio"] == pytest.approx(largest / p["e2e"]["train_bytes"])
     assert f"= {p['largest_stage_ratio']:.2f} x e2e's {p['e2e']['train_bytes'] / MB:,.1f} MB" in table
     assert all(s["cache_bytes"] > 0 for s in p["stages"])
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_cut_and_the_plan_count_a_weight_bound_stage_alike(optimizer, checkpoint):
+    # Wide and at batch 2, the last stage's peak is the optimizer step's: the cut must see it as --plan does.
+    cfg = Config(arch="resnet20", width=64, stages="3", batch_size=2, optimizer=optimizer, checkpoint=checkpoint,
+                 device="cpu").validate()
+    layout = resolve(cfg)
+    costs = block_costs(cfg, layout.in_shape)
+    planned = [s["train_bytes"] for s in plan(cfg, layout, num_classes=10)["stages"]]
+    starts = [sum(layout.sizes[:k]) for k in range(layout.num_stages)]
+    stages = [(i, i + n - 1) for i, n in zip(starts, layout.sizes)]
+    assert [costs.train_bytes(i, j) for i, j in stages] == planned
+    assert costs.train_bytes(*stages[-1]) == costs.step_bytes(*stages[-1])  # the widest: the step's peak
+    assert [int(costs.ending()[j][i]) for i, j in stages] == [costs.stage_bytes(i, j) for i, j in stages]
