@@ -69,9 +69,8 @@ def test_e2e_with_checkpointing_is_its_own_baseline_with_the_same_weights(tmp_pa
     assert "training it" not in "".join(capsys.readouterr())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optimizer):
-    cfg = Config(arch="resnet20", width=8, stages="2", batch_size=32, optimizer=optimizer, checkpoint=True).validate()
+def assert_plan_within_5_percent_of_memtracker(cfg: Config) -> None:
+    """Every stage's --plan peak against MemTracker over three training steps of it."""
     layout = resolve(cfg)
     predicted = [s["train_bytes"] for s in plan(cfg, layout, num_classes=10)["stages"]]
     shape = layout.in_shape
@@ -79,11 +78,17 @@ def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optim
         torch.manual_seed(k)
         block, out = build_stage(cfg, layout, k, shape)
         model = StageModel(block, build_head(cfg, out[0], 10, layout.specs_after(k)))
-        x, y = torch.randn(32, *shape), torch.randint(0, 10, (32,))
-        with checkpointed([block]):
+        x, y = torch.randn(cfg.batch_size, *shape), torch.randint(0, 10, (cfg.batch_size,))
+        with checkpointed([block], cfg.checkpoint):
             memory = measured_steps(model, make_optimizer(cfg, model), x, y, steps=3)
         assert memory.tensor_bytes == pytest.approx(predicted[k], rel=0.05), (k, memory.breakdown)
         shape = out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optimizer):
+    assert_plan_within_5_percent_of_memtracker(
+        Config(arch="resnet20", width=8, stages="2", batch_size=32, optimizer=optimizer, checkpoint=True).validate())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -91,20 +96,9 @@ def test_plan_predicts_a_checkpointed_stage_within_5_percent_of_memtracker(optim
 def test_plan_predicts_a_weight_bound_stage_within_5_percent_of_memtracker(optimizer, checkpoint):
     # Wide and at batch 2, the stages' peak is the optimizer step's (weights, gradients, state and the step's
     # temporaries), not backward's: what a large network's stage is like.
-    cfg = Config(arch="resnet20", width=64, stages="2", batch_size=2, optimizer=optimizer, checkpoint=checkpoint,
-                 device="cpu").validate()
-    layout = resolve(cfg)
-    predicted = [s["train_bytes"] for s in plan(cfg, layout, num_classes=10)["stages"]]
-    shape = layout.in_shape
-    for k in range(layout.num_stages):
-        torch.manual_seed(k)
-        block, out = build_stage(cfg, layout, k, shape)
-        model = StageModel(block, build_head(cfg, out[0], 10, layout.specs_after(k)))
-        x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
-        with checkpointed([block], checkpoint):
-            memory = measured_steps(model, make_optimizer(cfg, model), x, y, steps=3)
-        assert memory.tensor_bytes == pytest.approx(predicted[k], rel=0.05), (k, memory.breakdown)
-        shape = out
+    assert_plan_within_5_percent_of_memtracker(
+        Config(arch="resnet20", width=64, stages="2", batch_size=2, optimizer=optimizer, checkpoint=checkpoint,
+               device="cpu").validate())
 
 
 def test_a_torchvision_layer_is_checkpointed_block_by_block(monkeypatch):
