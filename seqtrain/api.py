@@ -62,7 +62,7 @@ def train_stages(stages: list[nn.Module], *, e2e: bool = False, **settings) -> n
     baseline = copy.deepcopy(stages) if e2e else None  # before training: the baseline starts where you did
     outcome = run_job(cfg, layout, "all", blocks=stages)
     if baseline is not None:
-        outcome = run_job(cfg, layout, "e2e", blocks=baseline, e2e_checkpoint=cfg.checkpoint)
+        outcome = run_job(cfg, layout, "e2e", blocks=baseline, e2e_checkpoint=cfg.checkpoint, raw=outcome.raw)
     log("\n" + summary_table(outcome.results))
     net = SequentialNet(stages, final_head(cfg, layout, RunDir(cfg.run_dir))).cpu().eval()  # trained on the device
     net.mean, net.std, net.results = outcome.raw.mean, outcome.raw.std, outcome.results

@@ -68,20 +68,21 @@ class Outcome:
 
 
 def run_job(cfg: Config, layout: StageLayout, stage: int | str, blocks: list[torch.nn.Module] | None = None,
-            e2e_checkpoint: bool = False) -> Outcome:
+            e2e_checkpoint: bool = False, raw: RawData | None = None) -> Outcome:
     """Run `stage` ("all", "e2e" or a stage number) of the job; `blocks`: the caller's own modules (Python API:
     the stages to train, or with "e2e" the modules the baseline starts from);
-    `e2e_checkpoint`: the e2e baseline with activation checkpointing (RUN/e2e_checkpoint).
+    `e2e_checkpoint`: the e2e baseline with activation checkpointing (RUN/e2e_checkpoint);
+    `raw`: the dataset an earlier run_job of the same `cfg` loaded (its Outcome's), not loaded again.
 
     Every input is checked before anything is written to the run directory."""
     augment_for(cfg)
     require_filter(cfg.compression)  # an hdf5plugin filter, before any cache is written with it
     with deterministic_kernels(cfg.deterministic):
-        return run_checked(cfg, layout, stage, blocks, e2e_checkpoint)
+        return run_checked(cfg, layout, stage, blocks, e2e_checkpoint, raw)
 
 
 def run_checked(cfg: Config, layout: StageLayout, stage: int | str, blocks: list[torch.nn.Module] | None,
-                e2e_checkpoint: bool) -> Outcome:
+                e2e_checkpoint: bool, raw: RawData | None) -> Outcome:
     """run_job's work: the device and ranks, the data, every check, then the run directory under its lock."""
     device = distributed.init(cfg.device)
     if cfg.release_memory:
@@ -91,8 +92,7 @@ def run_checked(cfg: Config, layout: StageLayout, stage: int | str, blocks: list
         if cfg.batch_size % world or cfg.batch_size < 2 * world:
             raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly among "
                             f"the {world} ranks, at least 2 samples each; use a multiple of {world} from {2 * world}")
-        raw = None
-        if stage in ("all", "e2e", 0):
+        if stage in ("all", "e2e", 0) and raw is None:
             # Rank 0 first: it may generate (or --download) the dataset, which the others then read.
             raw = load_raw(cfg) if distributed.is_main() else None
             distributed.barrier()

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import seqtrain
+import seqtrain.job
 import seqtrain.stage
 import seqtrain.train
 from seqtrain.run import build_parser, main
@@ -54,8 +55,11 @@ def test_stage_time_counts_the_part_before_an_interruption(tiny, monkeypatch, ca
     assert result["epochs"] == 2 and result["train_seconds"] >= 0.55 + 0.05
 
 
-def test_your_own_network_gets_its_end_to_end_baseline(tmp_path, capsys):
+def test_your_own_network_gets_its_end_to_end_baseline(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
+    loads = []
+    real_load = seqtrain.job.load_raw
+    monkeypatch.setattr(seqtrain.job, "load_raw", lambda cfg: loads.append(cfg) or real_load(cfg))
     trunk = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
                           nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
     stages = seqtrain.split(trunk, at=["1"])
@@ -66,6 +70,7 @@ def test_your_own_network_gets_its_end_to_end_baseline(tmp_path, capsys):
     e2e = net.results["e2e"]
     assert e2e and e2e["epochs"] == 1 and net.results["versus"]["e2e"]["memory"] > 0
     assert "final vs e2e:" in "".join(capsys.readouterr())
+    assert len(loads) == 1  # the baseline trains on the dataset the stages loaded
     assert not torch.equal(before[0], next(stages[0].parameters()))  # the stages trained in place
     saved = torch.load(tmp_path / "run" / "e2e" / "model.pt", weights_only=True)["model"]  # the baseline, a copy
     first = next(k for k in saved if k.startswith("stages.0.") and k.endswith("weight"))
