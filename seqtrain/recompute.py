@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from seqtrain.memory import SavedTensorBytes
+from seqtrain.memory import SavedTensorBytes, storage_key
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -117,28 +117,32 @@ RECOMPUTE_TRANSIENTS = 3
 def recompute_extra_bytes(stages: list[nn.Module], head: nn.Module, x: torch.Tensor, transient: int) -> int:
     """Bytes a checkpointed step of `stages` and `head` holds beyond its forward's floor and the `transient`
     gradients of a plain backward, computed on "meta" tensors (no compute). Backward runs the head first,
-    which frees what the head saved; then, block after block from the last, block b recomputes and its
-    saved tensors come back, with RECOMPUTE_TRANSIENTS of its output's size in gradients, while the inputs of
-    the blocks after it are already freed. So: max over b of (block b's saved tensors, its input and weights
-    excluded, and its gradients, less the inputs of the blocks after b) less the head's saved tensors and
-    `transient`, at least 0."""
-    internal, inputs = [], []
+    which frees what the head saved; then, unit after unit from the last, block b recomputes and its saved
+    tensors come back, with RECOMPUTE_TRANSIENTS of its output's size in gradients, while what the units after
+    it kept is already freed (the inputs of later blocks, and what a stem's ReLU or max-pool, run as they
+    are, saved). So: max over b of (block b's saved tensors, its input and weights excluded, and its
+    gradients, less what the later units kept) less the head's saved tensors and `transient`, at least 0."""
+    internal = {}  # unit index of each block -> what its recompute brings back
+    first_keeper: dict[int, tuple[int, int]] = {}  # storage -> (index of the first unit to keep it, bytes)
     with torch.enable_grad():
-        for stage in stages:
-            recomputed = {id(b) for b in blocks_of(stage)}
-            for child in children_of(stage):
-                if id(child) not in recomputed:
-                    with torch.no_grad():
-                        x = child(x)
-                    continue
-                inputs.append(x.nbytes)
-                x = x.detach().requires_grad_(True)
-                with SavedTensorBytes(exclude=[*child.parameters(), *child.buffers(), x]) as saved:
+        units = [(child, {id(b) for b in blocks_of(stage)}) for stage in stages for child in children_of(stage)]
+        for u, (child, recomputed) in enumerate(units):
+            weights = [*child.parameters(), *child.buffers()]
+            if id(child) not in recomputed:  # runs as it is: it keeps what it saves until its backward
+                with SavedTensorBytes(exclude=weights) as saved:
                     x = child(x)
-                internal.append(saved.bytes + RECOMPUTE_TRANSIENTS * x.nbytes)
+                for key, size in saved.storages.items():
+                    first_keeper.setdefault(key, (u, size))
+                continue
+            first_keeper.setdefault(storage_key(x), (u, x.nbytes))  # the checkpoint keeps the block's input
+            x = x.detach().requires_grad_(True)
+            with SavedTensorBytes(exclude=[*weights, x]) as saved:
+                x = child(x)
+            internal[u] = saved.bytes + RECOMPUTE_TRANSIENTS * x.nbytes
         x = x.detach().requires_grad_(True)
         y = torch.zeros(len(x), dtype=torch.long, device=x.device)
         with SavedTensorBytes(exclude=[*head.parameters(), *head.buffers(), y]) as saved:
             F.cross_entropy(head(x), y)  # the loss saves the logits' softmax: the head's too, freed with it
-    later = [sum(inputs[b + 1:]) for b in range(len(internal))]
-    return max(0, max(i - held for i, held in zip(internal, later)) - saved.bytes - transient)
+    # A storage is freed once the first unit that kept it has back-propagated: backward runs last to first.
+    later = {b: sum(size for u, size in first_keeper.values() if u > b) for b in internal}
+    return max(0, max(internal[b] - later[b] for b in internal) - saved.bytes - transient)
