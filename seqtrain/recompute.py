@@ -116,14 +116,21 @@ RECOMPUTE_TRANSIENTS = 3
 
 def recompute_extra_bytes(stages: list[nn.Module], head: nn.Module, x: torch.Tensor, transient: int) -> int:
     """Bytes a checkpointed step of `stages` and `head` holds beyond its forward's floor and the `transient`
-    gradients of a plain backward, computed on "meta" tensors (no compute). Backward runs the head first,
-    which frees what the head saved; then, unit after unit from the last, block b recomputes and its saved
-    tensors come back, with RECOMPUTE_TRANSIENTS of its output's size in gradients, while what the units after
-    it kept is already freed (the inputs of later blocks, and what a stem's ReLU or max-pool, run as they
-    are, saved). So: max over b of (block b's saved tensors, its input and weights excluded, and its
-    gradients, less what the later units kept) less the head's saved tensors and `transient`, at least 0."""
+    gradients of a plain backward, computed on "meta" tensors (no compute). Backward runs from the last unit
+    (the head) to the first; a storage is freed once the first unit that kept it has back-propagated. When
+    block b recomputes, its saved tensors come back with RECOMPUTE_TRANSIENTS of its output's size in
+    gradients, while every storage that no unit up to b keeps is already freed: the inputs of later blocks,
+    what the head and a stem's ReLU or max-pool (run as they are) saved. So: max over b of (block b's saved
+    tensors, its input and weights excluded, and its gradients, less those freed storages) less `transient`,
+    at least 0; 0 for stages without a block to recompute."""
     internal = {}  # unit index of each block -> what its recompute brings back
     first_keeper: dict[int, tuple[int, int]] = {}  # storage -> (index of the first unit to keep it, bytes)
+    alive = []  # every graph built, so that no storage is freed and its key reused by another unit's
+
+    def kept_by(unit: int, storages: dict[int, int]) -> None:
+        for key, size in storages.items():
+            first_keeper.setdefault(key, (unit, size))
+
     with torch.enable_grad():
         units = [(child, {id(b) for b in blocks_of(stage)}) for stage in stages for child in children_of(stage)]
         for u, (child, recomputed) in enumerate(units):
@@ -131,18 +138,19 @@ def recompute_extra_bytes(stages: list[nn.Module], head: nn.Module, x: torch.Ten
             if id(child) not in recomputed:  # runs as it is: it keeps what it saves until its backward
                 with SavedTensorBytes(exclude=weights) as saved:
                     x = child(x)
-                for key, size in saved.storages.items():
-                    first_keeper.setdefault(key, (u, size))
+                kept_by(u, saved.storages)
                 continue
-            first_keeper.setdefault(storage_key(x), (u, x.nbytes))  # the checkpoint keeps the block's input
+            kept_by(u, {storage_key(x): x.untyped_storage().nbytes()})  # the checkpoint keeps the block's input
+            alive.append(x)
             x = x.detach().requires_grad_(True)
             with SavedTensorBytes(exclude=[*weights, x]) as saved:
                 x = child(x)
             internal[u] = saved.bytes + RECOMPUTE_TRANSIENTS * x.nbytes
+        alive.append(x)
         x = x.detach().requires_grad_(True)
         y = torch.zeros(len(x), dtype=torch.long, device=x.device)
         with SavedTensorBytes(exclude=[*head.parameters(), *head.buffers(), y]) as saved:
-            F.cross_entropy(head(x), y)  # the loss saves the logits' softmax: the head's too, freed with it
-    # A storage is freed once the first unit that kept it has back-propagated: backward runs last to first.
+            alive.append(F.cross_entropy(head(x), y))  # the loss saves the logits' softmax, freed with the head's
+        kept_by(len(units), saved.storages)
     later = {b: sum(size for u, size in first_keeper.values() if u > b) for b in internal}
-    return max(0, max(internal[b] - later[b] for b in internal) - saved.bytes - transient)
+    return max(0, max((internal[b] - later[b] for b in internal), default=0) - transient)
