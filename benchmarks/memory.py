@@ -427,7 +427,7 @@ def bench_config(args: argparse.Namespace, **overrides) -> Config:
     values = {"run_dir": str(args.out / "run"), "arch": args.arch, "width": args.width, "stages": args.stages,
               "batch_size": args.batch_size, "n_train": args.samples, "n_test": max(args.batch_size, args.samples // 4),
               "shard_mb": args.shard_mb, "shuffle_mb": args.shuffle_mb, "downsample": args.downsample,
-              "device": args.device, "release_memory": args.release_memory}
+              "device": args.device, "release_memory": args.release_memory, "head_pool": args.head_pool}
     return Config(**{**values, **overrides}).validate()
 
 
@@ -559,7 +559,7 @@ def run_budget(args: argparse.Namespace) -> dict:
 def run_settings(args: argparse.Namespace, cfg: Config) -> dict:
     """The settings behind the numbers; `cfg` is any configuration measured (the sweep varies only arch and stages)."""
     keys = ("width", "batch_size", "samples", "steps", "warmup", "shard_mb", "shuffle_mb", "downsample", "quick",
-            "release_memory")
+            "release_memory", "head_pool")
     return {**{k: getattr(args, k) for k in keys}, "head": cfg.head, "optimizer": cfg.optimizer,
             "cache_dtype": cfg.cache_dtype, "bf16": cfg.bf16}
 
@@ -585,6 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "split that fits in two windows is kept in memory, a larger one streamed; 4 with --quick streams "
                    "every stage")
     p.add_argument("--downsample", default="standard", help="as seqtrain's --downsample, e.g. accelerated")
+    p.add_argument("--head-pool", type=int, default=Config().head_pool, help="as seqtrain's --head-pool: the conv "
+                   "heads average their input down to at most this side; 0 keeps it whole (default: "
+                   f"{Config().head_pool})")
     p.add_argument("--depths", help="with --budget-mb: the CIFAR ResNet depths (6n+2) to measure (default: "
                    "8,14,20,32,56,110)")
     p.add_argument("--budget-mb", type=int, help="the deepest ResNet end to end fits in this many MB (tensor peak), "
