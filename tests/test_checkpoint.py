@@ -14,9 +14,9 @@ from seqtrain.files import load_torch
 from seqtrain.job import resolve
 from seqtrain.memory import measured_steps
 from seqtrain.models import StageModel, build_head
-from seqtrain.network import build_stage
+from seqtrain.network import build_network, build_stage
 from seqtrain.plan import plan
-from seqtrain.recompute import checkpointed
+from seqtrain.recompute import blocks_of, checkpointed
 from seqtrain.run import main
 from seqtrain.train import make_optimizer
 
@@ -168,3 +168,19 @@ def test_checkpoint_moves_a_memory_balanced_cut_so_changing_it_needs_rebuild(tmp
     other = tmp_path / "blocks"
     assert main(tiny_flags(other, "--stage", "0", "--max-epochs", "1", "--balance", "blocks")) == 0
     assert main(tiny_flags(other, "--stage", "0", "--max-epochs", "1", "--checkpoint")) == 0
+
+
+def test_the_segments_benchmark_segments_what_it_says():
+    """benchmarks/checkpoint_segments.py: one segment of every block is checkpoint_sequential's plain run (its
+    last segment is never checkpointed), so it holds what end to end without checkpointing holds, above every
+    block checkpointed; two-block segments lie between."""
+    from benchmarks.checkpoint_segments import peak_bytes
+    cfg = Config(arch="resnet14", width=4, stages="1", batch_size=8, image_size=16, device="cpu").validate()
+    torch.manual_seed(0)
+    net = build_network(cfg, resolve(cfg), 3, 10)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    plain = measured_steps(net, make_optimizer(cfg, net), x, y).tensor_bytes
+    blocks = len(blocks_of(net.stages[0]))  # the stem and 6 BasicBlocks
+    every_block, pairs, whole = (peak_bytes(cfg, s) for s in (1, 2, blocks))
+    assert whole == plain
+    assert every_block < pairs < plain
