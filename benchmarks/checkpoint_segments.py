@@ -1,18 +1,20 @@
 """Would checkpointing in segments be a stronger baseline? End to end's tensor peak, CIFAR ResNets, with every
-block checkpointed (seqtrain's `--stage e2e --checkpoint`) against `torch.utils.checkpoint.checkpoint_sequential`
-over segments of several blocks.
+block checkpointed (seqtrain's `--stage e2e --checkpoint`) against checkpointing segments of several blocks.
 
     python benchmarks/checkpoint_segments.py [--depths 56,110] [--image-size 16] [--segment-blocks 2,3,4,6]
     # the study preset's 16x16 at batch 128; --image-size 32 for the default preset. ~1 min a depth, 2 CPU cores
 
-Checkpointing each block keeps every block's input and recomputes one block at a time. A segment of s blocks
-keeps only its first block's input but recomputes, and holds the insides of, s blocks at once. Segments of s
-are checkpoint_sequential with n // s segments over the n blocks: each s blocks long or a little longer, and
-the last one, with the blocks left over, not checkpointed (it runs as it is, its backward coming first). Which of the
-two needs less depends on how much a block holds inside against its input. Each figure is one SGD step's
-tensor peak (two steps, the first building the optimizer state), every tensor counted by PyTorch's MemTracker
-on a CPU (memory.measured_steps), as the budget study measures end to end with checkpointing. Prints a
-table and, last, a JSON line; writes OUT/checkpoint_segments.json.
+Checkpointing each block keeps every block's input and recomputes one block at a time. A segment of s
+consecutive blocks keeps only its first block's input but recomputes, and holds the insides of, s blocks at
+once. Here the n blocks (the stem and the BasicBlocks) are cut into segments of s, the last one shorter when
+s does not divide n, and every segment is checkpointed as seqtrain checkpoints a block (torch.utils.checkpoint,
+BatchNorm statistics updated once: recompute.checkpoint_module). torch.utils.checkpoint.checkpoint_sequential
+differs in two ways a user should know: it takes a number of segments, of n // k blocks each, and runs the
+blocks left over as a last segment without checkpointing; and its recompute updates BatchNorm's running
+statistics a second time. Each figure is one SGD step's tensor peak (two steps, the first building the
+optimizer state), every tensor counted by PyTorch's MemTracker on a CPU (memory.measured_steps), as the budget
+study measures end to end with checkpointing. Prints a table and, last, a JSON line; writes
+OUT/checkpoint_segments.json.
 """
 
 from __future__ import annotations
@@ -23,46 +25,36 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint_sequential
 
 from seqtrain.config import Config
 from seqtrain.files import write_json
 from seqtrain.job import resolve
 from seqtrain.memory import device_description, measured_steps
 from seqtrain.network import build_network
-from seqtrain.recompute import blocks_of, checkpointed
+from seqtrain.recompute import blocks_of, checkpoint_module, checkpointed
 from seqtrain.report import MB, aligned
 from seqtrain.train import make_optimizer
 
 
-class Segmented(nn.Module):
-    """`blocks` in order, checkpointed `segments` at a time by torch.utils.checkpoint.checkpoint_sequential
-    while training (a user's one line); evaluation runs them as they are."""
-
-    def __init__(self, blocks: list[nn.Module], segments: int):
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.segments = segments
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and self.training):
-            return self.blocks(x)
-        return checkpoint_sequential(self.blocks, self.segments, x, use_reentrant=False)
+def segments_of(blocks: list[nn.Module], length: int) -> list[nn.Sequential]:
+    """`blocks` in consecutive segments of `length`, the last one shorter when `length` does not divide them."""
+    return [nn.Sequential(*blocks[i:i + length]) for i in range(0, len(blocks), length)]
 
 
 def peak_bytes(cfg: Config, segment_blocks: int) -> int:
-    """End to end's training-step tensor peak, every block checkpointed (1) or in segments of `segment_blocks`."""
+    """End to end's training-step tensor peak, every block checkpointed (1) or every segment of `segment_blocks`."""
     torch.manual_seed(0)
     net = build_network(cfg, resolve(cfg), 3, 10)
-    blocks = [b for stage in net.stages for b in blocks_of(stage)]
-    if segment_blocks > 1:
-        # checkpoint_sequential cuts n blocks into segments of n // segments and runs the rest as its last
-        # segment: n // s segments make every checkpointed segment s blocks long, or a little longer.
-        net.stages = nn.ModuleList([Segmented(blocks, max(1, len(blocks) // segment_blocks))])
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     y = torch.randint(0, 10, (cfg.batch_size,))
-    with checkpointed(list(net.stages), segment_blocks == 1):
-        return measured_steps(net, make_optimizer(cfg, net), x, y).tensor_bytes
+    if segment_blocks == 1:
+        with checkpointed(list(net.stages)):  # `--stage e2e --checkpoint`
+            return measured_steps(net, make_optimizer(cfg, net), x, y).tensor_bytes
+    segments = segments_of([b for stage in net.stages for b in blocks_of(stage)], segment_blocks)
+    for segment in segments:
+        checkpoint_module(segment)  # the whole segment recomputed at once, as a block is with --checkpoint
+    net.stages = nn.ModuleList([nn.Sequential(*segments)])  # the same blocks, in the same order
+    return measured_steps(net, make_optimizer(cfg, net), x, y).tensor_bytes
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from seqtrain.config import Config
 from seqtrain.files import load_torch
@@ -16,7 +17,7 @@ from seqtrain.memory import measured_steps
 from seqtrain.models import StageModel, build_head
 from seqtrain.network import build_network, build_stage
 from seqtrain.plan import plan
-from seqtrain.recompute import blocks_of, checkpointed
+from seqtrain.recompute import checkpointed, is_chain_of_blocks
 from seqtrain.run import main
 from seqtrain.train import make_optimizer
 
@@ -170,17 +171,28 @@ def test_checkpoint_moves_a_memory_balanced_cut_so_changing_it_needs_rebuild(tmp
     assert main(tiny_flags(other, "--stage", "0", "--max-epochs", "1", "--checkpoint")) == 0
 
 
-def test_the_segments_benchmark_segments_what_it_says():
-    """benchmarks/checkpoint_segments.py: one segment of every block is checkpoint_sequential's plain run (its
-    last segment is never checkpointed), so it holds what end to end without checkpointing holds, above every
-    block checkpointed; two-block segments lie between."""
+def test_the_segments_benchmark_checkpoints_segments_of_the_length_it_says(monkeypatch):
+    """benchmarks/checkpoint_segments.py: segments of 2 over ResNet-14's 7 blocks (the stem and 6 BasicBlocks)
+    are recomputed as 2, 2, 2 and 1 blocks, every one checkpointed; of 1, block by block as --checkpoint does.
+    A checkpointed step holds less than end to end without checkpointing."""
     from benchmarks.checkpoint_segments import peak_bytes
+    lengths = []
+
+    def recording(function, *args, **kwargs):  # function: a checkpointed unit's own forward
+        unit = function.__self__  # a segment is a chain of blocks; a block (the stem too) is not
+        lengths.append(len(unit) if is_chain_of_blocks(unit) else 1)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr("seqtrain.recompute.checkpoint", recording)
     cfg = Config(arch="resnet14", width=4, stages="1", batch_size=8, image_size=16, device="cpu").validate()
     torch.manual_seed(0)
     net = build_network(cfg, resolve(cfg), 3, 10)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    plain = measured_steps(net, make_optimizer(cfg, net), x, y).tensor_bytes
-    blocks = len(blocks_of(net.stages[0]))  # the stem and 6 BasicBlocks
-    every_block, pairs, whole = (peak_bytes(cfg, s) for s in (1, 2, blocks))
-    assert whole == plain
-    assert every_block < pairs < plain
+    plain = measured_steps(net, make_optimizer(cfg, net), torch.randn(8, 3, 16, 16),
+                           torch.randint(0, 10, (8,))).tensor_bytes
+    steps = 2  # measured_steps' default
+    every_block = peak_bytes(cfg, 1)
+    assert lengths == [1] * 7 * steps
+    lengths.clear()
+    pairs = peak_bytes(cfg, 2)
+    assert lengths == [2, 2, 2, 1] * steps
+    assert every_block < plain and pairs < plain
