@@ -2,7 +2,7 @@
 block checkpointed (seqtrain's `--stage e2e --checkpoint`) against checkpointing segments of several blocks.
 
     python benchmarks/checkpoint_segments.py [--depths 56,110] [--image-size 16] [--segment-blocks 2,3,4,6]
-    # the study preset's 16x16 at batch 128; --image-size 32 for the default preset. ~1 min a depth, 2 CPU cores
+    # the study preset's 16x16 at batch 128; --image-size 32 for the default preset
 
 Checkpointing each block keeps every block's input and recomputes one block at a time. A segment of s
 consecutive blocks keeps only its first block's input but recomputes, and holds the insides of, s blocks at
@@ -14,7 +14,8 @@ blocks left over as a last segment without checkpointing; and its recompute upda
 statistics a second time. Each figure is one SGD step's tensor peak (two steps, the first building the
 optimizer state), every tensor counted by PyTorch's MemTracker on a CPU (memory.measured_steps), as the budget
 study measures end to end with checkpointing. Prints a table and, last, a JSON line; writes
-OUT/checkpoint_segments.json.
+OUT/checkpoint_segments.json. Both presets' commands in docs/budget.md took 4 and 8 minutes on 2 CPU cores
+beside other jobs (tensor counts do not depend on them).
 """
 
 from __future__ import annotations
