@@ -285,10 +285,13 @@ def config_hash(cfg: Config, stage_sizes: list[int]) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'4GB', '512MB', '1.5GiB', '800M' as bytes (binary units: 1 MB = 2**20 bytes); UserError otherwise."""
+    """'4GB', '512MB', '1.5GiB', '800M' as bytes (binary units: 1 MB = 2**20 bytes); UserError otherwise. A bare
+    number is refused rather than read as bytes: `--memory-budget 160` means 160 MB to whoever types it."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
         raise UserError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB")
+    if not (m.group(2) or m.group(3)):
+        raise UserError(f"--memory-budget {text} has no unit: write {m.group(1)}MB or {m.group(1)}GB")
     return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 

@@ -93,7 +93,8 @@ def test_an_impossible_budget_is_one_line_naming_the_block_and_what_fits(tmp_pat
 @pytest.mark.parametrize("flags,message", [
     (["--stages", "auto"], "--stages auto and --memory-budget SIZE go together"),
     (["--memory-budget", "64MB"], "--stages auto and --memory-budget SIZE go together"),
-    (["--stages", "auto", "--memory-budget", "lots"], "--memory-budget 'lots' is not a size such as 512MB")])
+    (["--stages", "auto", "--memory-budget", "lots"], "--memory-budget 'lots' is not a size such as 512MB"),
+    (["--stages", "auto", "--memory-budget", "160"], "--memory-budget 160 has no unit: write 160MB or 160GB")])
 def test_budget_flags_go_together(flags, message, tmp_path, capsys):
     assert main(["--plan", "--run-dir", str(tmp_path / "run"), *flags]) == 2
     assert message in capsys.readouterr().err
