@@ -35,6 +35,7 @@ from seqtrain.archs import BlockSpec, block_specs, feature_shape
 from seqtrain.config import Config
 from seqtrain.errors import UserError
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, SavedTensorBytes, storage_key, tensor_bytes
+from seqtrain.meta import quick_meta
 from seqtrain.models import build_block, build_head
 from seqtrain.recompute import RECOMPUTE_TRANSIENTS
 from seqtrain.report import MB
@@ -210,6 +211,7 @@ def measured_costs(settings: CostSettings, in_shape: tuple[int, int, int]) -> Bl
     return measure_block_costs(settings, in_shape)
 
 
+@quick_meta()
 def measure_block_costs(cfg: CostSettings, in_shape: tuple[int, int, int]) -> BlockCosts:
     """BlockCosts from one step of the whole network on the meta device: each storage autograd saves is
     counted for the block that saved it first (forward pre-hooks say which block runs)."""

@@ -36,6 +36,7 @@ from seqtrain.data import dataset_info, input_shape
 from seqtrain.layout import StageLayout, resolve_layout
 from seqtrain.loader import window_rows
 from seqtrain.memory import TRANSIENT_ACTIVATIONS, StepBytes, analytic_step
+from seqtrain.meta import quick_meta
 from seqtrain.models import SequentialNet, StageModel, build_head, build_stage_block
 from seqtrain.recompute import checkpointed, recompute_extra_bytes
 from seqtrain.report import aligned, mb, shape_text
@@ -164,6 +165,7 @@ def meta_stages(cfg: Config, layout: StageLayout) -> tuple[list[torch.nn.Module]
         return [build_stage_block(specs) for specs in groups], [len(specs) for specs in groups], rows
 
 
+@quick_meta()
 def plan(cfg: Config, layout: StageLayout | None = None, num_classes: int | None = None,
          n_samples: dict[str, int] | None = None) -> dict:
     """Every figure of the plan; builds the network on the meta device only, loads no data, trains nothing.
