@@ -352,13 +352,12 @@ def largest_block_bytes(costs: BlockCosts) -> int:
 
 def fewest_stages(costs: BlockCosts, budget: int) -> int:
     """The fewest stages each within `budget` bytes (greedy cuts are optimal for the count); BudgetTooSmall
-    naming the first block that cannot fit it alone."""
+    naming the block that needs the most alone, so that what it needs is the least budget that can be met."""
     n, ending = len(costs.fixed), costs.ending()
-    for b in range(n):
-        need = int(ending[b][b])
-        if need > budget:
-            what = "caching pass" if costs.caching_bytes(b, b) > costs.train_bytes(b, b) else "training step"
-            raise BudgetTooSmall(b, need, what)
+    b = max(range(n), key=lambda b: ending[b][b])
+    if (need := int(ending[b][b])) > budget:
+        what = "caching pass" if costs.caching_bytes(b, b) > costs.train_bytes(b, b) else "training step"
+        raise BudgetTooSmall(b, need, what)
     stages, i = 0, 0
     while i < n:
         j = i
