@@ -356,20 +356,21 @@ def resolve(saved: dict | None, from_file: dict, from_flags: dict, rebuild: bool
     if saved:
         values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
     explicit = {**from_file, **from_flags}
+    wanted = Config(**{**values, **explicit}).validate()  # a value that is wrong anywhere is named before a change
     if saved and not rebuild:
         shaping = set(FIELD_TYPES) - OPERATIONAL
         if cut_by_memory(saved):
             shaping.add("checkpoint")
             saved = {"checkpoint": False, **saved}  # a run made before --checkpoint existed trained without it
         changed = [k for k, v in explicit.items() if k in shaping and k in saved and saved[k] != v]
-        if changed:
-            k, run_dir = changed[0], explicit.get("run_dir", values["run_dir"])
-            made = (f"{'with' if saved[k] else 'without'} {flag(k)}" if isinstance(saved[k], bool)
-                    else f"with {flag(k)} {saved[k]}, not {explicit[k]}")
-            raise UserError(f"{run_dir} was made {made}: use a new --run-dir, drop {flag(k)} to continue this run, "
-                            "or add --rebuild to retrain it")
-    values.update(explicit)
-    return Config(**values).validate()
+        if changed:  # every one named, so that dropping them is enough
+            run_dir = explicit.get("run_dir", values["run_dir"])
+            made = [f"{'with' if saved[k] else 'without'} {flag(k)}" if isinstance(saved[k], bool) or saved[k] == ""
+                    else f"with {flag(k)} {saved[k]}, not {explicit[k]}" for k in changed]
+            raise UserError(f"{run_dir} was made {' and '.join(made)}: use a new --run-dir, drop "
+                            f"{' and '.join(flag(k) for k in changed)} to continue this run, or add --rebuild to "
+                            "retrain it")
+    return wanted
 
 
 def cut_by_memory(values: dict) -> bool:

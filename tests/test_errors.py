@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,6 +153,17 @@ def test_changing_a_finished_runs_configuration_is_refused(tiny, capsys):
     capsys.readouterr()
     assert tiny("--stage", "1", "--lr", "0.2") == 2
     assert "was made with --lr 0.05, not 0.2" in capsys.readouterr().err
+    assert json.loads((tiny.run_dir / "config.json").read_text()) == before
+    # every change is named, so that dropping what it names is enough; a setting the run lacked reads "without"
+    assert tiny("--stage", "1", "--lr", "0.2", "--stages", "auto", "--memory-budget", "64MB") == 2
+    err = capsys.readouterr().err
+    made, drop = re.search(r"was made (.*): use a new --run-dir, drop (.*) to continue", err).groups()
+    assert set(made.split(" and ")) == {"with --lr 0.05, not 0.2", "with --stages 2, not auto",
+                                        "without --memory-budget"}
+    assert set(drop.split(" and ")) == {"--lr", "--stages", "--memory-budget"} and err.count("\n") == 1
+    # a value wrong in itself is named as such, not as a change (--rebuild would only meet it next)
+    assert tiny("--stage", "1", "--lr", "-1") == 2
+    assert "--lr must be > 0" in capsys.readouterr().err
     assert json.loads((tiny.run_dir / "config.json").read_text()) == before
 
 
