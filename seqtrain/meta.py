@@ -12,9 +12,10 @@ backward is decided above this level (by the op's derivative formula), so every 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -65,11 +66,18 @@ class QuickMeta(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+ACTIVE = threading.local()  # whether this thread runs inside quick_meta already
+
+
 @contextlib.contextmanager
 def quick_meta():
     """QuickMeta inside, once however deeply nested (a plan asks for block costs, which run their own steps)."""
-    if any(isinstance(mode, QuickMeta) for mode in _get_current_dispatch_mode_stack()):
+    if getattr(ACTIVE, "on", False):
         yield
         return
-    with QuickMeta():
-        yield
+    ACTIVE.on = True
+    try:
+        with QuickMeta():
+            yield
+    finally:
+        ACTIVE.on = False
