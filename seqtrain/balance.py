@@ -345,17 +345,24 @@ class BudgetTooSmall(UserError):
         self.block, self.need, self.what = block, need, what
 
 
+def neediest_block(costs: BlockCosts) -> int:
+    """The block that needs the most as a stage of its own (the first of equals)."""
+    ending = costs.ending()
+    return max(range(len(costs.fixed)), key=lambda b: ending[b][b])
+
+
 def largest_block_bytes(costs: BlockCosts) -> int:
     """The most any one block needs as a stage of its own: no budget below it can be met."""
-    return max(int(costs.ending()[b][b]) for b in range(len(costs.fixed)))
+    b = neediest_block(costs)
+    return int(costs.ending()[b][b])
 
 
 def fewest_stages(costs: BlockCosts, budget: int) -> int:
     """The fewest stages each within `budget` bytes (greedy cuts are optimal for the count); BudgetTooSmall
     naming the block that needs the most alone, so that what it needs is the least budget that can be met."""
     n, ending = len(costs.fixed), costs.ending()
-    b = max(range(n), key=lambda b: ending[b][b])
-    if (need := int(ending[b][b])) > budget:
+    b = neediest_block(costs)
+    if (need := largest_block_bytes(costs)) > budget:
         what = "caching pass" if costs.caching_bytes(b, b) > costs.train_bytes(b, b) else "training step"
         raise BudgetTooSmall(b, need, what)
     stages, i = 0, 0
